@@ -1,0 +1,96 @@
+"""The few ops through which jpeft's own models use a weight.
+
+Every weight use in :mod:`jpeft.models` goes through :func:`linear`, :func:`embed`
+or :func:`attend`. Each op dispatches on the leaf it is given:
+
+* a plain array is used as it is;
+* a :class:`WeightWrapper` (a LoRA-wrapped weight, a quantized weight, ...) runs
+  its own version of the op, so that e.g. LoRA computes ``x @ W + s * (x @ A) @ B``
+  without ever forming ``W + s * A @ B``.
+
+This is what lets one copy of the model code run frozen, LoRA, quantized and
+merged weights.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from jpeft import ops
+    >>> ops.linear(jnp.ones((2, 3)), jnp.ones((3, 4))).shape
+    (2, 4)
+"""
+
+from __future__ import annotations
+
+import abc
+
+import jax
+import jax.numpy as jnp
+
+
+class WeightWrapper(abc.ABC):
+    """A pytree leaf-like object that stands in for a weight array.
+
+    Subclasses are registered pytree nodes (dataclasses) and implement the ops
+    they support. ``materialize`` must always work: it is the generic fallback
+    used by ``merge`` and by models that do not go through :mod:`jpeft.ops`.
+    """
+
+    @abc.abstractmethod
+    def materialize(self, dtype=None) -> jax.Array:
+        """The plain weight array this wrapper stands for."""
+
+    @property
+    @abc.abstractmethod
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the weight this wrapper stands for."""
+
+    def linear(self, x: jax.Array) -> jax.Array:
+        """``x @ W`` for a kernel ``W`` of shape ``(in, out)``."""
+        return x @ self.materialize(x.dtype)
+
+    def embed(self, ids: jax.Array, dtype) -> jax.Array:
+        """Rows ``W[ids]`` of an embedding table ``W`` of shape ``(vocab, dim)``."""
+        return jnp.take(self.materialize(dtype), ids, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """``x @ W.T`` for an embedding table used as a tied output projection."""
+        return x @ self.materialize(x.dtype).T
+
+
+def is_wrapper(leaf) -> bool:
+    """True for leaves that are jpeft weight wrappers rather than arrays."""
+    return isinstance(leaf, WeightWrapper)
+
+
+def linear(x: jax.Array, kernel, bias=None) -> jax.Array:
+    """Dense layer ``x @ kernel + bias`` with ``kernel`` of shape ``(in, out)``.
+
+    The kernel is cast to ``x.dtype`` (the compute dtype) before the matmul.
+    """
+    if is_wrapper(kernel):
+        y = kernel.linear(x)
+    else:
+        y = x @ kernel.astype(x.dtype)
+    if bias is not None:
+        y = y + as_array(bias, x.dtype)
+    return y
+
+
+def embed(ids: jax.Array, table, dtype=jnp.float32) -> jax.Array:
+    """Look up rows of an embedding table of shape ``(vocab, dim)`` in ``dtype``."""
+    if is_wrapper(table):
+        return table.embed(ids, dtype)
+    return jnp.take(table, ids, axis=0).astype(dtype)
+
+
+def attend(x: jax.Array, table) -> jax.Array:
+    """Project ``x`` onto an embedding table: ``x @ table.T`` (tied output head)."""
+    if is_wrapper(table):
+        return table.attend(x)
+    return x @ table.astype(x.dtype).T
+
+
+def as_array(leaf, dtype=None) -> jax.Array:
+    """A plain array for any leaf (materializing wrappers), optionally cast."""
+    if is_wrapper(leaf):
+        return leaf.materialize(dtype)
+    return leaf if dtype is None else leaf.astype(dtype)
