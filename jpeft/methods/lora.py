@@ -86,7 +86,7 @@ class LoraWeight(ops.WeightWrapper):
     def materialize(self, dtype=None) -> jax.Array:
         base = ops.as_array(self.base, jnp.float32)
         delta = jnp.matmul(self.a.astype(jnp.float32), self.b.astype(jnp.float32))
-        out_dtype = dtype or (self.base.dtype if not ops.is_wrapper(self.base) else jnp.float32)
+        out_dtype = dtype or self.base.dtype  # wrappers report the dtype they stand for
         return (base + self.scale * delta).astype(out_dtype)
 
 

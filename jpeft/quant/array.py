@@ -1,0 +1,243 @@
+"""The quantized weight: a pytree leaf that dequantizes itself inside the op.
+
+A :class:`QuantizedArray` stands for a float weight of shape ``(*lead, in, out)``
+(a Flax kernel; ``lead`` are batch axes such as stacked layers) or ``(vocab, dim)``
+(an embedding table). The weight is cut into blocks of ``block_size`` values along
+its contraction axis (``in`` for a kernel, ``dim`` for a table: the axis ``axis``);
+each block keeps its absmax, and each value the code of its nearest level.
+
+Arrays it holds (every one carries the leading axes, so ``jax.lax.scan`` over
+stacked layers slices all of them consistently):
+
+* ``codes``: uint8; for 4-bit formats two codes per byte along ``axis``;
+* ``scales``: the per-block absmax, float32 of shape ``(*lead, ..., in / block, ...)``,
+  or, with double quantization, uint8 int8-codes of the absmax minus its mean,
+  flattened per matrix and padded to a multiple of ``scale_block_size``;
+* ``scales_scale``: float32 absmax per ``scale_block_size`` scales (double quant only);
+* ``scales_mean``: float32 mean of the absmax, one per matrix (double quant only).
+
+Static metadata: ``format``, ``block_size``, ``axis``, ``dtype`` (the logical dtype
+of the weight it stands for) and ``scale_block_size``. The logical ``shape`` is read
+from ``codes``, so it stays right when scan slices the leading axis off.
+
+The weight is frozen: integer codes can only be inputs of ``jax.grad``, and the
+float scales are wrapped in ``stop_gradient``. :meth:`linear` and :meth:`attend`
+dequantize under ``jax.checkpoint``, so the backward pass dequantizes again instead
+of keeping a float copy of every weight alive between forward and backward.
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jpeft import quant
+    >>> w = jax.random.normal(jax.random.key(0), (128, 8))
+    >>> q = quant.quantize_array(w, "nf4")
+    >>> q.shape, q.dtype, q.codes.shape, q.codes.dtype
+    ((128, 8), dtype('float32'), (64, 8), dtype('uint8'))
+    >>> err = jnp.abs(q.materialize() - w).max() / jnp.abs(w).max()
+    >>> bool(err < 0.2)
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import ops, tree
+from jpeft.quant import formats, packing
+
+
+class QuantizationError(ValueError):
+    """A weight or a quantized checkpoint that does not fit the requested quantization."""
+
+
+def split_blocks(x: jax.Array, block_size: int, axis: int) -> tuple[jax.Array, int]:
+    """Reshapes ``axis`` of length ``n`` into ``(n // block_size, block_size)``.
+
+    Returns the reshaped array and the index of the within-block axis.
+    """
+    axis = axis % x.ndim
+    n = x.shape[axis]
+    return x.reshape(*x.shape[:axis], n // block_size, block_size, *x.shape[axis + 1:]), axis + 1
+
+
+def decode_blocks(codes: jax.Array, fmt: formats.Format, absmax: jax.Array, block_size: int,
+                  axis: int) -> jax.Array:
+    """``table[codes] * absmax`` (float32), one absmax per block along ``axis``."""
+    values, inner = split_blocks(formats.decode(codes, fmt), block_size, axis)
+    return (values * jnp.expand_dims(absmax.astype(jnp.float32), inner)).reshape(codes.shape)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, repr=False)
+class QuantizedArray(ops.WeightWrapper):
+    """A blockwise-quantized frozen weight (see the module docstring for its layout).
+
+    Make one with :func:`jpeft.quant.quantize_array` or :func:`jpeft.quant.quantize`.
+    """
+
+    codes: jax.Array
+    scales: jax.Array
+    scales_scale: jax.Array | None = None
+    scales_mean: jax.Array | None = None
+    format: str = dataclasses.field(default="nf4", metadata=dict(static=True))
+    block_size: int = dataclasses.field(default=64, metadata=dict(static=True))
+    axis: int = dataclasses.field(default=-2, metadata=dict(static=True))
+    dtype: Any = dataclasses.field(default=np.dtype("float32"), metadata=dict(static=True))
+    scale_block_size: int = dataclasses.field(default=256, metadata=dict(static=True))
+
+    # ------------------------------------------------------------------ shape
+
+    @property
+    def fmt(self) -> formats.Format:
+        return formats.get(self.format)
+
+    @property
+    def double_quant(self) -> bool:
+        """Whether the per-block absmax values are themselves quantized to 8 bits."""
+        return self.scales_mean is not None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = list(self.codes.shape)
+        if self.fmt.packed:
+            shape[self.axis] *= 2
+        return tuple(shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.codes.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def blocks_shape(self) -> tuple[int, ...]:
+        """Shape of the per-block absmax: ``shape`` with ``axis`` divided by the block size."""
+        shape = list(self.shape)
+        shape[self.axis] //= self.block_size
+        return tuple(shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays held (codes and all scales)."""
+        return sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(self))
+
+    def __repr__(self) -> str:
+        return (f"QuantizedArray(format={self.format!r}, shape={self.shape}, dtype={self.dtype}, "
+                f"block_size={self.block_size}, axis={self.axis}, double_quant={self.double_quant})")
+
+    # ------------------------------------------------------------------ reading back
+
+    def absmax(self) -> jax.Array:
+        """The per-block absmax as float32, of shape :attr:`blocks_shape` (decoded if double-quantized)."""
+        if not self.double_quant:
+            return self.scales.astype(jnp.float32)
+        *lead, rows, cols = self.blocks_shape
+        flat = decode_blocks(self.scales, formats.INT8, self.scales_scale, self.scale_block_size, -1)
+        flat = flat[..., : rows * cols] + self.scales_mean[..., None].astype(jnp.float32)
+        return flat.reshape(*lead, rows, cols)
+
+    def unpacked_codes(self) -> jax.Array:
+        """One uint8 code per weight value, of :attr:`shape`."""
+        return packing.unpack(self.codes, self.axis) if self.fmt.packed else self.codes
+
+    def materialize(self, dtype=None) -> jax.Array:
+        """The dequantized weight in ``dtype`` (default: the logical :attr:`dtype`).
+
+        Computed in float32 and cast once at the end (XLA fuses it into one pass).
+        """
+        absmax = jax.lax.stop_gradient(self.absmax())
+        w = decode_blocks(self.unpacked_codes(), self.fmt, absmax, self.block_size, self.axis)
+        return w.astype(dtype or self.dtype)
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-able description: what a restored checkpoint must match."""
+        return {"format": self.format, "block_size": self.block_size, "axis": self.axis,
+                "double_quant": self.double_quant, "shape": list(self.shape),
+                "dtype": np.dtype(self.dtype).name}
+
+    # ------------------------------------------------------------------ ops
+
+    def linear(self, x: jax.Array) -> jax.Array:
+        """``x @ W``: dequantizes this weight in ``x.dtype``, then multiplies."""
+        return _dequantize_matmul(x, self)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """``x @ W.T`` (tied output head): dequantizes in ``x.dtype``, then multiplies."""
+        return _dequantize_matmul_t(x, self)
+
+    def embed(self, ids: jax.Array, dtype) -> jax.Array:
+        """Rows ``W[ids]`` in ``dtype``; for tables blocked along ``dim`` only those rows are dequantized."""
+        if self.ndim != 2 or self.axis % self.ndim != 1:  # not a (vocab, dim) table blocked along dim
+            return jnp.take(self.materialize(dtype), ids, axis=0)
+        absmax = jnp.take(jax.lax.stop_gradient(self.absmax()), ids, axis=0)
+        codes = jnp.take(self.codes, ids, axis=0)
+        if self.fmt.packed:
+            codes = packing.unpack(codes, -1)
+        return decode_blocks(codes, self.fmt, absmax, self.block_size, -1).astype(dtype)
+
+
+# Under jax.checkpoint the backward pass recomputes the dequantized weight from the
+# codes; without it autodiff would keep every layer's float weight as a residual.
+@jax.checkpoint
+def _dequantize_matmul(x: jax.Array, q: QuantizedArray) -> jax.Array:
+    return x @ q.materialize(x.dtype)
+
+
+@jax.checkpoint
+def _dequantize_matmul_t(x: jax.Array, q: QuantizedArray) -> jax.Array:
+    return x @ q.materialize(x.dtype).T
+
+
+def is_quantized(leaf: Any) -> bool:
+    """True for :class:`QuantizedArray` leaves."""
+    return isinstance(leaf, QuantizedArray)
+
+
+def describe(params: Any) -> dict[str, dict[str, Any]]:
+    """``{path: metadata}`` for every quantized leaf: save it next to a quantized checkpoint.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jpeft import quant
+        >>> q = quant.quantize({"w": {"kernel": jnp.ones((64, 2))}}, r".*/kernel")
+        >>> quant.describe(q)["w/kernel"]["format"]
+        'nf4'
+    """
+    return {path: leaf.metadata() for path, leaf in tree.flatten(params).items() if is_quantized(leaf)}
+
+
+def check_metadata(saved: dict[str, dict[str, Any]], like: Any) -> None:
+    """Checks quantization metadata read from a checkpoint against the tree to restore into.
+
+    ``like`` is the expected quantized tree (arrays or ``jax.ShapeDtypeStruct`` inside,
+    e.g. ``jax.eval_shape(lambda p: quantize(p, ...), abstract_params)``). Int4 and NF4
+    codes have identical array shapes, so restoring by array shapes alone would read
+    one as the other silently; this check refuses it.
+
+    Raises:
+        QuantizationError: naming every path whose format, block size, axis, double
+            quantization, shape or dtype differ, or that is quantized on one side only.
+    """
+    expected = describe(like)
+    problems = []
+    for path in sorted(set(saved) | set(expected)):
+        if path not in expected:
+            problems.append(f"{path}: quantized in the checkpoint ({saved[path]['format']}) "
+                            f"but not in the tree to restore into")
+        elif path not in saved:
+            problems.append(f"{path}: quantized ({expected[path]['format']}) in the tree to restore "
+                            f"into but not in the checkpoint")
+        else:
+            diffs = [f"{key} {saved[path].get(key)!r} in the checkpoint vs {want!r} expected"
+                     for key, want in expected[path].items() if saved[path].get(key) != want]
+            if diffs:
+                problems.append(f"{path}: " + "; ".join(diffs))
+    if problems:
+        raise QuantizationError("quantized checkpoint does not fit:\n  " + "\n  ".join(problems))
