@@ -1,0 +1,6 @@
+"""Checkpoint formats: local Hugging Face folders (safetensors) and GGUF files."""
+
+from jpeft.io.gguf import load_gguf, load_gguf_tokenizer
+from jpeft.io.hf import CheckpointError, load_hf, read_hf_config, save_hf
+
+__all__ = ["CheckpointError", "load_gguf", "load_gguf_tokenizer", "load_hf", "read_hf_config", "save_hf"]
