@@ -9,6 +9,10 @@ F16, ...) to float32 one at a time and converted to jpeft's layout:
   ``attn_q`` / ``attn_k`` rows (its RoPE pairs adjacent elements; Hugging Face pairs
   ``i`` with ``i + head_dim/2``). :func:`unpermute_rope_rows` undoes it.
 
+``quantize=`` re-quantizes on load (e.g. to NF4 for QLoRA), one leaf at a time, exactly
+as :func:`jpeft.io.hf.load_hf` does. The float32 values it starts from are the file's
+dequantized ones (Q4_1 for SmolLM2), so NF4 here is a second rounding on top of the first.
+
 Example:
     >>> from jpeft import assets
     >>> config, params = load_gguf(assets.smollm2_gguf_path())  # doctest: +SKIP
@@ -25,7 +29,7 @@ import gguf
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft.io.hf import CheckpointError, ParamAssembler
+from jpeft.io.hf import CheckpointError, ParamAssembler, as_leaf_fn
 from jpeft.models import llama
 
 _FIXED_NAMES = {
@@ -168,27 +172,29 @@ def _to_jpeft(tensor, config: llama.LlamaConfig) -> tuple[str, np.ndarray] | Non
     return path, array.T if transpose else array
 
 
-def load_gguf(path: str | Path, *, dtype=jnp.float32, scan_layers: bool = False):
+def load_gguf(path: str | Path, *, dtype=jnp.float32, scan_layers: bool = False, quantize=None):
     """Load ``(LlamaConfig, params)`` from a llama-architecture GGUF file, dequantized to ``dtype``.
 
     Tied embeddings when the file has no ``output.weight``. Raises :class:`CheckpointError`
     for missing / unexpected / mis-shaped tensors and ValueError for unsupported metadata.
+    ``quantize``: ``None``, a format name or a ``leaf_fn``, as in :func:`jpeft.io.hf.load_hf`.
 
     Example:
         >>> from jpeft import assets
-        >>> config, params = load_gguf(assets.smollm2_gguf_path())  # doctest: +SKIP
-        >>> params["layers_0"]["self_attn"]["k_proj"]["kernel"].shape  # doctest: +SKIP
-        (576, 192)
+        >>> config, params = load_gguf(assets.smollm2_gguf_path(), quantize="nf4")  # doctest: +SKIP
+        >>> params["layers_0"]["self_attn"]["k_proj"]["kernel"]  # doctest: +SKIP
+        QuantizedArray(format='nf4', shape=(576, 192), dtype=float32, block_size=64, axis=-2, double_quant=True)
     """
     reader = gguf.GGUFReader(path)
     config = gguf_config(reader, scan_layers=scan_layers, param_dtype=jnp.dtype(dtype).name)
-    assembler = ParamAssembler(config, dtype, f"GGUF file {path}")
-    for tensor in reader.tensors:
-        converted = _to_jpeft(tensor, config)
+    assembler = ParamAssembler(config, dtype, f"GGUF file {path}", as_leaf_fn(quantize))
+    tensors = {tensor.name: tensor for tensor in reader.tensors}
+    for name in assembler.read_order(tensors, gguf_to_path):
+        converted = _to_jpeft(tensors[name], config)
         if converted is None:
-            assembler.reject(tensor.name)
+            assembler.reject(name)
         else:
-            assembler.add(*converted, tensor.name)
+            assembler.add(*converted, name)
     return config, assembler.finish()
 
 

@@ -95,7 +95,12 @@ def nearest_code(normed: jax.Array, fmt: Format) -> jax.Array:
 
     A value exactly halfway between two levels gets the lower code.
     """
-    return jnp.searchsorted(jnp.asarray(fmt.thresholds()), normed, side="left").astype(jnp.uint8)
+    thresholds = jnp.asarray(fmt.thresholds())
+    if thresholds.size <= 16:
+        # Counting thresholds below the value is searchsorted(side="left") for small tables,
+        # several times faster on CPU and with far less working memory.
+        return jnp.sum(normed[..., None] > thresholds, axis=-1, dtype=jnp.uint8)
+    return jnp.searchsorted(thresholds, normed, side="left").astype(jnp.uint8)
 
 
 def decode(codes: jax.Array, fmt: Format) -> jax.Array:
