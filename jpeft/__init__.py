@@ -11,19 +11,36 @@ Example:
 
 from jpeft import ops, tree
 from jpeft.methods.base import Method
+from jpeft.methods.bottleneck import BottleneckAdapter, bottleneck
 from jpeft.methods.full import full
+from jpeft.methods.ia3 import Ia3Weight, ia3
 from jpeft.methods.lora import LoraWeight, lora
+from jpeft.methods.multi import AdapterBank
+from jpeft.methods.prefix import fold as fold_prefix
+from jpeft.methods.prefix import prefix_tuning
+from jpeft.methods.prompt import fold as fold_prompt
+from jpeft.methods.prompt import p_tuning, prompt_tuning
 from jpeft.report import ParamReport, param_report
 from jpeft.tree import Rule, RuleError
 
 __all__ = [
+    "AdapterBank",
+    "BottleneckAdapter",
+    "Ia3Weight",
     "LoraWeight",
     "Method",
     "ParamReport",
     "Rule",
     "RuleError",
+    "bottleneck",
+    "fold_prefix",
+    "fold_prompt",
     "full",
+    "ia3",
     "lora",
+    "p_tuning",
+    "prefix_tuning",
+    "prompt_tuning",
     "ops",
     "param_report",
     "tree",

@@ -19,6 +19,19 @@ With ``scan_layers=True`` the ``layers_{i}`` subtrees become one ``layers`` subt
 whose leaves carry a leading ``(num_layers,)`` axis, and :func:`forward` runs
 ``jax.lax.scan`` over it.
 
+Hook points: optional entries that input and adapter methods (:mod:`jpeft.methods`)
+add to the tree and that the model uses when they are present::
+
+    prompt/embeddings                              (n, D) virtual tokens before the input
+    layers_{i}/self_attn/prefix/{key,value}        (n, K*H) per-layer key/value prefix
+    layers_{i}/attn_adapter, layers_{i}/mlp_adapter  callables h_BxTxD -> h_BxTxD applied
+                                                   to the attention / MLP block output
+
+Prompt tokens and prefix keys take ``n`` leading slots of the sequence (positions
+``0..n-1``; the real tokens start at position ``n``): they count against
+``max_position_embeddings`` and occupy the first ``n`` slots of a KV cache.
+:func:`forward` returns outputs for the real tokens only.
+
 Logical axis names used by :func:`param_axes`:
 
 * ``"vocab"``: vocabulary rows of the embedding / columns of the LM head;
@@ -532,13 +545,28 @@ def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS) -> jax
     return out_BxTxKxGxH.reshape(b, t, n, h)
 
 
-def _attention(p: dict, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, layer_cache, index):
-    """Self-attention block; writes this step's keys/values into ``layer_cache`` if given."""
+def _with_prefix(prefix_NxKH, new_BxTxKxH):
+    """``new`` keys (or values) with the ``n`` prefix rows put in front: ``(B, n + T, K, H)``."""
+    b, _, k, h = new_BxTxKxH.shape
+    prefix_NxKxH = prefix_NxKH.reshape(-1, k, h).astype(new_BxTxKxH.dtype)
+    prefix_BxNxKxH = jnp.broadcast_to(prefix_NxKxH[None], (b, *prefix_NxKxH.shape))
+    return jnp.concatenate([prefix_BxNxKxH, new_BxTxKxH], axis=1)
+
+
+def _attention(p: dict, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, layer_cache, index, prepend_prefix=False):
+    """Self-attention block; writes this step's keys/values into ``layer_cache`` if given.
+
+    With ``prepend_prefix`` the layer's ``prefix`` keys/values (prefix tuning) go in front
+    of this step's keys/values (and into the cache with them).
+    """
     b, t, _ = x_BxTxD.shape
     project = lambda name: ops.linear(x_BxTxD, p[name]["kernel"], p[name].get("bias"))
     q_BxTxNxH = apply_rope(project("q_proj").reshape(b, t, c.num_heads, c.head_dim), *rope)
     k_BxTxKxH = apply_rope(project("k_proj").reshape(b, t, c.num_kv_heads, c.head_dim), *rope)
     v_BxTxKxH = project("v_proj").reshape(b, t, c.num_kv_heads, c.head_dim)
+    if prepend_prefix:
+        k_BxTxKxH = _with_prefix(p["prefix"]["key"], k_BxTxKxH)
+        v_BxTxKxH = _with_prefix(p["prefix"]["value"], v_BxTxKxH)
     keys_BxSxKxH, values_BxSxKxH, new_cache = k_BxTxKxH, v_BxTxKxH, None
     if layer_cache is not None:
         write = lambda buf, new: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, index, 0, 0))
@@ -558,12 +586,19 @@ def _mlp(p: dict, x_BxTxD: jax.Array) -> jax.Array:
     return ops.linear(gate_BxTxF * up_BxTxF, p["down_proj"]["kernel"])
 
 
-def _decoder_layer(p: dict, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, layer_cache, index):
+def _decoder_layer(p: dict, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, layer_cache, index,
+                   prepend_prefix=False):
     h_BxTxD = rms_norm(x_BxTxD, p["input_layernorm"]["scale"], c.rms_norm_eps)
-    attn_BxTxD, new_cache = _attention(p["self_attn"], c, h_BxTxD, rope, allowed_BxTxS, layer_cache, index)
+    attn_BxTxD, new_cache = _attention(p["self_attn"], c, h_BxTxD, rope, allowed_BxTxS, layer_cache, index,
+                                       prepend_prefix)
+    if "attn_adapter" in p:  # e.g. a bottleneck adapter (Houlsby placement)
+        attn_BxTxD = p["attn_adapter"](attn_BxTxD)
     x_BxTxD = x_BxTxD + attn_BxTxD
     h_BxTxD = rms_norm(x_BxTxD, p["post_attention_layernorm"]["scale"], c.rms_norm_eps)
-    return x_BxTxD + _mlp(p["mlp"], h_BxTxD), new_cache
+    mlp_BxTxD = _mlp(p["mlp"], h_BxTxD)
+    if "mlp_adapter" in p:  # e.g. a bottleneck adapter (Houlsby and Pfeiffer placements)
+        mlp_BxTxD = p["mlp_adapter"](mlp_BxTxD)
+    return x_BxTxD + mlp_BxTxD, new_cache
 
 
 # ----------------------------------------------------------------------------- cache
@@ -653,10 +688,11 @@ def lm_head(params: dict, config: LlamaConfig, hidden_BxTxD: jax.Array) -> jax.A
     return logits_BxTxV.astype(jnp.float32)
 
 
-def _run_layers(params, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, cache):
+def _run_layers(params, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, cache, prepend_prefix=False):
     """All decoder layers (unrolled or scanned). Returns (x, new per-layer caches)."""
     index = None if cache is None else cache["index"]
-    layer_fn = functools.partial(_decoder_layer, c=c, rope=rope, allowed_BxTxS=allowed_BxTxS, index=index)
+    layer_fn = functools.partial(_decoder_layer, c=c, rope=rope, allowed_BxTxS=allowed_BxTxS, index=index,
+                                 prepend_prefix=prepend_prefix)
     if c.remat:
         layer_fn = jax.checkpoint(layer_fn)
     if c.scan_layers:
@@ -674,6 +710,70 @@ def _run_layers(params, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, cache):
     return x_BxTxD, new
 
 
+def _prompt_length(params: dict, c: LlamaConfig) -> int:
+    """Rows of ``prompt/embeddings`` (0 without a prompt), checked against the model's width."""
+    if "prompt" not in params:
+        return 0
+    shape = tuple(params["prompt"]["embeddings"].shape)
+    if len(shape) != 2 or shape[1] != c.hidden_size:
+        raise ValueError(f"prompt/embeddings has shape {shape}, but this model needs (n, {c.hidden_size}): "
+                         "n virtual tokens of hidden_size each. Was the adapter made for another model?")
+    return shape[0]
+
+
+def _prefix_length(params: dict, c: LlamaConfig) -> int:
+    """Rows of every layer's ``self_attn/prefix`` (0 without one), checked against the model."""
+    names = ["layers"] if c.scan_layers else [f"layers_{i}" for i in range(c.num_layers)]
+    lead = (c.num_layers,) if c.scan_layers else ()
+    width = c.num_kv_heads * c.head_dim
+    lengths = {}
+    for name in names:
+        prefix = params[name]["self_attn"].get("prefix")
+        if prefix is None:
+            lengths[name] = 0
+            continue
+        shapes = {part: tuple(prefix[part].shape) for part in ("key", "value")}
+        for part, shape in shapes.items():
+            if len(shape) != len(lead) + 2 or shape[:len(lead)] != lead or shape[-1] != width:
+                raise ValueError(
+                    f"{name}/self_attn/prefix/{part} has shape {shape}, but this model needs "
+                    f"{(*lead, 'n', width)} (n prefix rows of num_kv_heads * head_dim). "
+                    "Was the adapter made for another model?")
+        if shapes["key"] != shapes["value"]:
+            raise ValueError(f"{name}/self_attn/prefix key and value shapes differ: {shapes}.")
+        lengths[name] = shapes["key"][-2]
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"every layer needs a prefix of the same length, got {lengths}.")
+    return next(iter(lengths.values()))
+
+
+def num_virtual_tokens(params: dict, config: LlamaConfig) -> int:
+    """Slots that a prompt (``prompt/embeddings``) or prefix (``self_attn/prefix``) takes before the input.
+
+    Example:
+        >>> c = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2)
+        >>> p = init_params(c, jax.random.key(0))
+        >>> num_virtual_tokens({**p, "prompt": {"embeddings": jnp.zeros((5, 8))}}, c)
+        5
+    """
+    n_prompt, n_prefix = _prompt_length(params, config), _prefix_length(params, config)
+    if n_prompt and n_prefix:
+        raise ValueError(f"params carry both a prompt ({n_prompt} tokens) and a prefix ({n_prefix} rows); "
+                         "use one input adapter at a time.")
+    return n_prompt or n_prefix
+
+
+def _check_room(c: LlamaConfig, virtual: int, t: int, cache: dict | None, what: str = "input tokens"):
+    """Virtual slots plus input must fit the context and the cache: never truncate silently."""
+    if virtual + t > c.max_position_embeddings:
+        raise ValueError(
+            f"{virtual} virtual tokens + {t} {what} = {virtual + t} exceed the model's context "
+            f"(max_position_embeddings={c.max_position_embeddings}); shorten the input (nothing is truncated).")
+    if cache is not None and cache["mask"].shape[1] < virtual + t:
+        raise ValueError(f"the cache holds {cache['mask'].shape[1]} slots but {virtual} virtual tokens + "
+                         f"{t} input tokens need {virtual + t}; make a larger cache.")
+
+
 def forward(
     params: dict,
     config: LlamaConfig,
@@ -684,6 +784,7 @@ def forward(
     cache: dict | None = None,
     input_embeds_BxTxD: jax.Array | None = None,
     return_hidden: bool = False,
+    prepend_virtual: bool | None = None,
 ):
     """Run the decoder. Returns ``(logits_BxTxV float32, new_cache)``.
 
@@ -692,16 +793,25 @@ def forward(
         concatenated to :func:`embed_tokens` output). Exactly one must be given.
       attention_mask_BxT: 1 for real tokens, 0 for padding (default all ones).
       positions_BxT: RoPE positions; default counts real tokens (left padding is
-        invisible), continuing from the tokens already in ``cache``.
+        invisible), continuing from the tokens already in ``cache``. When virtual tokens
+        are prepended, give the real tokens' positions counted from 0: they are shifted by
+        ``n`` and the virtual tokens take ``0..n-1``.
       cache: from :func:`init_cache`; the new keys/values are written at ``cache["index"]``.
         ``new_cache`` is ``None`` when no cache is given.
       return_hidden: return the final normed hidden states ``(B, T, D)`` instead of
         logits (then apply :func:`lm_head` yourself, e.g. to a subset of positions).
+      prepend_virtual: whether the ``n`` virtual tokens of a prompt or prefix in ``params``
+        (see the module docstring) go before this input. Default: yes without a cache. With
+        a cache it must be given: ``True`` on the call that starts the sequence (prefill),
+        ``False`` on the calls that continue it. Outputs cover the real tokens only.
 
     Example:
         >>> c = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2)
         >>> p = init_params(c, jax.random.key(0))
         >>> forward(p, c, jnp.zeros((2, 3), "int32"), attention_mask_BxT=jnp.array([[0, 1, 1]] * 2))[0].shape
+        (2, 3, 8)
+        >>> prompted = {**p, "prompt": {"embeddings": jnp.ones((4, 8))}}
+        >>> forward(prompted, c, jnp.zeros((2, 3), "int32"))[0].shape  # 4 virtual + 3 real tokens
         (2, 3, 8)
     """
     if (tokens_BxT is None) == (input_embeds_BxTxD is None):
@@ -712,11 +822,33 @@ def forward(
         x_BxTxD = input_embeds_BxTxD.astype(config.compute_dtype)
     b, t = x_BxTxD.shape[:2]
     mask_BxT = jnp.ones((b, t), bool) if attention_mask_BxT is None else attention_mask_BxT.astype(bool)
+    n_prompt = _prompt_length(params, config)
+    n_prefix = num_virtual_tokens(params, config) - n_prompt
+    if (n_prompt or n_prefix) and cache is not None and prepend_virtual is None:
+        raise ValueError(
+            f"params carry {n_prompt or n_prefix} virtual tokens (a prompt or prefix adapter): with a cache, "
+            "pass prepend_virtual=True on the call that starts the sequence and False on later calls.")
+    if prepend_virtual is not None and not prepend_virtual:  # a traced flag fails loudly here: make it static
+        n_prompt = n_prefix = 0
+    virtual = n_prompt + n_prefix
+    if virtual:
+        _check_room(config, virtual, t, cache)
+        mask_BxT = jnp.concatenate([jnp.ones((b, virtual), bool), mask_BxT], axis=1)
+        if positions_BxT is not None:
+            virtual_BxN = jnp.broadcast_to(jnp.arange(virtual, dtype=jnp.int32), (b, virtual))
+            positions_BxT = jnp.concatenate([virtual_BxN, positions_BxT.astype(jnp.int32) + virtual], axis=1)
+    if n_prompt:
+        prompt_NxD = params["prompt"]["embeddings"].astype(x_BxTxD.dtype)
+        prompt_BxNxD = jnp.broadcast_to(prompt_NxD, (b, *prompt_NxD.shape))
+        x_BxTxD = jnp.concatenate([prompt_BxNxD, x_BxTxD], axis=1)
     if positions_BxT is None:
         positions_BxT = _default_positions(mask_BxT, cache)
     allowed_BxTxS, meta = _allowed(config, mask_BxT, positions_BxT, cache)
+    # A prefix has keys and values but no queries: drop its rows.
+    allowed_BxTxS, positions_BxT = allowed_BxTxS[:, n_prefix:], positions_BxT[:, n_prefix:]
     rope = rope_tables(config, positions_BxT)
-    x_BxTxD, layer_caches = _run_layers(params, config, x_BxTxD, rope, allowed_BxTxS, cache)
+    x_BxTxD, layer_caches = _run_layers(params, config, x_BxTxD, rope, allowed_BxTxS, cache, n_prefix > 0)
+    x_BxTxD = x_BxTxD[:, n_prompt:]  # outputs for the real tokens only
     hidden_BxTxD = rms_norm(x_BxTxD, params["norm"]["scale"], config.rms_norm_eps)
     new_cache = None if cache is None else {**meta, **layer_caches}
     if return_hidden:
@@ -752,9 +884,9 @@ def _generate(params, prompt_BxT, prompt_mask_BxT, key, *, config, max_new_token
               eos_ids, pad_id):
     b, t = prompt_BxT.shape
     is_eos = lambda tok_B: jnp.isin(tok_B, jnp.asarray(eos_ids or (-1,), jnp.int32))
-    cache = init_cache(config, b, t + max_new_tokens)
+    cache = init_cache(config, b, num_virtual_tokens(params, config) + t + max_new_tokens)
     hidden_BxTxD, cache = forward(params, config, prompt_BxT, attention_mask_BxT=prompt_mask_BxT,
-                                  cache=cache, return_hidden=True)
+                                  cache=cache, return_hidden=True, prepend_virtual=True)
     key, sub = jax.random.split(key)
     first_B = _pick_token(lm_head(params, config, hidden_BxTxD[:, -1]), sub, temperature, top_k)
     tokens_BxN = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B)
@@ -765,7 +897,8 @@ def _generate(params, prompt_BxT, prompt_mask_BxT, key, *, config, max_new_token
 
     def decode_one(s: _DecodeState):
         last_Bx1 = jax.lax.dynamic_slice_in_dim(s.tokens_BxN, s.step - 1, 1, axis=1)
-        hidden_Bx1xD, cache = forward(params, config, last_Bx1, cache=s.cache, return_hidden=True)
+        hidden_Bx1xD, cache = forward(params, config, last_Bx1, cache=s.cache, return_hidden=True,
+                                      prepend_virtual=False)
         key, sub = jax.random.split(s.key)
         next_B = _pick_token(lm_head(params, config, hidden_Bx1xD[:, 0]), sub, temperature, top_k)
         next_B = jnp.where(s.done_B, pad_id, next_B)
@@ -795,6 +928,9 @@ def generate(
     Greedy when ``temperature == 0``, otherwise samples (optionally from the ``top_k``
     logits; needs ``key``). After a row's eos token, the rest of its row is ``pad_id``.
     Prompts must be left-padded (the last column is each row's last real token).
+    ``params`` may carry a prompt or prefix (an applied input adapter): its virtual tokens
+    are prefilled into the cache ahead of the prompt, and with them the whole
+    generation must fit ``max_position_embeddings``.
 
     Example:
         >>> c = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2)
@@ -804,6 +940,9 @@ def generate(
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    virtual = num_virtual_tokens(params, config)
+    if virtual:
+        _check_room(config, virtual, prompt_BxT.shape[1] + max_new_tokens, None, "prompt and new tokens")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}.")
     if temperature > 0 and key is None:

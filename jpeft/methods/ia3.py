@@ -1,0 +1,172 @@
+"""IA3: learned vectors that rescale activations (Liu et al., 2022, "(IA)^3").
+
+IA3 multiplies the keys, the values and the feed-forward intermediate activations
+by trained vectors ``l``, initialised to ones so a fresh adapter changes nothing.
+Each is a weight transformation, so no model hook is needed:
+
+* keys and values are outputs of ``k_proj`` / ``v_proj``: ``(x @ W) * l`` scales the
+  kernel's output columns (and a bias, if the layer has one, as PEFT does);
+* the intermediate activation is the input of ``down_proj``: ``(x * l) @ W`` scales
+  the kernel's input rows (PEFT's ``feedforward_modules``).
+
+:class:`Ia3Weight` computes exactly that in training (no full-size product, no
+gradient for ``W``), and ``merge`` folds ``l`` into ``W`` (and the bias).
+
+The adapter mirrors the targeted kernels' paths with ``{"ia3_l": l}`` at each; ``l``
+has the kernel's output width (or input width for feed-forward targets), with any
+leading axes (stacked layers) kept.
+
+Example:
+    >>> import jax, jax.numpy as jnp, jpeft
+    >>> params = {"mlp": {"down_proj": {"kernel": jnp.ones((4, 2))}}}
+    >>> method = jpeft.ia3(targets=r".*/kernel", feedforward=r".*/down_proj/kernel")
+    >>> adapter = method.init(jax.random.key(0), params)
+    >>> adapter["mlp"]["down_proj"]["kernel"]["ia3_l"].shape   # one scale per input row
+    (4,)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jpeft import ops, tree
+from jpeft.methods.base import Method
+
+_LEAF = "ia3_l"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Ia3Weight(ops.WeightWrapper):
+    """A weight whose outputs (or, with ``on_input``, inputs) are scaled by ``scale``.
+
+    ``base`` may itself be a wrapper (e.g. a quantized weight). A ``base`` with as many
+    axes as ``scale`` is a bias: it is scaled like the output of its kernel.
+    """
+
+    base: Any
+    scale: jax.Array
+    on_input: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape)
+
+    @property
+    def dtype(self):
+        return getattr(self.base, "dtype", jnp.float32)
+
+    def linear(self, x: jax.Array) -> jax.Array:
+        scale = self.scale.astype(x.dtype)
+        if self.on_input:
+            return ops.linear(x * scale, self.base)
+        return ops.linear(x, self.base) * scale
+
+    def materialize(self, dtype=None) -> jax.Array:
+        base = ops.as_array(self.base, jnp.float32)
+        scale = self.scale.astype(jnp.float32)
+        if base.ndim > scale.ndim:  # a kernel (..., in, out), not a bias (..., out)
+            scale = scale[..., :, None] if self.on_input else scale[..., None, :]
+        return (base * scale).astype(dtype or self.dtype)
+
+
+def ia3(
+    targets: tree.Targets = r".*/(k_proj|v_proj|down_proj)/kernel",
+    feedforward: tree.Targets = r".*/down_proj/kernel",
+    *,
+    dtype=jnp.float32,
+) -> Method:
+    """Builds an IA3 method.
+
+    Args:
+        targets: the kernels whose activations are rescaled: regex(es) fullmatched
+            against ``/``-joined paths, predicates or :class:`jpeft.Rule` objects.
+            The default is PEFT's choice for Llama: keys, values, FFN intermediate.
+        feedforward: which of the targets scale their input (the FFN intermediate
+            activation) rather than their output; every rule must match a target.
+            ``()`` or ``None``: none.
+        dtype: dtype of the trained vectors.
+
+    Returns:
+        A :class:`jpeft.Method`; ``apply`` wraps targets in :class:`Ia3Weight`, ``merge``
+        returns plain arrays with the vectors folded in.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jpeft
+        >>> params = {"k_proj": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
+        >>> method = jpeft.ia3(targets=r"k_proj/kernel", feedforward=())
+        >>> adapter = {"k_proj": {"kernel": {"ia3_l": jnp.array([2.0, 0.5])}}}
+        >>> merged = method.merge(params, adapter)
+        >>> merged["k_proj"]["kernel"][0].tolist(), merged["k_proj"]["bias"].tolist()
+        ([2.0, 0.5], [2.0, 0.5])
+    """
+    rules = tree.as_rules(targets)
+    ff_rules = tree.as_rules(feedforward) if feedforward else ()
+    for rule in (*rules, *ff_rules):
+        if rule.settings:
+            raise ValueError(f"{rule!r}: IA3 rules take no settings")
+
+    def resolve(params: Any) -> dict[str, bool]:
+        """``{kernel path: scales its input?}`` for every target."""
+        flat = tree.flatten(params)
+        chosen = tree.assign(params, rules)
+        unused = [r for r in ff_rules if not any(r.matches(p, flat[p]) for p in chosen)]
+        if unused:
+            raise tree.RuleError(f"feedforward rule(s) {unused} matched none of the IA3 targets "
+                                 f"{sorted(chosen)[:6]}; a feed-forward module must also be a target")
+        out = {}
+        for path in chosen:
+            shape = tuple(flat[path].shape)
+            if len(shape) < 2 or path.rsplit("/", 1)[-1] == "embedding":
+                raise ValueError(f"IA3 target {path!r} of shape {shape} is not a kernel (in, out); narrow the "
+                                 "targets to linear kernels (e.g. '.*/k_proj/kernel')")
+            out[path] = any(r.matches(path, flat[path]) for r in ff_rules)
+        return out
+
+    def init_fn(key: jax.Array, params: Any) -> dict:
+        del key
+        flat = tree.flatten(params)
+        adapter = {}
+        for path, on_input in resolve(params).items():
+            shape = tuple(flat[path].shape)
+            adapter[f"{path}/{_LEAF}"] = jnp.ones((*shape[:-2], shape[-2] if on_input else shape[-1]), dtype)
+        return tree.unflatten(adapter)
+
+    def apply_fn(params: Any, adapter: Any, *, rng: jax.Array | None = None) -> dict:
+        del rng
+        flat = tree.flatten(params)
+        plan = resolve(params)
+        scales = {}
+        for path, leaf in tree.flatten(adapter).items():
+            kernel_path, _, name = path.rpartition("/")
+            if name != _LEAF:
+                raise ValueError(f"adapter leaf {path!r} is not an IA3 vector (expected .../{_LEAF}); was this "
+                                 "adapter made by another method?")
+            scales[kernel_path] = leaf
+        if set(scales) != set(plan):
+            raise ValueError(
+                "IA3 adapter does not fit these parameters: "
+                f"adapter vectors without a target: {sorted(set(scales) - set(plan))[:5]}; "
+                f"targets without a vector: {sorted(set(plan) - set(scales))[:5]}. "
+                "Was it made for another model or with other targets?")
+        for path, on_input in plan.items():
+            shape, scale = tuple(flat[path].shape), scales[path]
+            want = (*shape[:-2], shape[-2] if on_input else shape[-1])
+            if tuple(scale.shape) != want:
+                raise ValueError(f"IA3 vector for {path!r} has shape {tuple(scale.shape)}, but the kernel "
+                                 f"{shape} needs {want}; the adapter was made for another model")
+            flat[path] = Ia3Weight(flat[path], scale, on_input)
+            bias_path = path.rpartition("/")[0] + "/bias"
+            if not on_input and bias_path in flat:
+                flat[bias_path] = Ia3Weight(flat[bias_path], scale)
+        return tree.unflatten(flat)
+
+    def merge_fn(params: Any, adapter: Any) -> dict:
+        applied = tree.flatten(apply_fn(params, adapter))
+        return tree.unflatten({p: (v.materialize() if isinstance(v, Ia3Weight) else v) for p, v in applied.items()})
+
+    return Method("ia3", init_fn, apply_fn, merge_fn)

@@ -1,0 +1,330 @@
+"""Prompt tuning and P-tuning: trained virtual tokens in front of the input.
+
+Both methods give the model ``n`` virtual-token embeddings ``(n, D)`` at its
+``prompt/embeddings`` hook (see :mod:`jpeft.models.llama`): the model puts them
+before the input embeddings, extends the attention mask and positions, and returns
+outputs for the real tokens only, so a loss over real tokens needs no change.
+
+* Prompt tuning (Lester et al., 2021) trains the embeddings directly. The adapter is
+  ``{"prompt": {"embeddings": (n, D)}}``, initialised from the embeddings of a text
+  (token ids, so no tokenizer is needed), of random vocabulary rows, or at random.
+* P-tuning (Liu et al., 2021) trains a prompt encoder, an MLP or a bidirectional LSTM
+  followed by an MLP (as Hugging Face PEFT's ``PromptEncoder``), that maps free input
+  embeddings to the virtual tokens. The adapter is ``{"prompt_encoder": {...}}``;
+  :func:`fold` turns it into the prompt-tuning form (the encoder is only needed for
+  training), and :func:`p_tuning`'s ``apply`` accepts both forms.
+
+A prompt cannot be folded into the base weights: ``merge`` returns the base
+parameters plus ``prompt/embeddings`` as plain arrays, which only models that read
+the hook (jpeft's own) use.
+
+Example:
+    >>> import jax, jpeft
+    >>> from jpeft.models import llama
+    >>> config = llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...                            num_layers=1, num_heads=4)
+    >>> params = llama.init_params(config, jax.random.key(0))
+    >>> method = jpeft.prompt_tuning(num_virtual_tokens=5, init_ids=[3, 7])
+    >>> adapter = method.init(jax.random.key(1), params)
+    >>> adapter["prompt"]["embeddings"].shape
+    (5, 16)
+    >>> logits, _ = llama.forward(method.apply(params, adapter), config, jax.numpy.ones((2, 4), "int32"))
+    >>> logits.shape  # the 5 virtual tokens are not in the output
+    (2, 4, 32)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jpeft import ops, tree
+from jpeft.methods.base import Method
+
+_INITS = ("vocab", "text", "normal")
+_ENCODERS = ("mlp", "lstm")
+_EMBEDDING = "embed_tokens/embedding"
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _token_table(params: Any):
+    """The base model's token embedding table ``(vocab, D)``."""
+    flat = tree.flatten(params)
+    if _EMBEDDING not in flat:
+        raise ValueError(f"prompt methods need the model's token embeddings at {_EMBEDDING!r}, which these "
+                         "parameters lack; they work with jpeft's models (see jpeft.models).")
+    return flat[_EMBEDDING]
+
+
+def _expect_leaves(adapter: Any, expected: set[str], method: str) -> dict:
+    """The adapter's flat leaves, which must be exactly ``expected``."""
+    flat = tree.flatten(adapter)
+    if set(flat) != expected:
+        raise ValueError(
+            f"this is not a {method} adapter: expected leaves {sorted(expected)}, got {sorted(flat)[:6]}"
+            f"{' ...' if len(flat) > 6 else ''}. Was it made by another method?")
+    return flat
+
+
+def _with_prompt(params: Any, embeddings_NxD: jax.Array) -> dict:
+    """``params`` plus the ``prompt/embeddings`` hook entry (the base arrays are not copied)."""
+    n_d = tuple(embeddings_NxD.shape)
+    d_model = _token_table(params).shape[-1]
+    if len(n_d) != 2 or n_d[1] != d_model:
+        raise ValueError(f"the prompt has shape {n_d} but this model's embeddings are {d_model} wide; "
+                         "was the adapter made for another model?")
+    if "prompt" in params:
+        raise ValueError("these parameters already carry a prompt (prompt/embeddings); apply one prompt at a time.")
+    return {**params, "prompt": {"embeddings": embeddings_NxD}}
+
+
+def _check_count(num_virtual_tokens: int) -> None:
+    if not isinstance(num_virtual_tokens, int) or isinstance(num_virtual_tokens, bool) or num_virtual_tokens < 1:
+        raise ValueError(f"num_virtual_tokens must be a positive int, got {num_virtual_tokens!r}")
+
+
+# ----------------------------------------------------------------------------- prompt tuning
+
+
+def prompt_tuning(
+    num_virtual_tokens: int = 20,
+    *,
+    init: str | None = None,
+    init_ids: Sequence[int] | None = None,
+    init_std: float = 0.02,
+    dtype=jnp.float32,
+) -> Method:
+    """Builds a prompt-tuning method: ``n`` trained virtual-token embeddings.
+
+    Args:
+        num_virtual_tokens: ``n``, typically 20 to 100.
+        init: ``"text"`` (the embeddings of ``init_ids``, repeated to fill ``n`` as Hugging
+            Face PEFT does), ``"vocab"`` (rows of ``n`` random vocabulary tokens) or
+            ``"normal"`` (``N(0, init_std^2)``, needs only shapes). Default: ``"text"`` when
+            ``init_ids`` is given, else ``"vocab"``.
+        init_ids: token ids of an initialisation text, e.g. the tokenized
+            ``"Write a headline for this article:"``.
+        init_std: standard deviation for ``init="normal"``.
+        dtype: dtype of the trained embeddings.
+
+    Returns:
+        A :class:`jpeft.Method` whose adapter is ``{"prompt": {"embeddings": (n, D)}}``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jpeft
+        >>> params = {"embed_tokens": {"embedding": jnp.arange(12.0).reshape(6, 2)}}
+        >>> adapter = jpeft.prompt_tuning(3, init_ids=[1, 4]).init(jax.random.key(0), params)
+        >>> adapter["prompt"]["embeddings"].tolist()
+        [[2.0, 3.0], [8.0, 9.0], [2.0, 3.0]]
+    """
+    _check_count(num_virtual_tokens)
+    init = init or ("text" if init_ids is not None else "vocab")
+    if init not in _INITS:
+        raise ValueError(f"prompt init must be one of {_INITS}, got {init!r}")
+    if (init == "text") != (init_ids is not None):
+        raise ValueError("init='text' needs init_ids (token ids of the text), and init_ids needs init='text'")
+    if init_ids is not None and len(init_ids) == 0:
+        raise ValueError("init_ids is empty: give the token ids of a non-empty text")
+
+    def init_fn(key: jax.Array, params: Any) -> dict:
+        table = _token_table(params)
+        vocab, d_model = table.shape[-2:]
+        if init == "normal":
+            embeddings = init_std * jax.random.normal(key, (num_virtual_tokens, d_model), dtype)
+            return {"prompt": {"embeddings": embeddings}}
+        if isinstance(table, jax.ShapeDtypeStruct):
+            raise ValueError(f"init={init!r} reads the embedding table, which is only a shape here; pass "
+                             "concrete parameters, use jax.eval_shape(method.init, key, params) for shapes, "
+                             "or init='normal'")
+        if init == "text":
+            ids = [int(i) for i in init_ids]
+            bad = [i for i in ids if not 0 <= i < vocab]
+            if bad:
+                raise ValueError(f"init_ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+            ids_N = jnp.asarray((ids * math.ceil(num_virtual_tokens / len(ids)))[:num_virtual_tokens], jnp.int32)
+        else:
+            ids_N = jax.random.randint(key, (num_virtual_tokens,), 0, vocab)
+        embeddings = ops.embed(ids_N, table, jnp.float32).astype(dtype)
+        return {"prompt": {"embeddings": embeddings}}
+
+    def apply_fn(params: Any, adapter: Any, *, rng: jax.Array | None = None) -> dict:
+        del rng
+        flat = _expect_leaves(adapter, {"prompt/embeddings"}, "prompt_tuning")
+        return _with_prompt(params, flat["prompt/embeddings"])
+
+    return Method("prompt_tuning", init_fn, apply_fn, apply_fn)
+
+
+# ----------------------------------------------------------------------------- P-tuning
+
+
+def _dense_init(key: jax.Array, d_in: int, d_out: int, dtype) -> dict:
+    """PyTorch's ``nn.Linear`` default init: kernel and bias ~ U(-1/sqrt(in), 1/sqrt(in))."""
+    bound = 1.0 / math.sqrt(d_in)
+    k_kernel, k_bias = jax.random.split(key)
+    return {"kernel": jax.random.uniform(k_kernel, (d_in, d_out), dtype, -bound, bound),
+            "bias": jax.random.uniform(k_bias, (d_out,), dtype, -bound, bound)}
+
+
+def _mlp(layers: dict, x_NxI: jax.Array) -> jax.Array:
+    """``dense_0 -> relu -> dense_1 -> ... -> dense_k`` (no activation after the last)."""
+    for i in range(len(layers)):
+        if i:
+            x_NxI = jax.nn.relu(x_NxI)
+        x_NxI = x_NxI @ layers[f"dense_{i}"]["kernel"] + layers[f"dense_{i}"]["bias"]
+    return x_NxI
+
+
+def _lstm_init(key: jax.Array, d_in: int, hidden: int, dtype) -> dict:
+    """One direction: fused gate weights (order i, f, g, o, as PyTorch), init U(-1/sqrt(H), 1/sqrt(H))."""
+    bound = 1.0 / math.sqrt(hidden)
+    keys = jax.random.split(key, 3)
+    uniform = lambda k, shape: jax.random.uniform(k, shape, dtype, -bound, bound)
+    return {"w_ih": uniform(keys[0], (d_in, 4 * hidden)), "w_hh": uniform(keys[1], (hidden, 4 * hidden)),
+            "bias": uniform(keys[2], (4 * hidden,))}
+
+
+def _lstm_direction(p: dict, x_NxI: jax.Array, reverse: bool) -> jax.Array:
+    """Hidden states ``(n, H)`` of one LSTM direction, aligned with the input rows."""
+    hidden = p["w_hh"].shape[0]
+
+    def step(carry, x_I):
+        h_H, c_H = carry
+        gates_4H = x_I @ p["w_ih"] + h_H @ p["w_hh"] + p["bias"]
+        i_H, f_H, g_H, o_H = jnp.split(gates_4H, 4)
+        c_H = jax.nn.sigmoid(f_H) * c_H + jax.nn.sigmoid(i_H) * jnp.tanh(g_H)
+        h_H = jax.nn.sigmoid(o_H) * jnp.tanh(c_H)
+        return (h_H, c_H), h_H
+
+    zeros_H = jnp.zeros((hidden,), x_NxI.dtype)
+    _, h_NxH = jax.lax.scan(step, (zeros_H, zeros_H), x_NxI, reverse=reverse)
+    return h_NxH
+
+
+def _bilstm(layers: dict, x_NxI: jax.Array) -> jax.Array:
+    """Stacked bidirectional LSTM: each layer's output is ``[forward, backward]`` ``(n, 2H)``."""
+    for i in range(len(layers)):
+        layer = layers[f"layer_{i}"]
+        x_NxI = jnp.concatenate([_lstm_direction(layer["forward"], x_NxI, reverse=False),
+                                 _lstm_direction(layer["backward"], x_NxI, reverse=True)], axis=-1)
+    return x_NxI
+
+
+def encode(adapter: Any) -> jax.Array:
+    """The virtual-token embeddings ``(n, D)`` of a P-tuning (or prompt-tuning) adapter.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jpeft
+        >>> params = {"embed_tokens": {"embedding": jnp.zeros((6, 4))}}
+        >>> adapter = jpeft.p_tuning(3, hidden_size=8).init(jax.random.key(0), params)
+        >>> encode(adapter).shape
+        (3, 4)
+    """
+    if "prompt" in adapter:
+        return adapter["prompt"]["embeddings"]
+    encoder = adapter["prompt_encoder"]
+    x_NxI = encoder["embedding"]
+    if "lstm" in encoder:
+        x_NxI = _bilstm(encoder["lstm"], x_NxI)
+    return _mlp(encoder["mlp"], x_NxI)
+
+
+def fold(adapter: Any) -> dict:
+    """The prompt-tuning form ``{"prompt": {"embeddings"}}`` of a P-tuning adapter.
+
+    Use it before saving: the encoder is only needed for training. An adapter that is
+    already folded is returned as it is.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jpeft
+        >>> params = {"embed_tokens": {"embedding": jnp.zeros((6, 4))}}
+        >>> adapter = jpeft.p_tuning(3, hidden_size=8).init(jax.random.key(0), params)
+        >>> list(fold(adapter)), fold(adapter)["prompt"]["embeddings"].shape
+        (['prompt'], (3, 4))
+    """
+    return {"prompt": {"embeddings": encode(adapter)}}
+
+
+def _encoder_leaves(mlp_layers: int, lstm_layers: int) -> set[str]:
+    """The leaf paths of a P-tuning adapter with this structure."""
+    leaves = {"prompt_encoder/embedding"}
+    leaves |= {f"prompt_encoder/mlp/dense_{i}/{w}" for i in range(mlp_layers) for w in ("kernel", "bias")}
+    leaves |= {f"prompt_encoder/lstm/layer_{i}/{d}/{w}" for i in range(lstm_layers)
+               for d in ("forward", "backward") for w in ("w_ih", "w_hh", "bias")}
+    return leaves
+
+
+def p_tuning(
+    num_virtual_tokens: int = 20,
+    *,
+    encoder: str = "mlp",
+    hidden_size: int | None = None,
+    lstm_layers: int = 2,
+    dtype=jnp.float32,
+) -> Method:
+    """Builds a P-tuning method: virtual tokens made by a trained prompt encoder.
+
+    The encoder follows Hugging Face PEFT's ``PromptEncoder``: free input embeddings
+    ``(n, D)`` (``N(0, 1)``), then either an MLP ``D -> H -> H -> D`` with ReLUs
+    (``encoder="mlp"``) or a bidirectional LSTM of ``lstm_layers`` layers and width ``H``
+    followed by an MLP ``2H -> 2H -> D`` (``encoder="lstm"``).
+
+    Args:
+        num_virtual_tokens: ``n``.
+        encoder: ``"mlp"`` or ``"lstm"``.
+        hidden_size: ``H``; default the model width ``D``.
+        lstm_layers: LSTM depth (``encoder="lstm"`` only).
+        dtype: dtype of the encoder's weights.
+
+    Returns:
+        A :class:`jpeft.Method` whose adapter is ``{"prompt_encoder": {"embedding", "mlp",
+        ("lstm")}}``. Its ``apply`` also accepts the folded form (see :func:`fold`).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jpeft
+        >>> params = {"embed_tokens": {"embedding": jnp.zeros((6, 4))}}
+        >>> method = jpeft.p_tuning(3, encoder="lstm", hidden_size=8)
+        >>> adapter = method.init(jax.random.key(0), params)
+        >>> method.apply(params, adapter)["prompt"]["embeddings"].shape
+        (3, 4)
+    """
+    _check_count(num_virtual_tokens)
+    if encoder not in _ENCODERS:
+        raise ValueError(f"P-tuning encoder must be one of {_ENCODERS}, got {encoder!r}")
+    if hidden_size is not None and (not isinstance(hidden_size, int) or hidden_size < 1):
+        raise ValueError(f"hidden_size must be a positive int or None, got {hidden_size!r}")
+    if encoder == "lstm" and (not isinstance(lstm_layers, int) or lstm_layers < 1):
+        raise ValueError(f"lstm_layers must be a positive int, got {lstm_layers!r}")
+    n_lstm = lstm_layers if encoder == "lstm" else 0
+
+    def init_fn(key: jax.Array, params: Any) -> dict:
+        d_model = _token_table(params).shape[-1]
+        hidden = hidden_size or d_model
+        keys = iter(jax.random.split(key, 4 + 2 * n_lstm))
+        out = {"embedding": jax.random.normal(next(keys), (num_virtual_tokens, d_model), dtype)}
+        if encoder == "mlp":
+            widths = [d_model, hidden, hidden, d_model]
+        else:
+            widths = [2 * hidden, 2 * hidden, d_model]
+            out["lstm"] = {f"layer_{i}": {
+                direction: _lstm_init(next(keys), d_model if i == 0 else 2 * hidden, hidden, dtype)
+                for direction in ("forward", "backward")} for i in range(n_lstm)}
+        out["mlp"] = {f"dense_{i}": _dense_init(next(keys), widths[i], widths[i + 1], dtype)
+                      for i in range(len(widths) - 1)}
+        return {"prompt_encoder": out}
+
+    def apply_fn(params: Any, adapter: Any, *, rng: jax.Array | None = None) -> dict:
+        del rng
+        if "prompt" in adapter:  # folded
+            flat = _expect_leaves(adapter, {"prompt/embeddings"}, "p_tuning (folded)")
+            return _with_prompt(params, flat["prompt/embeddings"])
+        _expect_leaves(adapter, _encoder_leaves(3 if encoder == "mlp" else 2, n_lstm), f"p_tuning ({encoder})")
+        return _with_prompt(params, encode(adapter))
+
+    return Method("p_tuning", init_fn, apply_fn, apply_fn)

@@ -1,0 +1,284 @@
+"""Prompt tuning, P-tuning and prefix tuning on a tiny Llama, with Hugging Face PEFT as the reference."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jpeft
+from jpeft.methods import prefix as prefix_lib
+from jpeft.methods import prompt as prompt_lib
+from jpeft.models import llama
+
+CONFIG = llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
+                           num_kv_heads=2, max_position_embeddings=64)
+PARAMS = llama.init_params(CONFIG, jax.random.key(0), stddev=0.3)
+N = 3  # virtual tokens
+# A left-padded batch: row 1 has 3 pads.
+TOKENS = jnp.array([[5, 9, 2, 7, 1, 3, 8], [0, 0, 0, 4, 6, 11, 2]], jnp.int32)
+MASK = jnp.array([[1] * 7, [0, 0, 0, 1, 1, 1, 1]], jnp.int32)
+forward = jax.jit(llama.forward, static_argnames=("return_hidden", "prepend_virtual"))
+
+METHODS = {
+    "prompt": lambda: jpeft.prompt_tuning(N, init_ids=[4, 9]),
+    "p_tuning_mlp": lambda: jpeft.p_tuning(N, hidden_size=8),
+    "p_tuning_lstm": lambda: jpeft.p_tuning(N, encoder="lstm", hidden_size=8),
+    "prefix": lambda: jpeft.prefix_tuning(N, init_std=0.5),
+    "prefix_projection": lambda: jpeft.prefix_tuning(N, projection=True, hidden_size=8),
+}
+
+
+def scanned(params):
+    return llama.stack_layers(params, CONFIG.num_layers)
+
+
+SCAN_CONFIG = dataclasses.replace(CONFIG, scan_layers=True)
+
+
+def test_prompt_is_the_same_as_prepended_input_embeddings():
+    method = jpeft.prompt_tuning(N, init="normal", init_std=0.5)
+    prompt_NxD = method.init(jax.random.key(1), PARAMS)["prompt"]["embeddings"]
+    logits, _ = forward(method.apply(PARAMS, {"prompt": {"embeddings": prompt_NxD}}), CONFIG, TOKENS,
+                        attention_mask_BxT=MASK)
+    embeds_BxTxD = jnp.concatenate([jnp.broadcast_to(prompt_NxD, (2, N, 16)),
+                                    llama.embed_tokens(PARAMS, CONFIG, TOKENS)], axis=1)
+    mask = jnp.concatenate([jnp.ones((2, N), jnp.int32), MASK], axis=1)
+    want, _ = forward(PARAMS, CONFIG, input_embeds_BxTxD=embeds_BxTxD, attention_mask_BxT=mask)
+    assert logits.shape == (2, 7, 32)
+    np.testing.assert_allclose(logits, want[:, N:], atol=1e-5)
+
+
+def test_prefix_is_the_same_as_a_cache_holding_it():
+    method = METHODS["prefix"]()
+    adapter = method.init(jax.random.key(1), PARAMS)
+    logits, _ = forward(method.apply(PARAMS, adapter), CONFIG, TOKENS, attention_mask_BxT=MASK)
+    # Reference: the base model continuing from a cache whose first N slots hold the prefix.
+    cache = llama.init_cache(CONFIG, 2, N + 7)
+    k, h = CONFIG.num_kv_heads, CONFIG.head_dim
+    for i in range(CONFIG.num_layers):
+        for part, name in (("k", "key"), ("v", "value")):
+            rows_BxNxKxH = jnp.broadcast_to(adapter["prefix"][name][i].reshape(N, k, h), (2, N, k, h))
+            cache[f"layers_{i}"][part] = cache[f"layers_{i}"][part].at[:, :N].set(rows_BxNxKxH)
+    cache["mask"] = cache["mask"].at[:, :N].set(True)
+    cache["positions"] = cache["positions"].at[:, :N].set(jnp.arange(N))
+    cache["index"] = jnp.int32(N)
+    want, _ = forward(PARAMS, CONFIG, TOKENS, attention_mask_BxT=MASK, cache=cache)
+    np.testing.assert_allclose(logits, want, atol=1e-5)
+
+
+def test_prefix_adapter_works_with_scan_layers_on_and_off():
+    method = METHODS["prefix_projection"]()
+    adapter = method.init(jax.random.key(1), PARAMS)
+    unrolled, _ = forward(method.apply(PARAMS, adapter), CONFIG, TOKENS, attention_mask_BxT=MASK)
+    stacked_params = method.apply(scanned(PARAMS), adapter)
+    assert stacked_params["layers"]["self_attn"]["prefix"]["key"].shape == (2, N, 8)
+    stacked, _ = forward(stacked_params, SCAN_CONFIG, TOKENS, attention_mask_BxT=MASK)
+    np.testing.assert_allclose(stacked, unrolled, atol=1e-5)
+
+
+def _greedy_without_cache(params, config, tokens, mask, steps):
+    """Re-run the whole forward for every new token (fixed-width buffer, one compile)."""
+    b, t = tokens.shape
+    tokens = jnp.concatenate([tokens, jnp.zeros((b, steps), jnp.int32)], axis=1)
+    mask = jnp.concatenate([mask, jnp.zeros((b, steps), mask.dtype)], axis=1)
+    for i in range(steps):
+        logits, _ = forward(params, config, tokens, attention_mask_BxT=mask)
+        nxt = jnp.argmax(logits[:, t + i - 1], axis=-1).astype(jnp.int32)
+        tokens, mask = tokens.at[:, t + i].set(nxt), mask.at[:, t + i].set(1)
+    return tokens[:, t:]
+
+
+@pytest.mark.parametrize("name, scan", [("prompt", False), ("prefix", True)])
+def test_cached_generation_equals_generation_without_cache(name, scan):
+    method = METHODS[name]()
+    adapter = method.init(jax.random.key(2), PARAMS)
+    params, config = (scanned(PARAMS), SCAN_CONFIG) if scan else (PARAMS, CONFIG)
+    applied = method.apply(params, adapter)
+    got = llama.generate(applied, config, TOKENS, MASK, max_new_tokens=6)
+    np.testing.assert_array_equal(got, _greedy_without_cache(applied, config, TOKENS, MASK, steps=6))
+    assert not np.array_equal(got, llama.generate(params, config, TOKENS, MASK, max_new_tokens=6))
+
+
+def _xent(params, tokens, target=5):
+    """Mean cross-entropy of always predicting ``target`` at the real positions."""
+    logits, _ = llama.forward(params, CONFIG, tokens, attention_mask_BxT=MASK)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full(tokens.shape, target))
+    return jnp.sum(losses * MASK) / jnp.sum(MASK)
+
+
+@pytest.mark.parametrize("name", ["prompt", "p_tuning_mlp", "prefix", "prefix_projection"])
+def test_gradients_exist_only_for_the_adapter_and_training_lowers_the_loss(name):
+    method = METHODS[name]()
+    adapter = method.init(jax.random.key(1), PARAMS)
+    optimizer = optax.adam(3e-2)
+
+    @jax.jit
+    def step(adapter, opt_state):
+        loss, grads = jax.value_and_grad(lambda a: _xent(method.apply(PARAMS, a), TOKENS))(adapter)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return optax.apply_updates(adapter, updates), opt_state, loss, grads
+
+    opt_state = optimizer.init(adapter)
+    losses = []
+    for i in range(12):
+        adapter, opt_state, loss, grads = step(adapter, opt_state)
+        if i == 0:
+            assert jax.tree.structure(grads) == jax.tree.structure(adapter)
+            for path, g in jpeft.tree.flatten(grads).items():
+                assert float(jnp.abs(g).max()) > 0, path
+        losses.append(float(loss))
+    assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", ["p_tuning_mlp", "prefix_projection"])
+def test_fold_removes_the_encoder_and_keeps_the_model(name):
+    method = METHODS[name]()
+    lib = prompt_lib if name.startswith("p_") else prefix_lib
+    adapter = method.init(jax.random.key(1), PARAMS)
+    folded = lib.fold(adapter)
+    assert set(folded) == ({"prompt"} if lib is prompt_lib else {"prefix"})
+    assert jax.tree.structure(lib.fold(folded)) == jax.tree.structure(folded)  # folding twice is a no-op
+    full, _ = forward(method.apply(PARAMS, adapter), CONFIG, TOKENS, attention_mask_BxT=MASK)
+    small, _ = forward(method.apply(PARAMS, folded), CONFIG, TOKENS, attention_mask_BxT=MASK)
+    np.testing.assert_allclose(small, full, atol=1e-6)
+    merged = jpeft.tree.flatten(method.merge(PARAMS, adapter))  # base + the folded hook entries
+    assert not any(jpeft.ops.is_wrapper(x) for x in merged.values())
+    hooks = {p: v for p, v in merged.items() if "prompt" in p or "prefix" in p}
+    assert len(hooks) == (1 if lib is prompt_lib else 2 * CONFIG.num_layers)
+    assert jpeft.param_report(PARAMS, folded).trainable < jpeft.param_report(PARAMS, adapter).trainable
+
+
+def test_prompt_initialisations():
+    table = PARAMS["embed_tokens"]["embedding"]
+    text = jpeft.prompt_tuning(5, init_ids=[4, 9]).init(jax.random.key(0), PARAMS)["prompt"]["embeddings"]
+    np.testing.assert_array_equal(text, table[jnp.array([4, 9, 4, 9, 4])])
+    vocab = jpeft.prompt_tuning(5).init(jax.random.key(0), PARAMS)["prompt"]["embeddings"]
+    assert all(any(np.array_equal(row, t) for t in np.asarray(table)) for row in np.asarray(vocab))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), PARAMS)
+    normal = jpeft.prompt_tuning(5, init="normal").init(jax.random.key(0), abstract)
+    assert normal["prompt"]["embeddings"].shape == (5, 16)
+    assert jax.eval_shape(jpeft.prompt_tuning(5).init, jax.random.key(0), abstract)["prompt"]["embeddings"].shape \
+        == (5, 16)
+    with pytest.raises(ValueError, match="only a shape"):
+        jpeft.prompt_tuning(5).init(jax.random.key(0), abstract)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        jpeft.prompt_tuning(5, init_ids=[40]).init(jax.random.key(0), PARAMS)
+    for name in ("prefix", "prefix_projection", "p_tuning_lstm"):  # shape-only inits
+        shapes = jax.eval_shape(METHODS[name]().init, jax.random.key(0), abstract)
+        assert jax.tree.structure(METHODS[name]().init(jax.random.key(0), abstract)) == jax.tree.structure(shapes)
+
+
+def _peft_prompt_encoder(encoder_type):
+    import peft
+    import torch
+
+    torch.manual_seed(0)
+    config = peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=N, token_dim=16,
+                                      num_transformer_submodules=1, num_attention_heads=4, num_layers=2,
+                                      encoder_reparameterization_type=encoder_type, encoder_hidden_size=8)
+    return peft.PromptEncoder(config).eval()
+
+
+@pytest.mark.parametrize("encoder", ["mlp", "lstm"])
+def test_p_tuning_encoder_matches_peft(encoder):
+    import torch
+
+    hf = _peft_prompt_encoder(encoder.upper())
+    t = lambda x: jnp.asarray(x.detach().numpy())
+    adapter = {"embedding": t(hf.embedding.weight)}
+    dense = [m for m in hf.mlp_head if isinstance(m, torch.nn.Linear)]
+    adapter["mlp"] = {f"dense_{i}": {"kernel": t(m.weight).T, "bias": t(m.bias)} for i, m in enumerate(dense)}
+    if encoder == "lstm":
+        lstm = hf.lstm_head
+        weight = lambda name, i, sfx: t(getattr(lstm, f"{name}_l{i}{sfx}"))
+        direction = lambda i, sfx: {"w_ih": weight("weight_ih", i, sfx).T, "w_hh": weight("weight_hh", i, sfx).T,
+                                    "bias": weight("bias_ih", i, sfx) + weight("bias_hh", i, sfx)}
+        adapter["lstm"] = {f"layer_{i}": {"forward": direction(i, ""), "backward": direction(i, "_reverse")}
+                           for i in range(2)}
+    adapter = {"prompt_encoder": adapter}
+    ours = jpeft.p_tuning(N, encoder=encoder, hidden_size=8).init(jax.random.key(0), PARAMS)
+    assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, adapter)
+    with torch.no_grad():
+        want = hf(torch.arange(N)[None])[0].numpy()
+    np.testing.assert_allclose(prompt_lib.encode(adapter), want, atol=1e-5)
+    # Every encoder weight gets a gradient (the model-level training test uses the MLP encoder).
+    grads = jax.jit(jax.grad(lambda a: jnp.sum(jnp.sin(prompt_lib.encode(a)))))(adapter)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+
+def test_parameter_counts_match_peft():
+    import peft
+    import torch
+    import transformers
+
+    hf_config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4)
+    config = llama.LlamaConfig.from_hf(hf_config.to_dict())
+    params = jax.eval_shape(llama.init_params, config, jax.random.key(0))
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+    cases = [
+        (peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=7), jpeft.prompt_tuning(7)),
+        (peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=7), jpeft.prefix_tuning(7)),
+        (peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=7, prefix_projection=True,
+                                 encoder_hidden_size=12), jpeft.prefix_tuning(7, projection=True, hidden_size=12)),
+        (peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=7, encoder_hidden_size=12),
+         jpeft.p_tuning(7, hidden_size=12)),
+    ]
+    for hf_peft_config, method in cases:
+        torch.manual_seed(0)
+        model = peft.get_peft_model(transformers.LlamaForCausalLM(hf_config), hf_peft_config)
+        hf_trainable, _ = model.get_nb_trainable_parameters()
+        ours = jpeft.param_report(params, method.init(jax.random.key(0), params)).trainable
+        assert ours == hf_trainable, (method.name, ours, hf_trainable)
+    assert jpeft.param_report(params, jpeft.prompt_tuning(7).init(jax.random.key(0), params)).trainable == 7 * 16
+
+
+def test_errors_are_clear():
+    prompt = METHODS["prompt"]()
+    adapter = prompt.init(jax.random.key(0), PARAMS)
+    applied = prompt.apply(PARAMS, adapter)
+    long_tokens = jnp.ones((1, 62), jnp.int32)  # 3 virtual + 62 > 64
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        llama.forward(applied, CONFIG, long_tokens)
+    jax.eval_shape(lambda p: llama.forward(p, CONFIG, long_tokens), PARAMS)  # without the prompt it fits
+    with pytest.raises(ValueError, match="exceed the model's context"):
+        llama.generate(applied, CONFIG, jnp.ones((1, 50), jnp.int32), max_new_tokens=12)
+    with pytest.raises(ValueError, match="prepend_virtual"):
+        llama.forward(applied, CONFIG, TOKENS, cache=llama.init_cache(CONFIG, 2, 20))
+    with pytest.raises(ValueError, match="larger cache"):
+        llama.forward(applied, CONFIG, TOKENS, cache=llama.init_cache(CONFIG, 2, 8), prepend_virtual=True)
+    # Adapters for a model of another shape.
+    small = llama.LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=3, num_heads=2)
+    small_params = llama.init_params(small, jax.random.key(0))
+    with pytest.raises(ValueError, match="another model"):
+        prompt.apply(small_params, adapter)
+    prefix = METHODS["prefix"]()
+    with pytest.raises(ValueError, match="another model"):
+        prefix.apply(small_params, prefix.init(jax.random.key(0), PARAMS))
+    bad_hook = {**PARAMS, "prompt": {"embeddings": jnp.zeros((N, 8))}}
+    with pytest.raises(ValueError, match="another model"):
+        llama.forward(bad_hook, CONFIG, TOKENS)
+    # Adapters of one method applied as another.
+    lora = jpeft.lora(rank=2)
+    with pytest.raises(ValueError, match="not a prompt_tuning adapter"):
+        prompt.apply(PARAMS, lora.init(jax.random.key(0), PARAMS))
+    with pytest.raises(ValueError, match="not a prefix_tuning adapter"):
+        prefix.apply(PARAMS, adapter)
+    with pytest.raises(ValueError, match="not a p_tuning"):
+        jpeft.p_tuning(N).apply(PARAMS, prefix.init(jax.random.key(0), PARAMS))
+    with pytest.raises(ValueError, match="not a LoRA factor"):
+        lora.apply(PARAMS, adapter)
+    with pytest.raises(ValueError, match="already carry a prompt"):
+        prompt.apply(applied, adapter)
+    with pytest.raises(ValueError, match="both a prompt"):
+        llama.forward(prefix.apply(applied, prefix.init(jax.random.key(0), PARAMS)), CONFIG, TOKENS)
+    # Bad settings.
+    for build, message in [(lambda: jpeft.prompt_tuning(0), "positive int"),
+                           (lambda: jpeft.prompt_tuning(4, init="text"), "needs init_ids"),
+                           (lambda: jpeft.p_tuning(4, encoder="gru"), "encoder must be"),
+                           (lambda: jpeft.prefix_tuning(4, init_std=0.0), "init_std")]:
+        with pytest.raises(ValueError, match=message):
+            build()
