@@ -44,7 +44,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jpeft import ops, quant
+from jpeft import ops, quant, tree
 from jpeft.models import llama
 
 CONFIG_FILE = "config.json"
@@ -68,30 +68,6 @@ class CheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------- shared assembly
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": x}}`` -> ``{"a/b": x}``."""
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, path + "/"))
-        else:
-            flat[path] = value
-    return flat
-
-
-def _unflatten(flat: dict) -> dict:
-    """``{"a/b": x}`` -> ``{"a": {"b": x}}``."""
-    tree: dict = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    return tree
 
 
 def _listing(items, limit: int = 5) -> str:
@@ -127,7 +103,7 @@ class ParamAssembler:
         self.leaf_fn = leaf_fn or (lambda path, array: array)
         flat_config = dataclasses.replace(config, scan_layers=False)
         shapes = jax.eval_shape(llama.init_params, flat_config, jax.random.key(0))
-        self.expected = {path: tuple(s.shape) for path, s in _flatten(shapes).items()}
+        self.expected = {path: tuple(s.shape) for path, s in tree.flatten(shapes).items()}
         self.buffers: dict[str, np.ndarray] = {}  # stacked leaves still being filled
         self.filled: dict[str, int] = {}          # layers written into each buffer
         self.leaves: dict[str, object] = {}       # finished leaves, by final path
@@ -199,7 +175,7 @@ class ParamAssembler:
             )
         if hasattr(self.leaf_fn, "check_all_used"):
             self.leaf_fn.check_all_used()
-        return _unflatten(self.leaves)
+        return tree.unflatten(self.leaves)
 
     def read_order(self, names, to_path) -> list[str]:
         """Source tensor names reordered so that each stacked leaf is completed before the next.
@@ -392,7 +368,7 @@ def save_hf(folder: str | Path, config: llama.LlamaConfig, params: dict) -> None
     if config.scan_layers:
         params = llama.unstack_layers(params, config.num_layers)
     tensors = {}
-    for path, leaf in _flatten(params).items():
+    for path, leaf in tree.flatten(params).items():
         name, transpose = path_to_hf(path)
         array = np.asarray(ops.as_array(leaf))
         tensors[name] = np.ascontiguousarray(array.T if transpose else array)

@@ -12,6 +12,11 @@ Embedding tables (paths ending in ``embedding``, shape ``(vocab, dim)``) get
 Scaling ``s`` is ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora=True``
 (Kalajdzievski, 2023).
 
+Sharding: the factors live where their weight lives. For a weight with logical axes
+``(*lead, in_axis, out_axis)``, ``A`` gets ``(*lead, in_axis, "lora_rank")`` and ``B``
+``(*lead, "lora_rank", out_axis)``; the rank axis is normally replicated
+(see :mod:`jpeft.sharding`).
+
 Example:
     >>> import jax, jax.numpy as jnp, jpeft
     >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
@@ -35,8 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import ops, tree
-from jpeft.methods.base import Method
+from jpeft.methods.base import Method, flatten_axes
 
+RANK_AXIS = "lora_rank"
 _SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "init")
 _INITS = ("kaiming", "gaussian")
 
@@ -258,4 +264,30 @@ def lora(
             p: (v.materialize() if isinstance(v, LoraWeight) else v) for p, v in applied.items()
         })
 
-    return Method("lora", init_fn, apply_fn, merge_fn)
+    return Method("lora", init_fn, apply_fn, merge_fn, logical_axes)
+
+
+def logical_axes(adapter: Any, param_axes: Any) -> dict:
+    """Logical axes of LoRA factors from their weights' axes (the rank axis is ``"lora_rank"``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> adapter = {"q_proj": {"kernel": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 4))}}}
+        >>> logical_axes(adapter, {"q_proj": {"kernel": ("embed", "q_heads")}})["q_proj"]["kernel"]
+        {'a': ('embed', 'lora_rank'), 'b': ('lora_rank', 'q_heads')}
+    """
+    weight_axes = flatten_axes(param_axes)
+    out = {}
+    for path in tree.flatten(adapter):
+        weight_path, _, name = path.rpartition("/")
+        if name not in ("a", "b"):
+            raise ValueError(f"adapter leaf {path!r} is not a LoRA factor (expected .../a or .../b)")
+        if weight_path not in weight_axes:
+            raise ValueError(f"no logical axes for the weight {weight_path!r} of LoRA factor {path!r}; "
+                             f"param_axes must cover every adapted weight")
+        axes = weight_axes[weight_path]
+        if len(axes) < 2:
+            raise ValueError(f"the weight {weight_path!r} has logical axes {axes}; LoRA needs (..., in, out)")
+        *lead, in_axis, out_axis = axes
+        out[path] = (*lead, in_axis, RANK_AXIS) if name == "a" else (*lead, RANK_AXIS, out_axis)
+    return tree.unflatten(out)
