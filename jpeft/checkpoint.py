@@ -126,14 +126,21 @@ def check_like(saved: dict[str, dict], like) -> None:
         raise CheckpointError("checkpoint does not match the expected adapter:\n  " + "\n  ".join(problems))
 
 
-def restore_adapter(directory: str | os.PathLike, *, like=None) -> tuple[Any, dict]:
+def restore_adapter(directory: str | os.PathLike, *, like=None, method: str | None = None) -> tuple[Any, dict]:
     """``(adapter, metadata)`` from ``directory``.
 
     ``like`` (e.g. ``jax.eval_shape(method.init, key, params)``) is checked key by
     key and shape by shape before anything is read, and fixes the restored
-    tree's structure and dtypes.
+    tree's structure and dtypes. ``method``: the method name the adapter must
+    have been saved with (``metadata["method"]``); another one is an error.
     """
     info = read_metadata(directory)
+    if method is not None:
+        saved = info["metadata"].get("method") if isinstance(info.get("metadata"), dict) else None
+        if saved != method:
+            raise CheckpointError(
+                f"{os.fspath(directory)!r} holds a {saved!r} adapter, not a {method!r} one; restore it with "
+                f"method {saved!r} (its settings are in {_INFO}) or point at a {method!r} checkpoint")
     target = None
     if like is not None:
         check_like(info["tree"], like)

@@ -7,6 +7,7 @@ model path; the message names the key and the fix.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from train.config import ConfigError, load_config
@@ -27,9 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        from train import model, run  # heavy imports only once the config is valid
+        from train import distributed, model, run  # heavy imports only once the config is valid
 
         model.resolve(config.model)
+        distributed.initialize(config.distributed)
+        distributed.check_run(config)
+        distributed.build_mesh(config.mesh)  # a mesh that does not fit the devices fails before loading
+        if not distributed.is_main():
+            sys.stdout = open(os.devnull, "w")  # process 0 prints; errors still reach stderr
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

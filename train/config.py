@@ -25,10 +25,11 @@ from typing import Any
 
 import yaml
 
-METHODS = ("lora", "full")
+METHODS = ("lora", "full", "prompt_tuning", "prefix_tuning", "p_tuning", "ia3", "bottleneck")
 MODEL_SOURCES = ("smollm2",)
 SCHEDULES = ("cosine", "linear")
 DTYPES = ("float32", "bfloat16")
+QUANT_FORMATS = ("nf4", "int4", "int8")  # model.quantize: the frozen base on load (QLoRA)
 
 
 class ConfigError(ValueError):
@@ -76,6 +77,7 @@ class ModelConfig:
     hf_folder: str | None = None
     dtype: str = _check(_one_of(*DTYPES), default="float32")
     scan_layers: bool = True
+    quantize: str | None = _check(_one_of(*QUANT_FORMATS), default=None)  # nf4 + method lora = QLoRA
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,53 @@ class LoraConfig:
     dropout: float = _check(_fraction, default=0.0)
     use_rslora: bool = False
     init: str = "kaiming"
+
+
+@dataclass(frozen=True)
+class PromptTuningConfig:
+    """Arguments of :func:`jpeft.prompt_tuning`; ``init_text`` is tokenized into its ``init_ids``."""
+
+    num_virtual_tokens: int = _check(_positive, default=20)
+    init: str = _check(_one_of("text", "vocab", "normal"), default="text")
+    init_text: str = "Write a headline for this article:"  # used by init: text
+    init_std: float = _check(_positive, default=0.02)  # used by init: normal
+
+
+@dataclass(frozen=True)
+class PrefixTuningConfig:
+    """Arguments of :func:`jpeft.prefix_tuning` (the adapter is folded before saving)."""
+
+    num_virtual_tokens: int = _check(_positive, default=20)
+    projection: bool = True
+    hidden_size: int | None = _check(_positive, default=None)  # None: the model width
+    init_std: float = _check(_positive, default=1.0)
+
+
+@dataclass(frozen=True)
+class PTuningConfig:
+    """Arguments of :func:`jpeft.p_tuning` (the encoder is folded away before saving)."""
+
+    num_virtual_tokens: int = _check(_positive, default=20)
+    encoder: str = _check(_one_of("mlp", "lstm"), default="mlp")
+    hidden_size: int | None = _check(_positive, default=None)  # None: the model width
+    lstm_layers: int = _check(_positive, default=2)
+
+
+@dataclass(frozen=True)
+class Ia3Config:
+    """Arguments of :func:`jpeft.ia3`; ``feedforward: null`` scales no inputs."""
+
+    targets: str = r".*/(k_proj|v_proj|down_proj)/kernel"
+    feedforward: str | None = r".*/down_proj/kernel"
+
+
+@dataclass(frozen=True)
+class BottleneckConfig:
+    """Arguments of :func:`jpeft.bottleneck` (no merge: evaluated with ``apply``)."""
+
+    size: int = _check(_positive, default=32)
+    placement: str = _check(_one_of("pfeiffer", "houlsby"), default="pfeiffer")
+    activation: str = _check(_one_of("relu", "gelu", "silu", "swish", "tanh"), default="relu")
 
 
 @dataclass(frozen=True)
@@ -124,10 +173,49 @@ class TrainConfig:
 class EvalConfig:
     """ROUGE on held-out test articles, greedy decoding with the KV cache."""
 
-    test_articles: int = _check(_positive, default=64)
+    test_articles: int = _check(_non_negative, default=64)  # 0: no ROUGE evaluation
     batch_size: int = _check(_positive, default=32)
     max_new_tokens: int = _check(_positive, default=24)
     base_model: bool = True  # also score the base model
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Training checkpoints in ``<run_dir>/checkpoints``: adapter, optimizer state, step, RNG key."""
+
+    every: int = _check(_non_negative, default=100)  # steps between saves; 0: only the last step
+    keep: int = _check(_positive, default=2)  # the newest ``keep`` are kept
+    async_save: bool = True  # write in the background while training goes on
+    resume: bool = True  # continue from the latest checkpoint when the run folder holds one
+
+
+def _mesh_size(value) -> str | None:
+    return None if value >= 1 or value == -1 else "must be >= 1, or -1 (the rest of the devices)"
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes (one may be -1: the rest); the default is one device."""
+
+    data: int = _check(_mesh_size, default=1)
+    fsdp: int = _check(_mesh_size, default=1)
+    tensor: int = _check(_mesh_size, default=1)
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """Logical-axis rules: ``default`` (FSDP x tensor), ``fsdp``, or a YAML file path."""
+
+    rules: str = "default"
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process runs; unset keys fall back to JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID."""
+
+    coordinator: str | None = None  # host:port of process 0
+    num_processes: int | None = _check(_positive, default=None)
+    process_id: int | None = _check(_non_negative, default=None)
 
 
 @dataclass(frozen=True)
@@ -141,9 +229,18 @@ class RunConfig:
     progress: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)
+    prefix_tuning: PrefixTuningConfig = field(default_factory=PrefixTuningConfig)
+    p_tuning: PTuningConfig = field(default_factory=PTuningConfig)
+    ia3: Ia3Config = field(default_factory=Ia3Config)
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 # ---------------------------------------------------------------- building
@@ -263,6 +360,20 @@ def _check_whole(config: RunConfig) -> None:
         )
     if config.data.val_fraction + config.data.test_fraction >= 1.0:
         raise ConfigError("'data.val_fraction' + 'data.test_fraction' must be < 1 to leave training articles")
+    _check_methods(config)
+
+
+def _check_methods(config: RunConfig) -> None:
+    """Method settings that only make sense together."""
+    if config.method == "full" and config.model.quantize is not None:
+        raise ConfigError(
+            f"method 'full' trains every weight, so the base cannot be quantized (model.quantize="
+            f"{config.model.quantize!r}); set model.quantize=null, or use method=lora for QLoRA"
+        )
+    pt = config.prompt_tuning
+    if config.method == "prompt_tuning" and pt.init == "text" and not pt.init_text.strip():
+        raise ConfigError("bad value for 'prompt_tuning.init_text': it is empty but prompt_tuning.init is 'text';"
+                          " give a text or set prompt_tuning.init=vocab")
 
 
 def _suggest(key: str, options) -> str:

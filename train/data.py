@@ -244,17 +244,27 @@ def prompt_batch(prompts: Sequence[list[int]], *, pad_id: int, bucket_size: int,
 
 
 def train_batches(
-    examples: Sequence[Encoded], *, batch_size: int, seed: int, **shape
+    examples: Sequence[Encoded], *, batch_size: int, seed: int, start: int = 0, **shape
 ) -> Iterator[TrainBatch]:
-    """Endless shuffled batches (a new permutation each epoch, seeded)."""
+    """Endless shuffled batches (a new permutation each epoch, seeded).
+
+    Batch ``i`` is a pure function of ``(seed, i)``: ``start`` skips the first
+    ``start`` batches without building them, so a resumed run sees exactly the
+    batches an uninterrupted one would.
+    """
     rng = np.random.default_rng(seed)
     if len(examples) < batch_size:
         raise ValueError(f"{len(examples)} training examples are fewer than batch_size={batch_size}")
+    per_epoch = len(examples) // batch_size
+    epoch, offset = divmod(start, per_epoch)
+    for _ in range(epoch):
+        rng.permutation(len(examples))  # the skipped epochs' draws
     while True:
         order = rng.permutation(len(examples))
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            chosen = [examples[i] for i in order[start : start + batch_size]]
+        for b in range(offset, per_epoch):
+            chosen = [examples[i] for i in order[b * batch_size : (b + 1) * batch_size]]
             yield train_batch(chosen, **shape)
+        offset = 0
 
 
 def eval_batches(examples: Sequence[Encoded], *, batch_size: int, **shape) -> list[TrainBatch]:

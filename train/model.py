@@ -8,6 +8,10 @@ Three sources (see :class:`train.config.ModelConfig`):
   from its metadata);
 * ``hf_folder: <path>``: a Hugging Face folder (``config.json``,
   ``*.safetensors``, ``tokenizer.json``).
+
+``quantize: nf4 | int4 | int8`` quantizes the frozen base as it is read (every
+decoder-layer linear kernel; embeddings, norms and ``lm_head`` stay float), so
+``method: lora`` on top of it is QLoRA.
 """
 
 from __future__ import annotations
@@ -58,17 +62,17 @@ def resolve(cfg: ModelConfig) -> tuple[str, str]:
 
 
 def load(cfg: ModelConfig) -> Loaded:
-    """Load the config, params and tokenizer the run config names."""
+    """Load the config, params (quantized if ``cfg.quantize``) and tokenizer the run config names."""
     kind, path = resolve(cfg)
     dtype = jnp.dtype(cfg.dtype)
     if kind == "gguf":
         from jpeft.io.gguf import load_gguf, load_gguf_tokenizer
 
-        config, params = load_gguf(path, dtype=dtype, scan_layers=cfg.scan_layers)
+        config, params = load_gguf(path, dtype=dtype, scan_layers=cfg.scan_layers, quantize=cfg.quantize)
         return Loaded(config, params, load_gguf_tokenizer(path))
     from transformers import AutoTokenizer
 
     from jpeft.io.hf import load_hf
 
-    config, params = load_hf(path, dtype=dtype, scan_layers=cfg.scan_layers)
+    config, params = load_hf(path, dtype=dtype, scan_layers=cfg.scan_layers, quantize=cfg.quantize)
     return Loaded(config, params, AutoTokenizer.from_pretrained(path))

@@ -10,10 +10,15 @@ from typing import Sequence
 class MetricsLog:
     """Appends one JSON object per line to ``<run_dir>/metrics.jsonl`` and keeps them."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, resume_step: int | None = None):
+        """``resume_step``: keep the file's train/val records up to that step (a resumed run)."""
         self.path = path
         self.records: list[dict] = []
-        open(path, "w").close()
+        if resume_step is not None and os.path.isfile(path):
+            self.records = [r for r in read_metrics(path, skip_partial=True)
+                            if r.get("kind") in ("train", "val") and r["step"] <= resume_step]
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.records)
 
     def __call__(self, record: dict) -> None:
         self.records.append(record)
@@ -21,9 +26,18 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
-def read_metrics(path: str) -> list[dict]:
+def read_metrics(path: str, *, skip_partial: bool = False) -> list[dict]:
+    """The records of a metrics file; ``skip_partial``: ignore a line cut short by a killed run."""
+    records = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if not skip_partial:
+                        raise
+    return records
 
 
 def plot_loss(records: Sequence[dict], path: str, *, title: str = "") -> None:

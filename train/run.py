@@ -16,24 +16,95 @@ import jax
 import numpy as np
 
 import jpeft
-from jpeft.checkpoint import save_adapter
-from train import data, evaluate, model, report, trainer
+from jpeft.checkpoint import restore_adapter, save_adapter
+from train import checkpointing, data, distributed, evaluate, model, report, trainer
 from train.config import RunConfig, describe, to_dict
 
 
-def make_method(cfg: RunConfig) -> jpeft.Method:
-    """The PEFT method the config names."""
+def make_method(cfg: RunConfig, tokenizer=None) -> jpeft.Method:
+    """The PEFT method the config names (prompt tuning's ``init_text`` needs the ``tokenizer``)."""
     if cfg.method == "full":
         return jpeft.full()
-    lc = cfg.lora
-    return jpeft.lora(
-        rank=lc.rank, alpha=lc.alpha, targets=lc.targets, dropout=lc.dropout, use_rslora=lc.use_rslora, init=lc.init
-    )
+    if cfg.method == "lora":
+        lc = cfg.lora
+        return jpeft.lora(
+            rank=lc.rank, alpha=lc.alpha, targets=lc.targets, dropout=lc.dropout, use_rslora=lc.use_rslora,
+            init=lc.init,
+        )
+    if cfg.method == "prompt_tuning":
+        pc = cfg.prompt_tuning
+        init_ids = None
+        if pc.init == "text":
+            if tokenizer is None:
+                raise ValueError("prompt_tuning.init=text needs the tokenizer to turn init_text into token ids")
+            init_ids = tokenizer(pc.init_text, add_special_tokens=False)["input_ids"]
+        return jpeft.prompt_tuning(pc.num_virtual_tokens, init=pc.init, init_ids=init_ids, init_std=pc.init_std)
+    if cfg.method == "prefix_tuning":
+        pc = cfg.prefix_tuning
+        return jpeft.prefix_tuning(pc.num_virtual_tokens, projection=pc.projection, hidden_size=pc.hidden_size,
+                                   init_std=pc.init_std)
+    if cfg.method == "p_tuning":
+        pc = cfg.p_tuning
+        return jpeft.p_tuning(pc.num_virtual_tokens, encoder=pc.encoder, hidden_size=pc.hidden_size,
+                              lstm_layers=pc.lstm_layers)
+    if cfg.method == "ia3":
+        return jpeft.ia3(targets=cfg.ia3.targets, feedforward=cfg.ia3.feedforward)
+    if cfg.method == "bottleneck":
+        bc = cfg.bottleneck
+        return jpeft.bottleneck(bc.size, placement=bc.placement, activation=bc.activation)
+    raise ValueError(f"unknown method {cfg.method!r}")
 
 
 def method_settings(cfg: RunConfig) -> dict:
-    """What to record next to the adapter so it can be rebuilt."""
-    return {"method": cfg.method, **(to_dict(cfg.lora) if cfg.method == "lora" else {})}
+    """What to record next to the adapter so it can be rebuilt: the method and its config section."""
+    section = getattr(cfg, cfg.method, None)
+    return {"method": cfg.method, **(to_dict(section) if section is not None else {})}
+
+
+def method_label(cfg: RunConfig) -> str:
+    """The method's name in result tables, e.g. ``lora r=8`` or ``qlora r=8 (nf4)``."""
+    if cfg.method == "full":
+        return "full fine-tuning"
+    if cfg.method == "lora":
+        name = "lora" if cfg.model.quantize is None else "qlora"
+        quant = f" ({cfg.model.quantize})" if cfg.model.quantize else ""
+        return f"{name} r={cfg.lora.rank}{quant}"
+    quant = f" ({cfg.model.quantize} base)" if cfg.model.quantize else ""
+    return cfg.method + quant
+
+
+def inference_params(cfg: RunConfig, method: jpeft.Method, frozen, adapter):
+    """The parameters evaluation generates with.
+
+    ``merge`` (plain arrays, no overhead) for LoRA, IA3 and full fine-tuning on a
+    float base. ``apply`` otherwise: on a quantized base (QLoRA) merging would
+    dequantize every adapted weight to float, so the 4-bit base is kept and the
+    adapter runs unmerged; bottleneck adapters cannot be merged; for prompt and
+    prefix methods the two are the same (the model reads their hook entries).
+    """
+    if cfg.model.quantize is None and cfg.method in ("lora", "ia3", "full"):
+        return method.merge(frozen, adapter)
+    return method.apply(frozen, adapter)
+
+
+def saved_form(cfg: RunConfig, adapter):
+    """The adapter as saved: prefix/P-tuning encoders folded into the prefix or prompt they produce."""
+    if cfg.method == "prefix_tuning":
+        return jpeft.fold_prefix(adapter)
+    if cfg.method == "p_tuning":
+        return jpeft.fold_prompt(adapter)
+    return adapter
+
+
+def restore(directory: str, cfg: RunConfig, loaded: model.Loaded):
+    """``(adapter, metadata)`` saved by a ``cfg.method`` run on ``loaded``'s model.
+
+    An adapter saved by another method is a :class:`jpeft.checkpoint.CheckpointError`
+    naming both methods, raised before any array is read.
+    """
+    method = make_method(cfg, loaded.tokenizer)
+    like = jax.eval_shape(lambda p: saved_form(cfg, method.init(jax.random.key(0), p)), loaded.params)
+    return restore_adapter(directory, like=like, method=cfg.method)
 
 
 def make_run_dir(cfg: RunConfig) -> str:
@@ -69,18 +140,24 @@ class Timer:
         return time.perf_counter() - self.start
 
 
-def run(cfg: RunConfig) -> dict:
-    """Run the job ``cfg`` describes and return its summary (also written to the run folder)."""
+def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
+    """Run the job ``cfg`` describes and return its summary (also written to the run folder).
+
+    ``loaded``: the model ``cfg.model`` names, already loaded (to share it between runs).
+    """
     timer = Timer()
     model.resolve(cfg.model)  # a missing model file fails before anything is written
     run_dir = make_run_dir(cfg)
     print(f"run folder: {run_dir}")
-    with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-        f.write(describe(cfg))
-    log = report.MetricsLog(os.path.join(run_dir, "metrics.jsonl"))
+    if distributed.is_main():  # in a multi-process run, process 0 writes the run outputs
+        with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(describe(cfg))
+    resume_step = checkpointing.saved_step(run_dir) if cfg.checkpoint.resume else None
+    metrics_path = os.path.join(run_dir, "metrics.jsonl") if distributed.is_main() else os.devnull
+    log = report.MetricsLog(metrics_path, resume_step=resume_step)
 
     with timer("load_model"):
-        loaded = model.load(cfg.model)
+        loaded = model.load(cfg.model) if loaded is None else loaded
     params, model_config, tokenizer = loaded.params, loaded.config, loaded.tokenizer
 
     with timer("data"):
@@ -90,7 +167,7 @@ def run(cfg: RunConfig) -> dict:
         f" training on {len(task.train)}, ROUGE on {len(task.test)}; max sequence {task.fmt.max_len} tokens"
     )
 
-    method = make_method(cfg)
+    method = make_method(cfg, tokenizer)
     adapter = method.init(jax.random.key(cfg.train.seed), params)
     frozen = jpeft.tree.without(params, adapter) if cfg.method == "full" else params
     counts = jpeft.param_report(params, adapter)
@@ -99,7 +176,7 @@ def run(cfg: RunConfig) -> dict:
          "trainable_bytes": counts.trainable_bytes})
 
     rows = []
-    if cfg.eval.base_model:
+    if cfg.eval.base_model and cfg.eval.test_articles:
         with timer("eval_base"):
             rows.append(score(cfg, "base", params, model_config, task, trainable=0, percent=0.0, run_dir=run_dir))
         log({"kind": "rouge", **rows[-1]})
@@ -107,21 +184,25 @@ def run(cfg: RunConfig) -> dict:
     with timer("train"):
         adapter = trainer.train_loop(
             cfg=cfg.train, method=method, model_config=model_config, adapter=adapter, frozen=frozen,
-            batches=task.batches, val_batches=task.val_batches, log=log, progress=cfg.progress,
+            batches=task.batches_from, val_batches=task.val_batches, log=log, progress=cfg.progress,
+            mesh=distributed.build_mesh(cfg.mesh), rules=cfg.sharding.rules,
+            checkpoints=checkpointing.for_run(run_dir, cfg), resume=cfg.checkpoint.resume,
         )
 
-    with timer("eval_tuned"):
-        merged = method.merge(frozen, adapter)
-        label = f"{cfg.method} r={cfg.lora.rank}" if cfg.method == "lora" else "full fine-tuning"
-        rows.append(score(cfg, label, merged, model_config, task, trainable=counts.trainable,
-                          percent=counts.percent, run_dir=run_dir))
-        del merged
-    log({"kind": "rouge", **rows[-1]})
+    if cfg.eval.test_articles:  # eval.test_articles=0: no ROUGE
+        with timer("eval_tuned"):
+            tuned = inference_params(cfg, method, frozen, trainer.on_device_of(adapter, params))
+            rows.append(score(cfg, method_label(cfg), tuned, model_config, task, trainable=counts.trainable,
+                              percent=counts.percent, run_dir=run_dir))
+            del tuned
+        log({"kind": "rouge", **rows[-1]})
 
     with timer("save"):
         metadata = {**method_settings(cfg), "steps": cfg.train.steps, "model": to_dict(cfg.model)}
-        save_adapter(os.path.join(run_dir, "adapter"), adapter, metadata=metadata)
-        report.plot_loss(log.records, os.path.join(run_dir, "loss.png"), title=f"{cfg.name} ({cfg.method})")
+        if jax.process_count() == 1:  # multi-process: the last training checkpoint holds the adapter
+            save_adapter(os.path.join(run_dir, "adapter"), saved_form(cfg, adapter), metadata=metadata)
+        if distributed.is_main():
+            report.plot_loss(log.records, os.path.join(run_dir, "loss.png"), title=f"{cfg.name} ({cfg.method})")
 
     return finish(run_dir, rows, log, timer)
 
@@ -136,8 +217,9 @@ def finish(run_dir: str, rows: list[dict], log: report.MetricsLog, timer: Timer)
     summary = {"kind": "summary", "run_dir": run_dir, "rouge": rows, "timings_s": {**timer.phases, **step_s},
                "elapsed_s": timer.elapsed}
     log(summary)
-    with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    if distributed.is_main():
+        with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
     print("\n" + evaluate.rouge_table(rows))
     print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings_s"].items()))
     print(f"elapsed: {timer.elapsed:.1f}s  (run folder {run_dir})")
@@ -168,7 +250,9 @@ class Task:
         shape = dict(pad_id=self.pad_id, bucket_size=dc.bucket_size, max_len=self.fmt.max_len - 1,
                      max_answer=dc.max_headline_tokens + 1)
         self.val_batches = data.eval_batches(val, batch_size=bs, **shape)
-        self.batches = data.train_batches(self.train, batch_size=bs, seed=cfg.train.seed, **shape)
+        self.batches_from = lambda start: data.train_batches(  # batch `start` on: a pure function of (seed, start)
+            self.train, batch_size=bs, seed=cfg.train.seed, start=start, **shape)
+        self.batches = self.batches_from(0)
         self.test = self.split.test[: cfg.eval.test_articles]
 
 

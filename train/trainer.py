@@ -16,9 +16,11 @@ from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from tqdm import tqdm
 
+from jpeft import sharding
 from train.config import TrainConfig
 from train.data import TrainBatch
 
@@ -69,8 +71,12 @@ def make_loss_fn(method, model_config) -> Callable:
     return loss_fn
 
 
-def make_train_step(method, model_config, optimizer) -> Callable:
-    """Jitted ``step(adapter, opt_state, frozen, batch, rng) -> (adapter, opt_state, stats)``."""
+def make_train_step(method, model_config, optimizer, shardings: dict | None = None) -> Callable:
+    """Jitted ``step(adapter, opt_state, frozen, batch, rng) -> (adapter, opt_state, stats)``.
+
+    ``shardings``: ``{"adapter", "opt_state", "frozen", "batch", "rng"}`` sharding
+    trees (see :class:`Placement`) fix where every input and output lives.
+    """
     loss_fn = make_loss_fn(method, model_config)
 
     def step(adapter, opt_state, frozen, batch, rng):
@@ -79,7 +85,50 @@ def make_train_step(method, model_config, optimizer) -> Callable:
         adapter = optax.apply_updates(adapter, updates)
         return adapter, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-    return jax.jit(step, donate_argnames=("adapter", "opt_state"))
+    if shardings is None:
+        return jax.jit(step, donate_argnames=("adapter", "opt_state"))
+    return sharding.sharded_step(
+        step, in_shardings=shardings,
+        out_shardings=(shardings["adapter"], shardings["opt_state"], shardings["rng"]),
+        donate_argnames=("adapter", "opt_state"))
+
+
+class Placement:
+    """Shardings of the frozen parameters, adapter, optimizer state and batches on a mesh.
+
+    Built from shapes alone with :mod:`jpeft.sharding` (model logical axes + rules);
+    ``batch`` feeds each process only its rows of a global batch.
+    """
+
+    def __init__(self, mesh, rules, method, model_config, frozen, adapter, optimizer):
+        from jpeft.models import llama
+
+        self.mesh, self.rules = mesh, sharding.load_rules(rules)
+        axes = llama.param_axes(model_config)
+        self.frozen = sharding.shardings_for(frozen, axes, mesh, self.rules)
+        self.adapter = sharding.adapter_shardings(method, adapter, axes, mesh, self.rules)
+        abstract_opt = jax.eval_shape(optimizer.init, adapter)
+        self.opt_state = sharding.optimizer_shardings(abstract_opt, adapter, self.adapter, mesh)
+        self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def put(self, tree, shardings):
+        """Arrays of ``tree`` placed on ``shardings`` (each process places only its shards)."""
+        if jax.process_count() == 1:
+            return jax.device_put(tree, shardings)
+        return sharding.from_host(jax.tree.map(np.asarray, tree), shardings)
+
+    def batch_shardings(self, batch: TrainBatch):
+        return sharding.batch_shardings(batch, self.mesh, self.rules)
+
+    def batch(self, batch: TrainBatch) -> TrainBatch:
+        """The global batch as sharded arrays, from this process's rows of it."""
+        shardings = self.batch_shardings(batch)
+        rows = sharding.local_batch_slice(shardings.tokens_BxT, batch.tokens_BxT.shape)
+        return sharding.shard_batch(jax.tree.map(lambda x: x[rows], batch), shardings)
+
+    def step_shardings(self, batch: TrainBatch) -> dict:
+        return {"adapter": self.adapter, "opt_state": self.opt_state, "frozen": self.frozen,
+                "batch": self.batch_shardings(batch), "rng": self.replicated}
 
 
 def make_eval_loss(method, model_config) -> Callable:
@@ -108,30 +157,71 @@ def train_loop(
     model_config,
     adapter: Any,
     frozen: Any,
-    batches: Iterator[TrainBatch],
+    batches: Callable[[int], Iterator[TrainBatch]] | Iterator[TrainBatch],
     val_batches: list[TrainBatch],
     log: Callable[[dict], None],
     progress: bool = True,
+    mesh=None,
+    rules: str = "default",
+    checkpoints=None,
+    resume: bool = True,
 ) -> Any:
-    """Run ``cfg.steps`` optimizer steps; ``log`` receives one dict per event. Returns the adapter."""
+    """Run ``cfg.steps`` optimizer steps; ``log`` receives one dict per event. Returns the adapter.
+
+    ``batches``: ``start -> iterator`` of the training batches from batch ``start`` on
+    (a plain iterator cannot resume). ``mesh``/``rules``: where the arrays live (default:
+    one device). ``checkpoints``: a :class:`train.checkpointing.Checkpoints`; with
+    ``resume`` the run continues from its latest checkpoint when there is one.
+    """
+    from train import distributed
+
+    main = distributed.is_main()
     optimizer, schedule = make_optimizer(cfg)
-    step_fn = make_train_step(method, model_config, optimizer)
-    eval_loss = make_eval_loss(method, model_config)
-    opt_state = optimizer.init(adapter)
+    if mesh is None:
+        mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    place = Placement(mesh, rules, method, model_config, frozen, adapter, optimizer)
+    frozen = place.put(frozen, place.frozen)
+    adapter = place.put(adapter, place.adapter)
+    opt_state = jax.jit(optimizer.init, out_shardings=place.opt_state)(adapter)
     key = jax.random.key(cfg.seed)
+
+    first = 1
+    latest = checkpoints.latest_step() if checkpoints is not None else None
+    if latest is not None:
+        if not resume:
+            raise ValueError(f"{checkpoints.directory} already holds checkpoints (latest step {latest}); set "
+                             "checkpoint.resume=true to continue the run, or use a new run_dir")
+        restored = checkpoints.restore(adapter, opt_state, seed=cfg.seed, batch_size=cfg.batch_size)
+        adapter, opt_state, key, first = restored.adapter, restored.opt_state, restored.rng, restored.step + 1
+        log({"kind": "resume", "step": restored.step})
+        if main:
+            tqdm.write(f"resumed from {checkpoints.directory} at step {restored.step}")
+    if callable(batches):
+        batches = batches(first - 1)
+    elif first > 1:
+        raise ValueError("resuming needs batches as a function of the start batch, not an iterator")
+
+    step_fn = None
+    eval_loss = make_eval_loss(method, model_config)
 
     def validate(step: int) -> float:
         start = time.perf_counter()
-        val = validation_loss(eval_loss, adapter, frozen, val_batches)
+        val = validation_loss(eval_loss, adapter, frozen, [place.batch(b) for b in val_batches])
         log({"kind": "val", "step": step, "loss": val, "seconds": time.perf_counter() - start})
         return val
 
-    tqdm.write(f"step 0: val loss {validate(0):.4f}")
-    bar = tqdm(range(1, cfg.steps + 1), desc="train", disable=not progress, dynamic_ncols=True)
+    if first == 1:
+        val = validate(0)
+        if main:
+            tqdm.write(f"step 0: val loss {val:.4f}")
+    bar = tqdm(range(first, cfg.steps + 1), desc="train", disable=not (progress and main), dynamic_ncols=True)
     for step in bar:
         batch = next(batches)
+        if step_fn is None:
+            step_fn = make_train_step(method, model_config, optimizer, place.step_shardings(batch))
         start = time.perf_counter()
-        adapter, opt_state, stats = step_fn(adapter, opt_state, frozen, batch, jax.random.fold_in(key, step))
+        adapter, opt_state, stats = step_fn(adapter, opt_state, frozen, place.batch(batch),
+                                            jax.random.fold_in(key, step))
         loss = float(stats["loss"])  # waits for the step
         seconds = time.perf_counter() - start
         tokens = int(batch.attention_mask_BxT.sum())
@@ -146,9 +236,28 @@ def train_loop(
             "tokens_per_s": tokens / seconds,
             "seq_len": int(batch.tokens_BxT.shape[1]),
         }
-        log(record)
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / seconds:,.0f}")
+        log(record)  # (a run's non-main processes log to os.devnull)
+        if main:
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / seconds:,.0f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            bar.write(f"step {step}: train loss {loss:.4f}  val loss {validate(step):.4f}")
+            val = validate(step)  # every process takes part in the computation
+            if main:
+                bar.write(f"step {step}: train loss {loss:.4f}  val loss {val:.4f}")
+        if checkpoints is not None and checkpoints.due(step, cfg.steps):  # after the step's records
+            checkpoints.save(step, adapter, opt_state, key, seed=cfg.seed, batch_size=cfg.batch_size)
     bar.close()
+    if checkpoints is not None:
+        checkpoints.close()  # waits for the last asynchronous save
     return adapter
+
+
+def on_device_of(tree, like):
+    """``tree`` moved to the device of ``like``'s first leaf when it lives elsewhere (e.g. on a mesh).
+
+    Evaluation runs on one device: the trained adapter comes back from the mesh to
+    the device that holds the loaded base model.
+    """
+    device = next(iter(jax.tree.leaves(like)[0].devices()))
+    if all(leaf.devices() == {device} for leaf in jax.tree.leaves(tree)):
+        return tree
+    return jax.device_put(tree, device)

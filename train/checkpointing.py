@@ -1,0 +1,134 @@
+"""Training checkpoints: the adapter, the optimizer state, the step and the RNG key.
+
+An orbax ``CheckpointManager`` in ``<run_dir>/checkpoints`` keeps the newest
+``checkpoint.keep`` saves, one every ``checkpoint.every`` steps plus the last
+one, written in the background (``checkpoint.async_save``). Each save holds
+
+* ``state``: ``{"adapter", "opt_state", "rng"}`` arrays (never the frozen weights);
+* ``meta``: JSON with the step, the data position (batches consumed, seed,
+  batch size) and the adapter's shapes, checked before any array is read.
+
+The data order and the dropout keys are pure functions of ``(seed, step)``, so a
+run resumed from step ``k`` computes exactly what an uninterrupted one would.
+Arrays are restored straight onto the shardings of the current mesh, which may
+differ from the mesh they were saved from.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jpeft.checkpoint import CheckpointError, check_like, tree_spec
+
+FORMAT = "jpeft-train-state"
+
+
+class Restored(NamedTuple):
+    step: int
+    adapter: Any
+    opt_state: Any
+    rng: jax.Array
+    meta: dict
+
+
+class Checkpoints:
+    """Periodic, asynchronous saves of the training state to ``directory``.
+
+    Example:
+        >>> ckpts = Checkpoints("/tmp/run/checkpoints", every=50, keep=2)   # doctest: +SKIP
+        >>> ckpts.save(50, adapter, opt_state, rng, seed=0, batch_size=8)   # doctest: +SKIP
+        >>> ckpts.restore(like_adapter, like_opt_state, seed=0, batch_size=8).step  # doctest: +SKIP
+        50
+    """
+
+    def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        self.every = every
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        """The step of the newest complete checkpoint (an interrupted save does not count)."""
+        return self.manager.latest_step()
+
+    def due(self, step: int, last_step: int) -> bool:
+        """Whether ``step`` is saved: every ``every`` steps, and the last one."""
+        return step == last_step or (self.every > 0 and step % self.every == 0)
+
+    def save(self, step: int, adapter, opt_state, rng, *, seed: int, batch_size: int) -> None:
+        """Start saving (returns once the arrays are copied off the devices, when asynchronous)."""
+        meta = {"format": FORMAT, "step": step, "seed": seed, "batch_size": batch_size,
+                "data_position": {"batches": step, "examples": step * batch_size},
+                "adapter": tree_spec(adapter)}
+        state = {"adapter": adapter, "opt_state": opt_state, "rng": np.asarray(jax.random.key_data(rng))}
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self, adapter_like, opt_state_like, *, seed: int, batch_size: int,
+                step: int | None = None) -> Restored:
+        """The state saved at ``step`` (default: the latest), placed as ``*_like`` say.
+
+        ``*_like`` are arrays or ``jax.ShapeDtypeStruct`` with shardings (the target
+        layout). A checkpoint of another adapter shape, seed or batch size is a
+        :class:`CheckpointError` naming the difference, raised before any array is read.
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory!r}")
+        where = os.path.join(self.directory, str(step))
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise CheckpointError(f"{where!r} is not a jpeft training checkpoint")
+        try:
+            check_like(meta["adapter"], adapter_like)
+        except CheckpointError as e:
+            raise CheckpointError(f"{where!r} was saved for another adapter or base model: {e}") from None
+        for key, want in (("seed", seed), ("batch_size", batch_size)):
+            if meta[key] != want:
+                raise CheckpointError(f"{where!r} was saved with train.{key}={meta[key]}, this run has {want};"
+                                      f" resume with the same value (the data order depends on it)")
+        rng_like = jax.ShapeDtypeStruct((2,), np.uint32, sharding=_replicated(adapter_like))
+        target = {"adapter": _abstract(adapter_like), "opt_state": _abstract(opt_state_like), "rng": rng_like}
+        state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        return Restored(step, state["adapter"], state["opt_state"], jax.random.wrap_key_data(state["rng"]), meta)
+
+    def wait(self) -> None:
+        """Block until every started save is on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _abstract(tree):
+    """``jax.ShapeDtypeStruct`` leaves that keep each array's sharding (an orbax restore target)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def _replicated(tree):
+    """A replicated sharding on the mesh of ``tree``'s first leaf."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    leaf_sharding = getattr(jax.tree.leaves(tree)[0], "sharding", None)
+    if isinstance(leaf_sharding, NamedSharding):
+        return NamedSharding(leaf_sharding.mesh, PartitionSpec())
+    return leaf_sharding  # one device (or None: the default device)
+
+
+def saved_step(run_dir: str) -> int | None:
+    """The newest finished checkpoint's step in ``<run_dir>/checkpoints``, read from folder names only."""
+    directory = os.path.join(run_dir, "checkpoints")
+    steps = [int(name) for name in os.listdir(directory) if name.isdigit()] if os.path.isdir(directory) else []
+    return max(steps, default=None)
+
+
+def for_run(run_dir: str, cfg) -> Checkpoints:
+    """The run's :class:`Checkpoints` from its ``checkpoint`` config section."""
+    c = cfg.checkpoint
+    return Checkpoints(os.path.join(run_dir, "checkpoints"), every=c.every, keep=c.keep, async_save=c.async_save)
