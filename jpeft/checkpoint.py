@@ -32,14 +32,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jpeft.errors import CheckpointError
+
 FORMAT = "jpeft-adapter"
 VERSION = 1
 _ARRAYS = "adapter"
 _INFO = "jpeft.json"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, or does not fit the expected adapter."""
 
 
 def tree_spec(tree) -> dict[str, dict[str, Any]]:

@@ -261,3 +261,21 @@ def test_train_step_takes_frozen_params_as_arguments():
     new_adapter, _, stats = step(*args)
     assert jax.tree.structure(new_adapter) == jax.tree.structure(adapter)
     assert np.isfinite(float(stats["loss"]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["lora.targets=.*/qq_proj/kernel"], "matched no parameter"),
+    (["lora.rank=100", "lora.targets=.*/k_proj/kernel"], "larger than the weight"),
+])
+def test_method_settings_that_do_not_fit_the_model_exit_2_and_write_nothing(
+        tmp_path, tiny_hf_folder, overrides, message):
+    out_dir = tmp_path / "runs"
+    path = _write(tmp_path / "c.yaml", "name: x\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "--config", path, f"out_dir={out_dir}", "model.source=null",
+         f"model.hf_folder={tiny_hf_folder}", *overrides],
+        cwd=REPO, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not out_dir.exists()

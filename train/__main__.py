@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from jpeft.errors import CheckpointError
 from train.config import ConfigError, load_config
 
 
@@ -36,10 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         distributed.build_mesh(config.mesh)  # a mesh that does not fit the devices fails before loading
         if not distributed.is_main():
             sys.stdout = open(os.devnull, "w")  # process 0 prints; errors still reach stderr
+        run.run(config)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    run.run(config)
+    except CheckpointError as e:  # a model or checkpoint that does not fit; nothing half-written
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

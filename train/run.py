@@ -18,7 +18,7 @@ import numpy as np
 import jpeft
 from jpeft.checkpoint import restore_adapter, save_adapter
 from train import checkpointing, data, distributed, evaluate, model, report, trainer
-from train.config import RunConfig, describe, to_dict
+from train.config import ConfigError, RunConfig, describe, to_dict
 
 
 def make_method(cfg: RunConfig, tokenizer=None) -> jpeft.Method:
@@ -147,15 +147,6 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
     """
     timer = Timer()
     model.resolve(cfg.model)  # a missing model file fails before anything is written
-    run_dir = make_run_dir(cfg)
-    print(f"run folder: {run_dir}")
-    if distributed.is_main():  # in a multi-process run, process 0 writes the run outputs
-        with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            f.write(describe(cfg))
-    resume_step = checkpointing.saved_step(run_dir) if cfg.checkpoint.resume else None
-    metrics_path = os.path.join(run_dir, "metrics.jsonl") if distributed.is_main() else os.devnull
-    log = report.MetricsLog(metrics_path, resume_step=resume_step)
-
     with timer("load_model"):
         loaded = model.load(cfg.model) if loaded is None else loaded
     params, model_config, tokenizer = loaded.params, loaded.config, loaded.tokenizer
@@ -167,9 +158,23 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
         f" training on {len(task.train)}, ROUGE on {len(task.test)}; max sequence {task.fmt.max_len} tokens"
     )
 
-    method = make_method(cfg, tokenizer)
-    adapter = method.init(jax.random.key(cfg.train.seed), params)
+    # Method settings that do not fit the model (a target that matches nothing, a rank
+    # larger than a weight) are config errors: reported before the run folder exists.
+    try:
+        method = make_method(cfg, tokenizer)
+        adapter = method.init(jax.random.key(cfg.train.seed), params)
+    except ValueError as err:
+        raise ConfigError(f"the {cfg.method!r} settings do not fit the model: {err}") from None
     frozen = jpeft.tree.without(params, adapter) if cfg.method == "full" else params
+
+    run_dir = make_run_dir(cfg)
+    print(f"run folder: {run_dir}")
+    if distributed.is_main():  # in a multi-process run, process 0 writes the run outputs
+        with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+            f.write(describe(cfg))
+    resume_step = checkpointing.saved_step(run_dir) if cfg.checkpoint.resume else None
+    metrics_path = os.path.join(run_dir, "metrics.jsonl") if distributed.is_main() else os.devnull
+    log = report.MetricsLog(metrics_path, resume_step=resume_step)
     counts = jpeft.param_report(params, adapter)
     print(counts)
     log({"kind": "params", "trainable": counts.trainable, "total": counts.total, "percent": counts.percent,

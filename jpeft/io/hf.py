@@ -45,6 +45,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jpeft import ops, quant, tree
+from jpeft.errors import CheckpointError
 from jpeft.models import llama
 
 CONFIG_FILE = "config.json"
@@ -63,8 +64,6 @@ DEFAULT_QUANTIZE_TARGETS = r".*/(q|k|v|o|gate|up|down)_proj/kernel"
 biases, the embedding table and ``lm_head`` stay float, as in QLoRA / bitsandbytes."""
 
 
-class CheckpointError(ValueError):
-    """A checkpoint does not match the model: missing, unexpected or mis-shaped tensors."""
 
 
 # ----------------------------------------------------------------------------- shared assembly
