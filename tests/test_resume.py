@@ -204,8 +204,7 @@ def test_bad_mesh_is_a_config_error_before_loading(tmp_path, tiny_hf_folder):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("JPEFT_SLOW") != "1", reason="two processes, ~60 s; set JPEFT_SLOW=1")
+@pytest.mark.slow  # two processes, ~60-80 s: JPEFT_SLOW=1
 def test_two_process_run_matches_one_device(tmp_path, tiny_hf_folder):
     """``python -m train`` in 2 local processes (2 CPU devices each, gloo), FSDP over all 4 devices."""
     import socket
