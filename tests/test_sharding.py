@@ -176,7 +176,10 @@ def test_init_in_place_and_sharded_train_step_match_one_device(setup):
     assert jax.tree.map(lambda x: x.sharding, adapter) == adapter_sh
 
 
-def test_quantized_sharded_forward_matches_unsharded():
+def test_quantized_sharded_forward_matches_unsharded(tmp_path):
+    """Also: an adapter saved on one device restores onto a freshly quantized base on an 8-device mesh."""
+    from jpeft.checkpoint import restore_adapter, save_adapter
+
     config = llama.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256, num_layers=2,
                                num_heads=4, num_kv_heads=2, scan_layers=True)
     method = jpeft.lora(rank=4, targets=r".*/(q|v|down)_proj/kernel")
@@ -199,8 +202,11 @@ def test_quantized_sharded_forward_matches_unsharded():
     adapter_sh = sharding.adapter_shardings(method, adapter, axes, mesh, rules)
     batch_sh = sharding.batch_shardings(batch, mesh, rules)
     sharded_qparams = jax.device_put(qparams, qparams_sh)
+    save_adapter(tmp_path / "adapter", adapter, metadata={"method": "lora"})
+    like = jax.eval_shape(method.init, jax.random.key(0), jax.eval_shape(quantize, params))
+    restored, _ = restore_adapter(tmp_path / "adapter", like=like, method="lora")
     (loss, logits), grads = jax.jit(grad_fn, in_shardings=(adapter_sh, qparams_sh, batch_sh))(
-        jax.device_put(adapter, adapter_sh), sharded_qparams, jax.device_put(batch, batch_sh))
+        jax.device_put(restored, adapter_sh), sharded_qparams, jax.device_put(batch, batch_sh))
 
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5 * np.abs(ref_logits).max())
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
