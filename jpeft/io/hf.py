@@ -94,7 +94,7 @@ class ParamAssembler:
         >>> a.finish()
         Traceback (most recent call last):
         ...
-        jpeft.io.hf.CheckpointError: demo does not match the model: 10 missing (embed_tokens/embedding, ...
+        jpeft.errors.CheckpointError: demo does not match the model: 10 missing (embed_tokens/embedding, ...
     """
 
     def __init__(self, config: llama.LlamaConfig, dtype, source: str, leaf_fn=None):
@@ -283,7 +283,7 @@ def read_hf_config(folder: str | Path, **overrides) -> llama.LlamaConfig:
         >>> read_hf_config("/nonexistent")
         Traceback (most recent call last):
         ...
-        jpeft.io.hf.CheckpointError: No config.json in /nonexistent: expected a Hugging Face model folder.
+        jpeft.errors.CheckpointError: No config.json in /nonexistent: expected a Hugging Face model folder.
     """
     config_path = Path(folder) / CONFIG_FILE
     if not config_path.is_file():
@@ -324,7 +324,7 @@ def load_hf(folder: str | Path, *, dtype=jnp.float32, scan_layers: bool = False,
         >>> load_hf("/nonexistent")
         Traceback (most recent call last):
         ...
-        jpeft.io.hf.CheckpointError: No config.json in /nonexistent: expected a Hugging Face model folder.
+        jpeft.errors.CheckpointError: No config.json in /nonexistent: expected a Hugging Face model folder.
     """
     folder = Path(folder)
     config = read_hf_config(folder, scan_layers=scan_layers, param_dtype=jnp.dtype(dtype).name)
