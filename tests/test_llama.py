@@ -12,6 +12,7 @@ import transformers
 import jpeft
 from jpeft.io import load_hf
 from jpeft.models import llama
+from reference import greedy_without_cache
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
@@ -125,23 +126,6 @@ def test_bfloat16_compute_is_close_to_float32(variant):
     assert out.dtype == jnp.float32 and err < 0.05
 
 
-def _greedy_without_cache(params, config, tokens, mask, steps):
-    """Reference decoding: re-run the full forward over the whole sequence for every new token.
-
-    The sequence lives in a fixed-width buffer whose unused tail is masked out (causal
-    attention never looks at it), so the forward compiles once.
-    """
-    forward = jax.jit(llama.forward)
-    b, t = tokens.shape
-    tokens = jnp.concatenate([tokens, jnp.zeros((b, steps), jnp.int32)], axis=1)
-    mask = jnp.concatenate([mask, jnp.zeros((b, steps), mask.dtype)], axis=1)
-    for i in range(steps):
-        logits, _ = forward(params, config, tokens, attention_mask_BxT=mask)
-        nxt = jnp.argmax(logits[:, t + i - 1], axis=-1).astype(jnp.int32)
-        tokens, mask = tokens.at[:, t + i].set(nxt), mask.at[:, t + i].set(1)
-    return tokens[:, t:]
-
-
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_cached_greedy_generation_equals_full_forward_argmax(scan_layers):
     config = llama.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -149,7 +133,7 @@ def test_cached_greedy_generation_equals_full_forward_argmax(scan_layers):
     params = llama.init_params(config, jax.random.key(1), stddev=0.3)
     tokens, mask = _left_pad(_sequences(config.vocab_size))
     got = llama.generate(params, config, tokens, mask, max_new_tokens=8)
-    want = _greedy_without_cache(params, config, tokens, mask, steps=8)
+    want = greedy_without_cache(params, config, tokens, mask, steps=8)
     np.testing.assert_array_equal(got, want)
 
 

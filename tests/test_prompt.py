@@ -12,6 +12,7 @@ import jpeft
 from jpeft.methods import prefix as prefix_lib
 from jpeft.methods import prompt as prompt_lib
 from jpeft.models import llama
+from reference import greedy_without_cache
 
 CONFIG = llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
                            num_kv_heads=2, max_position_embeddings=64)
@@ -79,18 +80,6 @@ def test_prefix_adapter_works_with_scan_layers_on_and_off():
     np.testing.assert_allclose(stacked, unrolled, atol=1e-5)
 
 
-def _greedy_without_cache(params, config, tokens, mask, steps):
-    """Re-run the whole forward for every new token (fixed-width buffer, one compile)."""
-    b, t = tokens.shape
-    tokens = jnp.concatenate([tokens, jnp.zeros((b, steps), jnp.int32)], axis=1)
-    mask = jnp.concatenate([mask, jnp.zeros((b, steps), mask.dtype)], axis=1)
-    for i in range(steps):
-        logits, _ = forward(params, config, tokens, attention_mask_BxT=mask)
-        nxt = jnp.argmax(logits[:, t + i - 1], axis=-1).astype(jnp.int32)
-        tokens, mask = tokens.at[:, t + i].set(nxt), mask.at[:, t + i].set(1)
-    return tokens[:, t:]
-
-
 @pytest.mark.parametrize("name, scan", [("prompt", False), ("prefix", True)])
 def test_cached_generation_equals_generation_without_cache(name, scan):
     method = METHODS[name]()
@@ -98,7 +87,7 @@ def test_cached_generation_equals_generation_without_cache(name, scan):
     params, config = (scanned(PARAMS), SCAN_CONFIG) if scan else (PARAMS, CONFIG)
     applied = method.apply(params, adapter)
     got = llama.generate(applied, config, TOKENS, MASK, max_new_tokens=6)
-    np.testing.assert_array_equal(got, _greedy_without_cache(applied, config, TOKENS, MASK, steps=6))
+    np.testing.assert_array_equal(got, greedy_without_cache(applied, config, TOKENS, MASK, steps=6))
     assert not np.array_equal(got, llama.generate(params, config, TOKENS, MASK, max_new_tokens=6))
 
 
