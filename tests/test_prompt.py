@@ -70,6 +70,41 @@ def test_prefix_is_the_same_as_a_cache_holding_it():
     np.testing.assert_allclose(logits, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_prefix_from_text_is_the_same_as_the_text_written_before_the_input(scan):
+    params, config = (scanned(PARAMS), SCAN_CONFIG) if scan else (PARAMS, CONFIG)
+    method = jpeft.prefix_tuning(5, init_ids=[4, 9], config=config)
+    adapter = method.init(jax.random.key(1), params)
+    assert adapter["prefix"]["key"].shape == (2, 5, 8)
+    got, _ = forward(method.apply(params, adapter), config, TOKENS, attention_mask_BxT=MASK)
+    text_BxN = jnp.broadcast_to(jnp.array([4, 9, 4, 9, 4], jnp.int32), (2, 5))
+    want, _ = forward(params, config, jnp.concatenate([text_BxN, TOKENS], axis=1),
+                      attention_mask_BxT=jnp.concatenate([jnp.ones((2, 5), jnp.int32), MASK], axis=1))
+    np.testing.assert_allclose(got, want[:, 5:], atol=1e-5)
+    # The same text as a prompt-tuning prompt: the same model.
+    prompt = jpeft.prompt_tuning(5, init_ids=[4, 9])
+    as_prompt, _ = forward(prompt.apply(params, prompt.init(jax.random.key(0), params)), config, TOKENS,
+                           attention_mask_BxT=MASK)
+    np.testing.assert_allclose(got, as_prompt, atol=1e-5)
+
+
+def test_prefix_text_init_errors():
+    for kwargs, message in [({"init": "text", "config": CONFIG}, "needs init_ids"),
+                            ({"init_ids": [1]}, "needs init_ids .* and config"),
+                            ({"init_ids": [1], "config": CONFIG, "projection": True}, "projection=False"),
+                            ({"init": "zeros"}, "'text' or 'normal'"),
+                            ({"init": "normal", "init_ids": [1]}, "only used by init='text'")]:
+        with pytest.raises(ValueError, match=message):
+            jpeft.prefix_tuning(4, **kwargs)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        jpeft.prefix_tuning(4, init_ids=[99], config=CONFIG).init(jax.random.key(0), PARAMS)
+    with pytest.raises(ValueError, match="does not describe these parameters"):
+        jpeft.prefix_tuning(4, init_ids=[1], config=CONFIG).init(jax.random.key(0), scanned(PARAMS))
+    applied = jpeft.prompt_tuning(N, init_ids=[4]).apply(PARAMS, {"prompt": {"embeddings": jnp.zeros((N, 16))}})
+    with pytest.raises(ValueError, match="without a prompt or prefix"):
+        llama.keys_values_of_text(applied, CONFIG, [1, 2])
+
+
 def test_prefix_adapter_works_with_scan_layers_on_and_off():
     method = METHODS["prefix_projection"]()
     adapter = method.init(jax.random.key(1), PARAMS)

@@ -103,6 +103,9 @@ def test_shipped_method_configs_are_valid():
         ({"method": "prompt_tuning", "prompt_tuning": {"init_text": " "}}, r"'prompt_tuning.init_text'.*empty"),
         ({"prefix_tuning": {"projection": "yes"}}, r"'prefix_tuning.projection': 'yes' is a str, it needs a bool"),
         ({"prefix_tuning": {"hidden_size": 0}}, r"'prefix_tuning.hidden_size': 0 must be > 0"),
+        ({"prefix_tuning": {"init": "vocab"}}, r"'prefix_tuning.init': 'vocab' must be one of 'text', 'normal'"),
+        ({"method": "prefix_tuning", "prefix_tuning": {"init_text": ""}}, r"'prefix_tuning.init_text'.*empty"),
+        ({"method": "prefix_tuning", "prefix_tuning": {"projection": True}}, r"projection=true needs .*init=normal"),
         ({"p_tuning": {"encoder": "gru"}}, r"'p_tuning.encoder': 'gru' must be one of 'mlp', 'lstm'"),
         ({"ia3": {"target": "x"}}, r"unknown key 'ia3.target'.*did you mean 'targets'"),
         ({"bottleneck": {"placement": "middle"}}, r"'bottleneck.placement': 'middle' must be one of"),
@@ -150,6 +153,22 @@ def test_prompt_tuning_init_text_is_tokenized(loaded_models):
     np.testing.assert_allclose(np.asarray(adapter["prompt"]["embeddings"]), expected)
     with pytest.raises(ValueError, match="needs the tokenizer"):
         run.make_method(cfg)
+
+
+def test_prefix_tuning_init_text_runs_the_model_over_the_text(loaded_models):
+    from jpeft.models import llama
+    from train import run
+
+    loaded = loaded_models[None]
+    cfg = config_lib.from_dict({"method": "prefix_tuning",
+                                "prefix_tuning": {"num_virtual_tokens": 4, "init_text": "Headline:"}})
+    ids = loaded.tokenizer("Headline:", add_special_tokens=False)["input_ids"]
+    adapter = run.make_method(cfg, loaded.tokenizer, loaded.config).init(jax.random.key(0), loaded.params)
+    want_key, want_value = llama.keys_values_of_text(loaded.params, loaded.config, (ids * 4)[:4])
+    np.testing.assert_array_equal(adapter["prefix"]["key"], want_key)
+    np.testing.assert_array_equal(adapter["prefix"]["value"], want_value)
+    with pytest.raises(ValueError, match="pass model_config"):
+        run.make_method(cfg, loaded.tokenizer)
 
 
 def test_evaluation_params_per_method(loaded_models):

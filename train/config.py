@@ -107,9 +107,11 @@ class PrefixTuningConfig:
     """Arguments of :func:`jpeft.prefix_tuning` (the adapter is folded before saving)."""
 
     num_virtual_tokens: int = _check(_positive, default=20)
-    projection: bool = True
+    init: str = _check(_one_of("text", "normal"), default="text")
+    init_text: str = "Write a headline for this article:"  # used by init: text
+    projection: bool = False  # only with init: normal
     hidden_size: int | None = _check(_positive, default=None)  # None: the model width
-    init_std: float = _check(_positive, default=1.0)
+    init_std: float = _check(_positive, default=1.0)  # used by init: normal
 
 
 @dataclass(frozen=True)
@@ -370,10 +372,15 @@ def _check_methods(config: RunConfig) -> None:
             f"method 'full' trains every weight, so the base cannot be quantized (model.quantize="
             f"{config.model.quantize!r}); set model.quantize=null, or use method=lora for QLoRA"
         )
-    pt = config.prompt_tuning
-    if config.method == "prompt_tuning" and pt.init == "text" and not pt.init_text.strip():
-        raise ConfigError("bad value for 'prompt_tuning.init_text': it is empty but prompt_tuning.init is 'text';"
-                          " give a text or set prompt_tuning.init=vocab")
+    for name, other in (("prompt_tuning", "vocab"), ("prefix_tuning", "normal")):
+        section = getattr(config, name)
+        if config.method == name and section.init == "text" and not section.init_text.strip():
+            raise ConfigError(f"bad value for '{name}.init_text': it is empty but {name}.init is 'text';"
+                              f" give a text or set {name}.init={other}")
+    pf = config.prefix_tuning
+    if config.method == "prefix_tuning" and pf.init == "text" and pf.projection:
+        raise ConfigError("prefix_tuning.projection=true needs prefix_tuning.init=normal (an MLP's output cannot "
+                          "start at a text's keys and values); set one of them")
 
 
 def _suggest(key: str, options) -> str:

@@ -21,8 +21,12 @@ from train import checkpointing, data, distributed, evaluate, model, report, tra
 from train.config import ConfigError, RunConfig, describe, to_dict
 
 
-def make_method(cfg: RunConfig, tokenizer=None) -> jpeft.Method:
-    """The PEFT method the config names (prompt tuning's ``init_text`` needs the ``tokenizer``)."""
+def make_method(cfg: RunConfig, tokenizer=None, model_config=None) -> jpeft.Method:
+    """The PEFT method the config names.
+
+    An ``init_text`` (prompt and prefix tuning) needs the ``tokenizer``; prefix tuning's
+    ``init: text`` also runs the model over it, so it needs the ``model_config``.
+    """
     if cfg.method == "full":
         return jpeft.full()
     if cfg.method == "lora":
@@ -33,16 +37,15 @@ def make_method(cfg: RunConfig, tokenizer=None) -> jpeft.Method:
         )
     if cfg.method == "prompt_tuning":
         pc = cfg.prompt_tuning
-        init_ids = None
-        if pc.init == "text":
-            if tokenizer is None:
-                raise ValueError("prompt_tuning.init=text needs the tokenizer to turn init_text into token ids")
-            init_ids = tokenizer(pc.init_text, add_special_tokens=False)["input_ids"]
+        init_ids = _text_ids(pc, "prompt_tuning", tokenizer)
         return jpeft.prompt_tuning(pc.num_virtual_tokens, init=pc.init, init_ids=init_ids, init_std=pc.init_std)
     if cfg.method == "prefix_tuning":
         pc = cfg.prefix_tuning
-        return jpeft.prefix_tuning(pc.num_virtual_tokens, projection=pc.projection, hidden_size=pc.hidden_size,
-                                   init_std=pc.init_std)
+        init_ids = _text_ids(pc, "prefix_tuning", tokenizer)
+        if init_ids is not None and model_config is None:
+            raise ValueError("prefix_tuning.init=text runs the model over init_text: pass model_config")
+        return jpeft.prefix_tuning(pc.num_virtual_tokens, init=pc.init, init_ids=init_ids, config=model_config,
+                                   projection=pc.projection, hidden_size=pc.hidden_size, init_std=pc.init_std)
     if cfg.method == "p_tuning":
         pc = cfg.p_tuning
         return jpeft.p_tuning(pc.num_virtual_tokens, encoder=pc.encoder, hidden_size=pc.hidden_size,
@@ -53,6 +56,15 @@ def make_method(cfg: RunConfig, tokenizer=None) -> jpeft.Method:
         bc = cfg.bottleneck
         return jpeft.bottleneck(bc.size, placement=bc.placement, activation=bc.activation)
     raise ValueError(f"unknown method {cfg.method!r}")
+
+
+def _text_ids(section, name: str, tokenizer) -> list[int] | None:
+    """Token ids of ``section.init_text`` when ``section.init`` is ``text``, else None."""
+    if section.init != "text":
+        return None
+    if tokenizer is None:
+        raise ValueError(f"{name}.init=text needs the tokenizer to turn init_text into token ids")
+    return tokenizer(section.init_text, add_special_tokens=False)["input_ids"]
 
 
 def method_settings(cfg: RunConfig) -> dict:
@@ -102,7 +114,7 @@ def restore(directory: str, cfg: RunConfig, loaded: model.Loaded):
     An adapter saved by another method is a :class:`jpeft.checkpoint.CheckpointError`
     naming both methods, raised before any array is read.
     """
-    method = make_method(cfg, loaded.tokenizer)
+    method = make_method(cfg, loaded.tokenizer, loaded.config)
     like = jax.eval_shape(lambda p: saved_form(cfg, method.init(jax.random.key(0), p)), loaded.params)
     return restore_adapter(directory, like=like, method=cfg.method)
 
@@ -161,7 +173,7 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
     # Method settings that do not fit the model (a target that matches nothing, a rank
     # larger than a weight) are config errors: reported before the run folder exists.
     try:
-        method = make_method(cfg, tokenizer)
+        method = make_method(cfg, tokenizer, model_config)
         adapter = method.init(jax.random.key(cfg.train.seed), params)
     except ValueError as err:
         raise ConfigError(f"the {cfg.method!r} settings do not fit the model: {err}") from None

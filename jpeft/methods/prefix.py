@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -124,9 +124,30 @@ def _with_prefix(params: Any, key_LxNxKH: jax.Array, value_LxNxKH: jax.Array) ->
     return out
 
 
+def _text_prefix(params: Any, config: Any, init_ids: Sequence[int], n: int, num_layers: int, dtype) -> dict:
+    """``{"key", "value"}``: the model's keys and values of ``init_ids`` repeated to ``n`` tokens."""
+    from jpeft.models import llama  # the method module stays importable without the model
+
+    if config.num_layers != num_layers or config.scan_layers != ("layers" in params):
+        raise ValueError(f"config (num_layers={config.num_layers}, scan_layers={config.scan_layers}) does not "
+                         f"describe these parameters ({num_layers} layers, "
+                         f"{'stacked' if 'layers' in params else 'unstacked'}); pass the model's own config")
+    ids = [int(i) for i in init_ids]
+    vocab = config.vocab_size
+    if any(not 0 <= i < vocab for i in ids):
+        raise ValueError(f"init_ids {[i for i in ids if not 0 <= i < vocab][:5]} are outside the vocabulary "
+                         f"[0, {vocab})")
+    tiled = (ids * (n // len(ids) + 1))[:n]
+    key_LxNxKH, value_LxNxKH = llama.keys_values_of_text(params, config, tiled)
+    return {"key": key_LxNxKH.astype(dtype), "value": value_LxNxKH.astype(dtype)}
+
+
 def prefix_tuning(
     num_virtual_tokens: int = 20,
     *,
+    init: str | None = None,
+    init_ids: Sequence[int] | None = None,
+    config: Any = None,
     projection: bool = False,
     hidden_size: int | None = None,
     init_std: float = 1.0,
@@ -136,11 +157,21 @@ def prefix_tuning(
 
     Args:
         num_virtual_tokens: ``n``, the prefix length of every layer.
-        projection: train through the MLP reparameterisation (see the module docstring).
+        init: how a direct prefix starts. ``"text"``: the base model's own keys and
+            values of the text ``init_ids`` (repeated to fill ``n``), so the fresh adapter
+            acts exactly as that text written before the input (Li & Liang, 2021, found
+            initialising from real words' activations trains more stably); needs ``config``.
+            ``"normal"``: ``N(0, init_std^2)`` (Hugging Face PEFT's choice). Default:
+            ``"text"`` when ``init_ids`` is given, else ``"normal"``.
+        init_ids: token ids of the initialisation text, e.g. the tokenized
+            ``"Write a headline for this article:"``.
+        config: the model's :class:`jpeft.models.llama.LlamaConfig` (``init="text"`` runs
+            the model over the text).
+        projection: train through the MLP reparameterisation (see the module docstring);
+            its free embeddings start ``N(0, 1)`` and the MLP as PyTorch's ``nn.Linear``.
+            Only with ``init="normal"``: an MLP output cannot start at a given text.
         hidden_size: width of that MLP; default the model width ``D``.
-        init_std: the direct prefix starts ``N(0, init_std^2)`` (PEFT: ``N(0, 1)``); with
-            ``projection`` the free embeddings start ``N(0, 1)`` and the MLP as PyTorch's
-            ``nn.Linear``.
+        init_std: standard deviation for ``init="normal"`` (PEFT: 1).
         dtype: dtype of the trained arrays.
 
     Returns:
@@ -163,11 +194,25 @@ def prefix_tuning(
         raise ValueError(f"hidden_size must be a positive int or None, got {hidden_size!r}")
     if not init_std > 0:
         raise ValueError(f"init_std must be > 0, got {init_std!r}")
+    init = init or ("text" if init_ids is not None else "normal")
+    if init not in ("text", "normal"):
+        raise ValueError(f"prefix init must be 'text' or 'normal', got {init!r}")
+    if init == "text":
+        if init_ids is None or len(init_ids) == 0 or config is None:
+            raise ValueError("init='text' needs init_ids (token ids of a non-empty text) and config (the "
+                             "model's LlamaConfig, to run the model over the text)")
+        if projection:
+            raise ValueError("init='text' sets the prefix itself, but with projection=True an MLP produces it; "
+                             "use projection=False with init='text', or init='normal' with projection=True")
+    elif init_ids is not None:
+        raise ValueError("init_ids is only used by init='text'")
     expected = _ENCODER if projection else _DIRECT
 
     def init_fn(key: jax.Array, params: Any) -> dict:
         _, _, num_layers, kv_width, d_model = _layout(params)
         n = num_virtual_tokens
+        if init == "text":
+            return {"prefix": _text_prefix(params, config, init_ids, n, num_layers, dtype)}
         if not projection:
             k_key, k_value = jax.random.split(key)
             shape = (num_layers, n, kv_width)

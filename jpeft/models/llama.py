@@ -856,6 +856,36 @@ def forward(
     return lm_head(params, config, hidden_BxTxD), new_cache
 
 
+def keys_values_of_text(params: dict, config: LlamaConfig, tokens_N) -> tuple[jax.Array, jax.Array]:
+    """Every layer's keys (after RoPE) and values of a text, as a prefix ``(L, n, K*H)`` each.
+
+    A prefix made of them (:func:`jpeft.prefix_tuning` with ``init="text"``) makes the
+    model behave exactly as if the text were written in front of every input: the prefix
+    takes positions ``0..n-1`` and the real tokens start at ``n``. This is how prefix
+    tuning is initialised from the activations of real words (Li & Liang, 2021, sec. 7.2).
+
+    Example:
+        >>> c = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=3, num_heads=2)
+        >>> key_LxNxKH, value_LxNxKH = keys_values_of_text(init_params(c, jax.random.key(0)), c, [1, 2, 3, 4])
+        >>> key_LxNxKH.shape
+        (3, 4, 8)
+    """
+    tokens_1xN = jnp.asarray(tokens_N, jnp.int32).reshape(1, -1)
+    if num_virtual_tokens(params, config):
+        raise ValueError("keys_values_of_text needs the base parameters, without a prompt or prefix applied.")
+    n = tokens_1xN.shape[1]
+    cache = init_cache(config, 1, n, jnp.float32)
+    _, cache = forward(params, config, tokens_1xN, cache=cache)
+    names = ["layers"] if config.scan_layers else [f"layers_{i}" for i in range(config.num_layers)]
+    width = config.num_kv_heads * config.head_dim
+
+    def rows(part: str) -> jax.Array:
+        per_layer = [cache[name][part].reshape(-1, n, width) for name in names]  # (L or 1, n, K*H)
+        return jnp.concatenate(per_layer, axis=0)
+
+    return rows("k"), rows("v")
+
+
 # ----------------------------------------------------------------------------- generation
 
 
