@@ -27,6 +27,7 @@ METHODS = {
     "prompt": lambda: jpeft.prompt_tuning(N, init_ids=[4, 9]),
     "p_tuning_mlp": lambda: jpeft.p_tuning(N, hidden_size=8),
     "p_tuning_lstm": lambda: jpeft.p_tuning(N, encoder="lstm", hidden_size=8),
+    "p_tuning_residual": lambda: jpeft.p_tuning(N, hidden_size=8, init_ids=[4, 9], residual=True),
     "prefix": lambda: jpeft.prefix_tuning(N, init_std=0.5),
     "prefix_projection": lambda: jpeft.prefix_tuning(N, projection=True, hidden_size=8),
 }
@@ -133,7 +134,7 @@ def _xent(params, tokens, target=5):
     return jnp.sum(losses * MASK) / jnp.sum(MASK)
 
 
-@pytest.mark.parametrize("name", ["prompt", "p_tuning_mlp", "prefix", "prefix_projection"])
+@pytest.mark.parametrize("name", ["prompt", "p_tuning_mlp", "p_tuning_residual", "prefix", "prefix_projection"])
 def test_gradients_exist_only_for_the_adapter_and_training_lowers_the_loss(name):
     method = METHODS[name]()
     adapter = method.init(jax.random.key(1), PARAMS)
@@ -149,7 +150,7 @@ def test_gradients_exist_only_for_the_adapter_and_training_lowers_the_loss(name)
     losses = []
     for i in range(12):
         adapter, opt_state, loss, grads = step(adapter, opt_state)
-        if i == 0:
+        if i == (1 if name == "p_tuning_residual" else 0):  # its zero last layer blocks step 0's inner grads
             assert jax.tree.structure(grads) == jax.tree.structure(adapter)
             for path, g in jpeft.tree.flatten(grads).items():
                 assert float(jnp.abs(g).max()) > 0, path
@@ -157,7 +158,7 @@ def test_gradients_exist_only_for_the_adapter_and_training_lowers_the_loss(name)
     assert losses[-1] < 0.9 * losses[0], losses
 
 
-@pytest.mark.parametrize("name", ["p_tuning_mlp", "prefix_projection"])
+@pytest.mark.parametrize("name", ["p_tuning_mlp", "p_tuning_residual", "prefix_projection"])
 def test_fold_removes_the_encoder_and_keeps_the_model(name):
     method = METHODS[name]()
     lib = prompt_lib if name.startswith("p_") else prefix_lib
@@ -231,6 +232,28 @@ def test_p_tuning_encoder_matches_peft(encoder):
     # Every encoder weight gets a gradient (the model-level training test uses the MLP encoder).
     grads = jax.jit(jax.grad(lambda a: jnp.sum(jnp.sin(prompt_lib.encode(a)))))(adapter)
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("encoder", ["mlp", "lstm"])
+def test_residual_p_tuning_starts_as_prompt_tuning_from_the_same_text(encoder):
+    residual = jpeft.p_tuning(5, encoder=encoder, hidden_size=8, init_ids=[4, 9], residual=True)
+    adapter = residual.init(jax.random.key(3), PARAMS)
+    assert "residual_mlp" in adapter["prompt_encoder"] and "mlp" not in adapter["prompt_encoder"]
+    prompt = jpeft.prompt_tuning(5, init_ids=[4, 9]).init(jax.random.key(0), PARAMS)
+    np.testing.assert_array_equal(prompt_lib.encode(adapter), prompt["prompt"]["embeddings"])
+    # Once the encoder has moved, the virtual tokens are embedding + encoder(embedding).
+    moved = jax.tree.map(lambda x: x + 0.1, adapter)
+    plain = {"prompt_encoder": {**{k: v for k, v in moved["prompt_encoder"].items() if k != "residual_mlp"},
+                                "mlp": moved["prompt_encoder"]["residual_mlp"]}}
+    np.testing.assert_allclose(prompt_lib.encode(moved),
+                               moved["prompt_encoder"]["embedding"] + prompt_lib.encode(plain), atol=1e-6)
+    # A residual adapter is not a plain one, and the other way round.
+    with pytest.raises(ValueError, match="not a p_tuning"):
+        jpeft.p_tuning(5, encoder=encoder, hidden_size=8).apply(PARAMS, adapter)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        jpeft.p_tuning(5, init_ids=[99], residual=True).init(jax.random.key(0), PARAMS)
+    with pytest.raises(ValueError, match="init_ids is empty"):
+        jpeft.p_tuning(5, init_ids=[])
 
 
 def test_parameter_counts_match_peft():

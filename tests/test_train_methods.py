@@ -92,6 +92,24 @@ def test_shipped_method_configs_are_valid():
     assert (qlora.lora, qlora.data, qlora.train, qlora.eval) == (lora.lora, lora.data, lora.train, lora.eval)
 
 
+def test_every_methods_table_row_has_a_valid_config(tmp_path):
+    """benchmarks/methods_table.py builds every row's config before it trains anything."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import methods_table
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from train import run
+
+    labels = {}
+    for name in methods_table.METHODS:
+        cfg = methods_table.method_config(name, ["train.steps=3", "train.warmup_steps=1"], str(tmp_path))
+        assert cfg.train.steps == 3 and cfg.run_dir == str(tmp_path / name)
+        labels[name] = run.method_label(cfg)
+    assert len(set(labels.values())) == len(labels), labels  # every row is told apart in the table
+    assert labels["p_tuning_plain"] == "p_tuning (random init)"
+
+
 @pytest.mark.parametrize(
     "raw, message",
     [
@@ -107,6 +125,8 @@ def test_shipped_method_configs_are_valid():
         ({"method": "prefix_tuning", "prefix_tuning": {"init_text": ""}}, r"'prefix_tuning.init_text'.*empty"),
         ({"method": "prefix_tuning", "prefix_tuning": {"projection": True}}, r"projection=true needs .*init=normal"),
         ({"p_tuning": {"encoder": "gru"}}, r"'p_tuning.encoder': 'gru' must be one of 'mlp', 'lstm'"),
+        ({"method": "p_tuning", "p_tuning": {"init": "text", "init_text": ""}}, r"'p_tuning.init_text'.*empty"),
+        ({"p_tuning": {"residual": 1}}, r"'p_tuning.residual': 1 is a int, it needs a bool"),
         ({"ia3": {"target": "x"}}, r"unknown key 'ia3.target'.*did you mean 'targets'"),
         ({"bottleneck": {"placement": "middle"}}, r"'bottleneck.placement': 'middle' must be one of"),
         ({"bottleneck": {"size": 2.5}}, r"'bottleneck.size': 2.5 is a float, it needs a int"),

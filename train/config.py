@@ -122,6 +122,9 @@ class PTuningConfig:
     encoder: str = _check(_one_of("mlp", "lstm"), default="mlp")
     hidden_size: int | None = _check(_positive, default=None)  # None: the model width
     lstm_layers: int = _check(_positive, default=2)
+    init: str = _check(_one_of("text", "normal"), default="normal")  # the encoder's input embeddings
+    init_text: str = "Write a headline for this article:"  # used by init: text
+    residual: bool = False  # virtual tokens = embeddings + encoder(embeddings), encoder output starting at 0
 
 
 @dataclass(frozen=True)
@@ -372,7 +375,7 @@ def _check_methods(config: RunConfig) -> None:
             f"method 'full' trains every weight, so the base cannot be quantized (model.quantize="
             f"{config.model.quantize!r}); set model.quantize=null, or use method=lora for QLoRA"
         )
-    for name, other in (("prompt_tuning", "vocab"), ("prefix_tuning", "normal")):
+    for name, other in (("prompt_tuning", "vocab"), ("prefix_tuning", "normal"), ("p_tuning", "normal")):
         section = getattr(config, name)
         if config.method == name and section.init == "text" and not section.init_text.strip():
             raise ConfigError(f"bad value for '{name}.init_text': it is empty but {name}.init is 'text';"

@@ -24,7 +24,7 @@ from train.config import ConfigError, RunConfig, describe, to_dict
 def make_method(cfg: RunConfig, tokenizer=None, model_config=None) -> jpeft.Method:
     """The PEFT method the config names.
 
-    An ``init_text`` (prompt and prefix tuning) needs the ``tokenizer``; prefix tuning's
+    An ``init_text`` (prompt, prefix and P-tuning) needs the ``tokenizer``; prefix tuning's
     ``init: text`` also runs the model over it, so it needs the ``model_config``.
     """
     if cfg.method == "full":
@@ -49,7 +49,8 @@ def make_method(cfg: RunConfig, tokenizer=None, model_config=None) -> jpeft.Meth
     if cfg.method == "p_tuning":
         pc = cfg.p_tuning
         return jpeft.p_tuning(pc.num_virtual_tokens, encoder=pc.encoder, hidden_size=pc.hidden_size,
-                              lstm_layers=pc.lstm_layers)
+                              lstm_layers=pc.lstm_layers, init_ids=_text_ids(pc, "p_tuning", tokenizer),
+                              residual=pc.residual)
     if cfg.method == "ia3":
         return jpeft.ia3(targets=cfg.ia3.targets, feedforward=cfg.ia3.feedforward)
     if cfg.method == "bottleneck":
@@ -82,7 +83,13 @@ def method_label(cfg: RunConfig) -> str:
         quant = f" ({cfg.model.quantize})" if cfg.model.quantize else ""
         return f"{name} r={cfg.lora.rank}{quant}"
     quant = f" ({cfg.model.quantize} base)" if cfg.model.quantize else ""
-    return cfg.method + quant
+    variant = ""
+    if cfg.method == "prefix_tuning":
+        variant = " (text init)" if cfg.prefix_tuning.init == "text" else " (random init)"
+    if cfg.method == "p_tuning":
+        pc = cfg.p_tuning
+        variant = f" ({'residual, ' if pc.residual else ''}{'text' if pc.init == 'text' else 'random'} init)"
+    return cfg.method + variant + quant
 
 
 def inference_params(cfg: RunConfig, method: jpeft.Method, frozen, adapter):

@@ -12,6 +12,11 @@ are, so the same adapter works with ``scan_layers`` on or off. The prefix takes 
 first ``n`` slots of the sequence (and of a KV cache); the real tokens start at
 position ``n``, as in Hugging Face PEFT.
 
+A direct prefix starts either from the base model's own keys and values of a text
+(``init="text"``: the fresh adapter is exactly that text written before every input,
+which trains stably) or at random (``init="normal"``, as Hugging Face PEFT; a random
+prefix in key/value space disturbs a pretrained model and, on SmolLM2, diverged).
+
 With ``projection=True`` (the paper's reparameterisation, PEFT's ``prefix_projection``)
 training runs an MLP ``prefix = W2 tanh(W1 e + b1) + b2`` over free embeddings ``e``;
 the adapter is ``{"prefix_encoder": {...}}`` and :func:`fold` turns it into the direct

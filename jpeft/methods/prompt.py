@@ -84,6 +84,20 @@ def _with_prompt(params: Any, embeddings_NxD: jax.Array) -> dict:
     return {**params, "prompt": {"embeddings": embeddings_NxD}}
 
 
+def _text_embeddings(table, init_ids: Sequence[int], n: int, dtype) -> jax.Array:
+    """``(n, D)``: the embeddings of ``init_ids`` repeated to ``n`` tokens, as Hugging Face PEFT does."""
+    vocab = table.shape[-2]
+    if isinstance(table, jax.ShapeDtypeStruct):
+        raise ValueError("a text initialisation reads the embedding table, which is only a shape here; pass "
+                         "concrete parameters, or use jax.eval_shape(method.init, key, params) for shapes")
+    ids = [int(i) for i in init_ids]
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"init_ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    ids_N = jnp.asarray((ids * math.ceil(n / len(ids)))[:n], jnp.int32)
+    return ops.embed(ids_N, table, jnp.float32).astype(dtype)
+
+
 def _check_count(num_virtual_tokens: int) -> None:
     if not isinstance(num_virtual_tokens, int) or isinstance(num_virtual_tokens, bool) or num_virtual_tokens < 1:
         raise ValueError(f"num_virtual_tokens must be a positive int, got {num_virtual_tokens!r}")
@@ -143,15 +157,9 @@ def prompt_tuning(
                              "concrete parameters, use jax.eval_shape(method.init, key, params) for shapes, "
                              "or init='normal'")
         if init == "text":
-            ids = [int(i) for i in init_ids]
-            bad = [i for i in ids if not 0 <= i < vocab]
-            if bad:
-                raise ValueError(f"init_ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-            ids_N = jnp.asarray((ids * math.ceil(num_virtual_tokens / len(ids)))[:num_virtual_tokens], jnp.int32)
-        else:
-            ids_N = jax.random.randint(key, (num_virtual_tokens,), 0, vocab)
-        embeddings = ops.embed(ids_N, table, jnp.float32).astype(dtype)
-        return {"prompt": {"embeddings": embeddings}}
+            return {"prompt": {"embeddings": _text_embeddings(table, init_ids, num_virtual_tokens, dtype)}}
+        ids_N = jax.random.randint(key, (num_virtual_tokens,), 0, vocab)
+        return {"prompt": {"embeddings": ops.embed(ids_N, table, jnp.float32).astype(dtype)}}
 
     def apply_fn(params: Any, adapter: Any, *, rng: jax.Array | None = None) -> dict:
         del rng
@@ -232,6 +240,8 @@ def encode(adapter: Any) -> jax.Array:
     x_NxI = encoder["embedding"]
     if "lstm" in encoder:
         x_NxI = _bilstm(encoder["lstm"], x_NxI)
+    if "residual_mlp" in encoder:  # residual reparameterisation: embedding + encoder(embedding)
+        return encoder["embedding"] + _mlp(encoder["residual_mlp"], x_NxI)
     return _mlp(encoder["mlp"], x_NxI)
 
 
@@ -251,10 +261,11 @@ def fold(adapter: Any) -> dict:
     return {"prompt": {"embeddings": encode(adapter)}}
 
 
-def _encoder_leaves(mlp_layers: int, lstm_layers: int) -> set[str]:
+def _encoder_leaves(mlp_layers: int, lstm_layers: int, residual: bool) -> set[str]:
     """The leaf paths of a P-tuning adapter with this structure."""
     leaves = {"prompt_encoder/embedding"}
-    leaves |= {f"prompt_encoder/mlp/dense_{i}/{w}" for i in range(mlp_layers) for w in ("kernel", "bias")}
+    mlp = "residual_mlp" if residual else "mlp"
+    leaves |= {f"prompt_encoder/{mlp}/dense_{i}/{w}" for i in range(mlp_layers) for w in ("kernel", "bias")}
     leaves |= {f"prompt_encoder/lstm/layer_{i}/{d}/{w}" for i in range(lstm_layers)
                for d in ("forward", "backward") for w in ("w_ih", "w_hh", "bias")}
     return leaves
@@ -266,6 +277,8 @@ def p_tuning(
     encoder: str = "mlp",
     hidden_size: int | None = None,
     lstm_layers: int = 2,
+    init_ids: Sequence[int] | None = None,
+    residual: bool = False,
     dtype=jnp.float32,
 ) -> Method:
     """Builds a P-tuning method: virtual tokens made by a trained prompt encoder.
@@ -280,11 +293,19 @@ def p_tuning(
         encoder: ``"mlp"`` or ``"lstm"``.
         hidden_size: ``H``; default the model width ``D``.
         lstm_layers: LSTM depth (``encoder="lstm"`` only).
+        init_ids: token ids of a text whose embeddings (repeated to fill ``n``) the free
+            input embeddings start from, instead of ``N(0, 1)``.
+        residual: the residual reparameterisation of Razdaibiedina et al. (2023): the
+            virtual tokens are ``embedding + encoder(embedding)`` and the encoder's last
+            layer starts at zero, so a fresh adapter is exactly the prompt ``embedding``
+            (with ``init_ids``: the text). PEFT's P-tuning has no such option; on a short
+            SmolLM2 job it trains far better than the plain encoder (see the README).
         dtype: dtype of the encoder's weights.
 
     Returns:
-        A :class:`jpeft.Method` whose adapter is ``{"prompt_encoder": {"embedding", "mlp",
-        ("lstm")}}``. Its ``apply`` also accepts the folded form (see :func:`fold`).
+        A :class:`jpeft.Method` whose adapter is ``{"prompt_encoder": {"embedding", "mlp"
+        (``"residual_mlp"`` with ``residual``), ("lstm")}}``. Its ``apply`` also accepts the
+        folded form (see :func:`fold`).
 
     Example:
         >>> import jax, jax.numpy as jnp, jpeft
@@ -301,13 +322,19 @@ def p_tuning(
         raise ValueError(f"hidden_size must be a positive int or None, got {hidden_size!r}")
     if encoder == "lstm" and (not isinstance(lstm_layers, int) or lstm_layers < 1):
         raise ValueError(f"lstm_layers must be a positive int, got {lstm_layers!r}")
+    if init_ids is not None and len(init_ids) == 0:
+        raise ValueError("init_ids is empty: give the token ids of a non-empty text, or None")
     n_lstm = lstm_layers if encoder == "lstm" else 0
+    mlp_name = "residual_mlp" if residual else "mlp"
 
     def init_fn(key: jax.Array, params: Any) -> dict:
-        d_model = _token_table(params).shape[-1]
+        table = _token_table(params)
+        d_model = table.shape[-1]
         hidden = hidden_size or d_model
         keys = iter(jax.random.split(key, 4 + 2 * n_lstm))
-        out = {"embedding": jax.random.normal(next(keys), (num_virtual_tokens, d_model), dtype)}
+        k_embedding = next(keys)
+        out = {"embedding": jax.random.normal(k_embedding, (num_virtual_tokens, d_model), dtype)
+               if init_ids is None else _text_embeddings(table, init_ids, num_virtual_tokens, dtype)}
         if encoder == "mlp":
             widths = [d_model, hidden, hidden, d_model]
         else:
@@ -315,8 +342,11 @@ def p_tuning(
             out["lstm"] = {f"layer_{i}": {
                 direction: _lstm_init(next(keys), d_model if i == 0 else 2 * hidden, hidden, dtype)
                 for direction in ("forward", "backward")} for i in range(n_lstm)}
-        out["mlp"] = {f"dense_{i}": _dense_init(next(keys), widths[i], widths[i + 1], dtype)
-                      for i in range(len(widths) - 1)}
+        mlp = {f"dense_{i}": _dense_init(next(keys), widths[i], widths[i + 1], dtype)
+               for i in range(len(widths) - 1)}
+        if residual:  # the encoder adds nothing yet: the virtual tokens are the embeddings
+            mlp[f"dense_{len(widths) - 2}"] = jax.tree.map(jnp.zeros_like, mlp[f"dense_{len(widths) - 2}"])
+        out[mlp_name] = mlp
         return {"prompt_encoder": out}
 
     def apply_fn(params: Any, adapter: Any, *, rng: jax.Array | None = None) -> dict:
@@ -324,7 +354,8 @@ def p_tuning(
         if "prompt" in adapter:  # folded
             flat = _expect_leaves(adapter, {"prompt/embeddings"}, "p_tuning (folded)")
             return _with_prompt(params, flat["prompt/embeddings"])
-        _expect_leaves(adapter, _encoder_leaves(3 if encoder == "mlp" else 2, n_lstm), f"p_tuning ({encoder})")
+        _expect_leaves(adapter, _encoder_leaves(3 if encoder == "mlp" else 2, n_lstm, residual),
+                       f"p_tuning ({encoder}{', residual' if residual else ''})")
         return _with_prompt(params, encode(adapter))
 
     return Method("p_tuning", init_fn, apply_fn, apply_fn)
