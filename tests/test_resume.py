@@ -160,6 +160,23 @@ def test_restore_onto_another_base_shape_is_a_clear_error(tmp_path):
         ckpts.restore(adapter, optimizer.init(adapter), seed=0, batch_size=8)
 
 
+def test_resume_with_another_schedule_is_a_clear_error(tmp_path):
+    import optax
+
+    from train.checkpointing import Checkpoints
+
+    optimizer = optax.adam(1e-3)
+    adapter = lora_tree(hidden_size=32)
+    schedule = {"steps": 10, "lr": 1e-3, "schedule": "cosine"}
+    ckpts = Checkpoints(str(tmp_path / "ckpt"), every=1, keep=1)
+    ckpts.save(3, adapter, optimizer.init(adapter), jax.random.key(0), seed=0, batch_size=4, schedule=schedule)
+    ckpts.close()
+    ckpts = Checkpoints(str(tmp_path / "ckpt"), every=1, keep=1)
+    assert ckpts.restore(adapter, optimizer.init(adapter), seed=0, batch_size=4, schedule=schedule).step == 3
+    with pytest.raises(CheckpointError, match=r"train.steps=10 \(this run: 20\).*new run_dir"):
+        ckpts.restore(adapter, optimizer.init(adapter), seed=0, batch_size=4, schedule={**schedule, "steps": 20})
+
+
 def test_fsdp_mesh_matches_one_device_and_restores_on_another_mesh(tmp_path, tiny_hf_folder):
     from jax.sharding import NamedSharding, PartitionSpec
 

@@ -60,22 +60,28 @@ class Checkpoints:
         """Whether ``step`` is saved: every ``every`` steps, and the last one."""
         return step == last_step or (self.every > 0 and step % self.every == 0)
 
-    def save(self, step: int, adapter, opt_state, rng, *, seed: int, batch_size: int) -> None:
-        """Start saving (returns once the arrays are copied off the devices, when asynchronous)."""
+    def save(self, step: int, adapter, opt_state, rng, *, seed: int, batch_size: int,
+             schedule: dict | None = None) -> None:
+        """Start saving (returns once the arrays are copied off the devices, when asynchronous).
+
+        ``schedule``: the settings that shape the optimizer's course (``train.steps``,
+        ``lr``, ...); :meth:`restore` refuses a run whose settings differ.
+        """
         meta = {"format": FORMAT, "step": step, "seed": seed, "batch_size": batch_size,
                 "data_position": {"batches": step, "examples": step * batch_size},
-                "adapter": tree_spec(adapter)}
+                "schedule": schedule or {}, "adapter": tree_spec(adapter)}
         state = {"adapter": adapter, "opt_state": opt_state, "rng": np.asarray(jax.random.key_data(rng))}
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
 
     def restore(self, adapter_like, opt_state_like, *, seed: int, batch_size: int,
-                step: int | None = None) -> Restored:
+                schedule: dict | None = None, step: int | None = None) -> Restored:
         """The state saved at ``step`` (default: the latest), placed as ``*_like`` say.
 
         ``*_like`` are arrays or ``jax.ShapeDtypeStruct`` with shardings (the target
-        layout). A checkpoint of another adapter shape, seed or batch size is a
-        :class:`CheckpointError` naming the difference, raised before any array is read.
+        layout). A checkpoint of another adapter shape, seed, batch size or ``schedule``
+        setting is a :class:`CheckpointError` naming the difference, raised before any
+        array is read.
         """
         step = self.latest_step() if step is None else step
         if step is None:
@@ -92,6 +98,13 @@ class Checkpoints:
             if meta[key] != want:
                 raise CheckpointError(f"{where!r} was saved with train.{key}={meta[key]}, this run has {want};"
                                       f" resume with the same value (the data order depends on it)")
+        saved_schedule, schedule = meta.get("schedule", {}), schedule or {}
+        changed = sorted(k for k in saved_schedule.keys() & schedule.keys() if saved_schedule[k] != schedule[k])
+        if changed:
+            diffs = ", ".join(f"train.{k}={saved_schedule[k]!r} (this run: {schedule[k]!r})" for k in changed)
+            raise CheckpointError(f"{where!r} was saved with {diffs}; a resumed run must keep the settings that "
+                                  "shape the learning-rate schedule and the optimizer, or it is not the run it "
+                                  "continues. Resume with the saved values, or start a new run_dir")
         rng_like = jax.ShapeDtypeStruct((2,), np.uint32, sharding=_replicated(adapter_like))
         target = {"adapter": _abstract(adapter_like), "opt_state": _abstract(opt_state_like), "rng": rng_like}
         state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]

@@ -41,6 +41,12 @@ def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, opta
     return optimizer, schedule
 
 
+def _schedule_settings(cfg: TrainConfig) -> dict:
+    """The settings :func:`make_optimizer` builds from: a resumed run must keep them."""
+    return {name: getattr(cfg, name) for name in ("steps", "lr", "schedule", "warmup_steps", "weight_decay",
+                                                  "grad_clip")}
+
+
 def answer_xent(params, model_config, batch: TrainBatch) -> tuple[jax.Array, jax.Array]:
     """``(sum of answer-token cross-entropies, number of answer tokens)``.
 
@@ -191,7 +197,8 @@ def train_loop(
         if not resume:
             raise ValueError(f"{checkpoints.directory} already holds checkpoints (latest step {latest}); set "
                              "checkpoint.resume=true to continue the run, or use a new run_dir")
-        restored = checkpoints.restore(adapter, opt_state, seed=cfg.seed, batch_size=cfg.batch_size)
+        restored = checkpoints.restore(adapter, opt_state, seed=cfg.seed, batch_size=cfg.batch_size,
+                                       schedule=_schedule_settings(cfg))
         adapter, opt_state, key, first = restored.adapter, restored.opt_state, restored.rng, restored.step + 1
         log({"kind": "resume", "step": restored.step})
         if main:
@@ -244,7 +251,8 @@ def train_loop(
             if main:
                 bar.write(f"step {step}: train loss {loss:.4f}  val loss {val:.4f}")
         if checkpoints is not None and checkpoints.due(step, cfg.steps):  # after the step's records
-            checkpoints.save(step, adapter, opt_state, key, seed=cfg.seed, batch_size=cfg.batch_size)
+            checkpoints.save(step, adapter, opt_state, key, seed=cfg.seed, batch_size=cfg.batch_size,
+                             schedule=_schedule_settings(cfg))
     bar.close()
     if checkpoints is not None:
         checkpoints.close()  # waits for the last asynchronous save
