@@ -9,7 +9,10 @@ base weights::
 
 Saving is atomic: everything is written to a temporary sibling folder which
 then replaces ``directory``, so a save that fails part way never leaves half a
-checkpoint over a good one.
+checkpoint over a good one. In a multi-process run (``jax.distributed``) every
+process calls :func:`save_adapter` with the same arguments and writes its own
+shards into that folder (on a file system all processes share); process 0 writes
+``jpeft.json`` and moves the folder into place.
 
 Example:
     >>> import jax, jax.numpy as jnp, tempfile
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from typing import Any
@@ -61,6 +65,9 @@ def save_adapter(directory: str | os.PathLike, adapter, *, metadata: dict) -> No
         raise CheckpointError(f"checkpoint metadata must be JSON-serializable: {e}") from None
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
+    if jax.process_count() > 1:
+        _save_collectively(directory, adapter, info_text)
+        return
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
     try:
         checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
@@ -70,6 +77,30 @@ def save_adapter(directory: str | os.PathLike, adapter, *, metadata: dict) -> No
         _replace(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _save_collectively(directory: str, adapter, info_text: str) -> None:
+    """:func:`save_adapter` across processes: one staging folder, named by process 0."""
+    from jax.experimental import multihost_utils
+
+    primary = jax.process_index() == 0
+    token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
+    staging = os.path.join(os.path.dirname(directory), f".{os.path.basename(directory)}.tmp-{token}")
+    try:
+        if primary:
+            os.makedirs(staging)
+        multihost_utils.sync_global_devices(f"jpeft.save_adapter.{token}.staged")
+        checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+        checkpointer.save(os.path.join(staging, _ARRAYS), args=ocp.args.StandardSave(adapter))  # every process
+        if primary:
+            with open(os.path.join(staging, _INFO), "w", encoding="utf-8") as f:
+                f.write(info_text)
+            _replace(staging, directory)
+        multihost_utils.sync_global_devices(f"jpeft.save_adapter.{token}.done")
+    except BaseException:
+        if primary:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
@@ -131,7 +162,8 @@ def restore_adapter(directory: str | os.PathLike, *, like=None, method: str | No
 
     ``like`` (e.g. ``jax.eval_shape(method.init, key, params)``) is checked key by
     key and shape by shape before anything is read, and fixes the restored
-    tree's structure and dtypes. ``method``: the method name the adapter must
+    tree's structure, dtypes and, where its leaves carry one, shardings (each
+    device reads its own shard). ``method``: the method name the adapter must
     have been saved with (``metadata["method"]``); another one is an error.
     """
     info = read_metadata(directory)
@@ -141,17 +173,26 @@ def restore_adapter(directory: str | os.PathLike, *, like=None, method: str | No
             raise CheckpointError(
                 f"{os.fspath(directory)!r} holds a {saved!r} adapter, not a {method!r} one; restore it with "
                 f"method {saved!r} (its settings are in {_INFO}) or point at a {method!r} checkpoint")
-    target = None
     if like is not None:
         check_like(info["tree"], like)
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
     path = os.path.join(os.path.abspath(os.fspath(directory)), _ARRAYS)
     checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    # Without a sharding, a leaf lands on this process's first device: the devices the
+    # adapter was saved from (another mesh, other processes) need not exist here.
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def target_of(x):
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype,
+                                    sharding=sharding if isinstance(sharding, jax.sharding.Sharding) else here)
+
     try:
-        if target is None:
-            adapter = checkpointer.restore(path)
+        if like is None:
+            like = checkpointer.metadata(path).item_metadata.tree
+            target = jax.tree.map(target_of, like, is_leaf=lambda x: isinstance(x, ocp.metadata.ArrayMetadata))
         else:
-            adapter = checkpointer.restore(path, args=ocp.args.StandardRestore(target))
+            target = jax.tree.map(target_of, like)
+        adapter = checkpointer.restore(path, args=ocp.args.StandardRestore(target))
     except Exception as e:  # orbax raises many types for damaged files
         raise CheckpointError(f"corrupt checkpoint {os.fspath(directory)!r}: cannot read {_ARRAYS}/ ({type(e).__name__}: {e})") from e
     return adapter, info["metadata"]

@@ -4,12 +4,13 @@ Run as ``python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT WORKDIR`
 ``XLA_FLAGS=--xla_force_host_platform_device_count=2``: it joins JAX's multi-process
 runtime (coordinator on 127.0.0.1:PORT, gloo CPU collectives), trains a tiny LoRA Llama
 on a mesh spanning every process, feeding only its own rows of each global batch,
-saves and restores the adapter with orbax half way, and writes its losses to
+saves and restores the adapter with :mod:`jpeft.checkpoint` (orbax) half way, and writes its losses to
 ``WORKDIR/losses_<PROCESS_ID>.json``. The test imports :func:`train` to compute the
 single-process reference with the same code.
 """
 
 import json
+import os
 import pathlib
 import sys
 
@@ -17,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
 import jpeft
 from jpeft import sharding
+from jpeft.checkpoint import restore_adapter, save_adapter
 from jpeft.models import llama
 
 CONFIG = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -90,12 +91,12 @@ def train(mesh_shape: dict, checkpoint_dir: pathlib.Path, devices=None) -> list[
 
 
 def save_and_restore(adapter, adapter_sh, path: pathlib.Path):
-    """Every process writes its shards; the restore puts each shard back on its device."""
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path.absolute(), adapter)
-    checkpointer.wait_until_finished()
-    restored = checkpointer.restore(path.absolute(), sharding.with_shardings(adapter, adapter_sh))
-    checkpointer.close()
+    """Every process writes its shards (jpeft's atomic adapter save); the restore puts each shard back."""
+    save_adapter(path.absolute(), adapter, metadata={"method": "lora"})
+    save_adapter(path.absolute(), adapter, metadata={"method": "lora"})  # replacing a saved adapter works too
+    assert sorted(os.listdir(path.parent)) == [path.name]  # no staging folder left behind
+    restored, meta = restore_adapter(path.absolute(), like=sharding.with_shardings(adapter, adapter_sh),
+                                     method="lora")
     for old, new in zip(jax.tree.leaves(adapter), jax.tree.leaves(restored)):
         assert new.sharding == old.sharding, (new.sharding, old.sharding)
         for a, b in zip(old.addressable_shards, new.addressable_shards):

@@ -9,7 +9,8 @@ process's id, either as config keys::
 or through the environment (``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``,
 ``JAX_PROCESS_ID``). On CPU the processes' collectives go through gloo. Every
 process computes every global batch and feeds only its own rows; process 0
-alone prints and writes metrics and plots (:func:`is_main`).
+alone prints and writes metrics and plots (:func:`is_main`); all of them write
+their shards of the checkpoints and of the final ``adapter/`` folder.
 """
 
 from __future__ import annotations

@@ -223,8 +223,7 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
 
     with timer("save"):
         metadata = {**method_settings(cfg), "steps": cfg.train.steps, "model": to_dict(cfg.model)}
-        if jax.process_count() == 1:  # multi-process: the last training checkpoint holds the adapter
-            save_adapter(os.path.join(run_dir, "adapter"), saved_form(cfg, adapter), metadata=metadata)
+        save_adapter(os.path.join(run_dir, "adapter"), saved_form(cfg, adapter), metadata=metadata)  # all processes
         if distributed.is_main():
             report.plot_loss(log.records, os.path.join(run_dir, "loss.png"), title=f"{cfg.name} ({cfg.method})")
 
