@@ -238,6 +238,23 @@ def test_tiny_run_end_to_end(tmp_path, tiny_hf_folder, bbc_dir, method, lr):
         assert counts.trainable == counts.total
 
 
+def test_bfloat16_model_computes_in_bfloat16_and_trains_a_float32_adapter(tmp_path, tiny_hf_folder, bbc_dir):
+    from jpeft.checkpoint import restore_adapter
+    from train import model, run
+
+    cfg = config_lib.apply_overrides(_tiny_run_config(tmp_path, tiny_hf_folder, bbc_dir, "lora", lr=3e-2),
+                                  ["model.dtype=bfloat16", "eval.test_articles=0"])
+    loaded = model.load(cfg.model)
+    assert loaded.config.compute_dtype == jax.numpy.bfloat16
+    assert {x.dtype for x in jax.tree.leaves(loaded.params)} == {jax.numpy.dtype("bfloat16")}
+    summary = run.run(cfg, loaded=loaded)
+    records = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1
+    adapter, _ = restore_adapter(Path(summary["run_dir"]) / "adapter")
+    assert {x.dtype for x in jax.tree.leaves(adapter)} == {np.dtype(np.float32)}
+
+
 def test_train_step_takes_frozen_params_as_arguments():
     import jpeft
     from jpeft.models import llama

@@ -16,6 +16,8 @@ decoder-layer linear kernel; embeddings, norms and ``lm_head`` stay float), so
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from typing import Any, NamedTuple
 
@@ -69,10 +71,19 @@ def load(cfg: ModelConfig) -> Loaded:
         from jpeft.io.gguf import load_gguf, load_gguf_tokenizer
 
         config, params = load_gguf(path, dtype=dtype, scan_layers=cfg.scan_layers, quantize=cfg.quantize)
-        return Loaded(config, params, load_gguf_tokenizer(path))
+        return Loaded(_computing_in(config, dtype), params, load_gguf_tokenizer(path))
     from transformers import AutoTokenizer
 
     from jpeft.io.hf import load_hf
 
     config, params = load_hf(path, dtype=dtype, scan_layers=cfg.scan_layers, quantize=cfg.quantize)
-    return Loaded(config, params, AutoTokenizer.from_pretrained(path))
+    return Loaded(_computing_in(config, dtype), params, AutoTokenizer.from_pretrained(path))
+
+
+def _computing_in(config, dtype):
+    """``config`` with activations in ``dtype`` too (``model.dtype`` sets weights and compute).
+
+    Adapters stay float32 (each method casts its factors to the compute dtype) and the
+    logits and loss are float32, so ``bfloat16`` is mixed precision, not bf16 training.
+    """
+    return dataclasses.replace(config, dtype=jnp.dtype(dtype).name)
