@@ -63,45 +63,44 @@ def save_adapter(directory: str | os.PathLike, adapter, *, metadata: dict) -> No
         info_text = json.dumps(info, indent=2)
     except TypeError as e:
         raise CheckpointError(f"checkpoint metadata must be JSON-serializable: {e}") from None
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    if jax.process_count() > 1:
-        _save_collectively(directory, adapter, info_text)
-        return
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
-    try:
-        checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
-        checkpointer.save(os.path.join(staging, _ARRAYS), args=ocp.args.StandardSave(adapter))
-        with open(os.path.join(staging, _INFO), "w", encoding="utf-8") as f:
-            f.write(info_text)
-        _replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _save_collectively(directory: str, adapter, info_text: str) -> None:
-    """:func:`save_adapter` across processes: one staging folder, named by process 0."""
-    from jax.experimental import multihost_utils
-
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
+    # One staging folder for all processes (named by process 0); each writes its own
+    # shards into it, process 0 writes the info record and moves the folder into place.
     primary = jax.process_index() == 0
-    token = int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31))))
+    token = _agreed(secrets.randbits(31))
     staging = os.path.join(os.path.dirname(directory), f".{os.path.basename(directory)}.tmp-{token}")
     try:
         if primary:
             os.makedirs(staging)
-        multihost_utils.sync_global_devices(f"jpeft.save_adapter.{token}.staged")
+        _barrier(f"jpeft.save_adapter.{token}.staged")
         checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
-        checkpointer.save(os.path.join(staging, _ARRAYS), args=ocp.args.StandardSave(adapter))  # every process
+        checkpointer.save(os.path.join(staging, _ARRAYS), args=ocp.args.StandardSave(adapter))
         if primary:
             with open(os.path.join(staging, _INFO), "w", encoding="utf-8") as f:
                 f.write(info_text)
             _replace(staging, directory)
-        multihost_utils.sync_global_devices(f"jpeft.save_adapter.{token}.done")
+        _barrier(f"jpeft.save_adapter.{token}.done")
     except BaseException:
         if primary:
             shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _agreed(value: int) -> int:
+    """Process 0's ``value`` in every process (itself in a single-process run)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def _barrier(name: str) -> None:
+    """Wait for every process (nothing to wait for in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _replace(staging: str, directory: str) -> None:

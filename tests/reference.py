@@ -22,3 +22,32 @@ def greedy_without_cache(params, config, tokens, mask, steps):
         nxt = jnp.argmax(logits[:, t + i - 1], axis=-1).astype(jnp.int32)
         tokens, mask = tokens.at[:, t + i].set(nxt), mask.at[:, t + i].set(1)
     return tokens[:, t:]
+
+
+def target_xent(params, config, tokens, mask, target=5):
+    """Mean cross-entropy of always predicting ``target`` at the real positions: a toy task."""
+    import optax
+
+    logits, _ = llama.forward(params, config, tokens, attention_mask_BxT=mask)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full(tokens.shape, target))
+    return jnp.sum(losses * mask) / jnp.sum(mask)
+
+
+def adam_steps(loss_fn, adapter, *, steps=12, lr=3e-2):
+    """``steps`` of Adam on ``loss_fn(adapter)``: ``(losses, gradients)``, one entry per step."""
+    import optax
+
+    optimizer = optax.adam(lr)
+
+    @jax.jit
+    def step(adapter, opt_state):
+        loss, grads = jax.value_and_grad(loss_fn)(adapter)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return optax.apply_updates(adapter, updates), opt_state, loss, grads
+
+    opt_state, losses, all_grads = optimizer.init(adapter), [], []
+    for _ in range(steps):
+        adapter, opt_state, loss, grads = step(adapter, opt_state)
+        losses.append(float(loss))
+        all_grads.append(grads)
+    return losses, all_grads

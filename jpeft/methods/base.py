@@ -75,3 +75,17 @@ def inherited_axes(adapter: Any, param_axes: Any) -> dict:
                              f"that path has logical axes {axes} ({len(axes)} dims)")
         out[path] = axes
     return tree.unflatten(out)
+
+
+def tile_ids(init_ids, n: int, vocab: int) -> list[int]:
+    """The token ids of an initialisation text repeated to ``n`` tokens (as Hugging Face PEFT does).
+
+    Example:
+        >>> tile_ids([4, 9], 5, vocab=10)
+        [4, 9, 4, 9, 4]
+    """
+    ids = [int(i) for i in init_ids]
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"init_ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    return (ids * (n // len(ids) + 1))[:n]

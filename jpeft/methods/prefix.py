@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft import tree
-from jpeft.methods.base import Method
+from jpeft.methods.base import Method, tile_ids
 
 _DIRECT = {"prefix/key", "prefix/value"}
 _ENCODER = {"prefix_encoder/embedding", "prefix_encoder/dense_in/kernel", "prefix_encoder/dense_in/bias",
@@ -137,12 +137,7 @@ def _text_prefix(params: Any, config: Any, init_ids: Sequence[int], n: int, num_
         raise ValueError(f"config (num_layers={config.num_layers}, scan_layers={config.scan_layers}) does not "
                          f"describe these parameters ({num_layers} layers, "
                          f"{'stacked' if 'layers' in params else 'unstacked'}); pass the model's own config")
-    ids = [int(i) for i in init_ids]
-    vocab = config.vocab_size
-    if any(not 0 <= i < vocab for i in ids):
-        raise ValueError(f"init_ids {[i for i in ids if not 0 <= i < vocab][:5]} are outside the vocabulary "
-                         f"[0, {vocab})")
-    tiled = (ids * (n // len(ids) + 1))[:n]
+    tiled = tile_ids(init_ids, n, config.vocab_size)
     key_LxNxKH, value_LxNxKH = llama.keys_values_of_text(params, config, tiled)
     return {"key": key_LxNxKH.astype(dtype), "value": value_LxNxKH.astype(dtype)}
 

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft import ops, tree
-from jpeft.methods.base import Method
+from jpeft.methods.base import Method, tile_ids
 
 _INITS = ("vocab", "text", "normal")
 _ENCODERS = ("mlp", "lstm")
@@ -90,11 +90,7 @@ def _text_embeddings(table, init_ids: Sequence[int], n: int, dtype) -> jax.Array
     if isinstance(table, jax.ShapeDtypeStruct):
         raise ValueError("a text initialisation reads the embedding table, which is only a shape here; pass "
                          "concrete parameters, or use jax.eval_shape(method.init, key, params) for shapes")
-    ids = [int(i) for i in init_ids]
-    bad = [i for i in ids if not 0 <= i < vocab]
-    if bad:
-        raise ValueError(f"init_ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-    ids_N = jnp.asarray((ids * math.ceil(n / len(ids)))[:n], jnp.int32)
+    ids_N = jnp.asarray(tile_ids(init_ids, n, vocab), jnp.int32)
     return ops.embed(ids_N, table, jnp.float32).astype(dtype)
 
 
