@@ -10,7 +10,7 @@ method | trainable params (count, %) | adapter on disk | median step / LoRA's | 
 
 * trainable: what the optimizer updates (for P-tuning and projected prefix tuning
   that is the encoder; the saved adapter is the folded prompt/prefix);
-* adapter on disk: bytes of the saved adapter folder (orbax files + ``jpeft.json``);
+* adapter on disk: bytes of the saved adapter folder (orbax files and its JSON record);
 * step time: median train-step seconds (compile step excluded) relative to LoRA's in
   this same run, so machine load cancels out as far as it can.
 
@@ -42,7 +42,8 @@ METHODS = {
     "prompt_tuning": ("prompt_tuning", []),
     "prefix_tuning": ("prefix_tuning", []),
     "p_tuning": ("p_tuning", []),
-    "p_tuning_plain": ("p_tuning", ["p_tuning.residual=false", "p_tuning.init=normal", "train.lr=3e-3"]),
+    "p_tuning_plain": ("p_tuning", ["p_tuning.residual=false", "p_tuning.init=normal", "p_tuning.init_text=null",
+                                   "train.lr=3e-3"]),
     "ia3": ("ia3", []),
     "bottleneck": ("bottleneck", []),
     "full": ("full", []),
@@ -114,7 +115,7 @@ def main(argv=None) -> None:
     base_cfg = apply_overrides(float_cfg, [f"run_dir={os.path.join(out_dir, 'base')}"])
     os.makedirs(base_cfg.run_dir, exist_ok=True)
     task = run.Task(base_cfg, loaded[None].tokenizer)
-    base = run.score(base_cfg, "base", loaded[None].params, loaded[None].config, task, trainable=0, percent=0.0,
+    base = run.score(base_cfg, "base", loaded[None].params, loaded[None].model, task, trainable=0, percent=0.0,
                      run_dir=base_cfg.run_dir)
 
     rows = []

@@ -9,8 +9,9 @@ Example:
     32
 """
 
-from jpeft import ops, tree
-from jpeft.methods.base import Method
+from jpeft import layout, ops, tree
+from jpeft.methods import registry
+from jpeft.methods.base import Method, for_inference
 from jpeft.methods.bottleneck import BottleneckAdapter, bottleneck
 from jpeft.methods.full import full
 from jpeft.methods.ia3 import Ia3Weight, ia3
@@ -35,14 +36,17 @@ __all__ = [
     "bottleneck",
     "fold_prefix",
     "fold_prompt",
+    "for_inference",
     "full",
     "ia3",
+    "layout",
     "lora",
     "p_tuning",
     "prefix_tuning",
     "prompt_tuning",
     "ops",
     "param_report",
+    "registry",
     "tree",
 ]
 __version__ = "0.1.0"

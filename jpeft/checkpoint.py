@@ -1,18 +1,20 @@
-"""Adapter-only checkpoints with orbax.
+"""Adapter-only checkpoints with orbax: one ``CheckpointManager`` stack for every save jpeft makes.
 
-A checkpoint holds the adapter (the trainable pytree) and never the frozen
-base weights::
+A :class:`Store` is a folder of numbered saves, each holding two orbax items:
 
-    <directory>/
-      adapter/         orbax StandardCheckpointHandler files
-      jpeft.json       {"format", "version", "metadata": {...}, "tree": {path: {shape, dtype}}}
+* ``state``: a dict of array trees (``{"adapter": ...}`` for a saved adapter; a trainer adds
+  its optimizer state and RNG key), never the frozen base weights;
+* ``meta``: JSON: ``{"format", "version", "metadata", "tree": {path: {shape, dtype}}}``,
+  read and checked before any array is.
 
-Saving is atomic: everything is written to a temporary sibling folder which
-then replaces ``directory``, so a save that fails part way never leaves half a
-checkpoint over a good one. In a multi-process run (``jax.distributed``) every
-process calls :func:`save_adapter` with the same arguments and writes its own
-shards into that folder (on a file system all processes share); process 0 writes
-``jpeft.json`` and moves the folder into place.
+orbax writes each save into a temporary folder and renames it when complete, and the
+manager deletes an older save only after a newer one is complete, so a save that fails
+part way never costs the previous one (leftover temporary folders are removed the next
+time the store is opened). In a multi-process run (``jax.distributed``) every process
+calls the same functions and writes its own shards (to a file system all of them share).
+
+:func:`save_adapter` / :func:`restore_adapter` keep one save (the newest) in a folder: the
+form of a finished run's adapter.
 
 Example:
     >>> import jax, jax.numpy as jnp, tempfile
@@ -27,9 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -39,11 +39,7 @@ import orbax.checkpoint as ocp
 from jpeft.errors import CheckpointError
 
 FORMAT = "jpeft-adapter"
-VERSION = 1
-_ARRAYS = "adapter"
-_INFO = "jpeft.json"
-
-
+VERSION = 2
 
 
 def tree_spec(tree) -> dict[str, dict[str, Any]]:
@@ -55,87 +51,6 @@ def tree_spec(tree) -> dict[str, dict[str, Any]]:
     return spec
 
 
-def save_adapter(directory: str | os.PathLike, adapter, *, metadata: dict) -> None:
-    """Write ``adapter`` and JSON ``metadata`` to ``directory``, replacing it atomically."""
-    directory = os.path.abspath(os.fspath(directory))
-    info = {"format": FORMAT, "version": VERSION, "metadata": metadata, "tree": tree_spec(adapter)}
-    try:
-        info_text = json.dumps(info, indent=2)
-    except TypeError as e:
-        raise CheckpointError(f"checkpoint metadata must be JSON-serializable: {e}") from None
-    os.makedirs(os.path.dirname(directory), exist_ok=True)
-    # One staging folder for all processes (named by process 0); each writes its own
-    # shards into it, process 0 writes the info record and moves the folder into place.
-    primary = jax.process_index() == 0
-    token = _agreed(secrets.randbits(31))
-    staging = os.path.join(os.path.dirname(directory), f".{os.path.basename(directory)}.tmp-{token}")
-    try:
-        if primary:
-            os.makedirs(staging)
-        _barrier(f"jpeft.save_adapter.{token}.staged")
-        checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
-        checkpointer.save(os.path.join(staging, _ARRAYS), args=ocp.args.StandardSave(adapter))
-        if primary:
-            with open(os.path.join(staging, _INFO), "w", encoding="utf-8") as f:
-                f.write(info_text)
-            _replace(staging, directory)
-        _barrier(f"jpeft.save_adapter.{token}.done")
-    except BaseException:
-        if primary:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _agreed(value: int) -> int:
-    """Process 0's ``value`` in every process (itself in a single-process run)."""
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-
-    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
-
-
-def _barrier(name: str) -> None:
-    """Wait for every process (nothing to wait for in a single-process run)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def _replace(staging: str, directory: str) -> None:
-    """Move ``staging`` to ``directory``; an old checkpoint is removed only after the move."""
-    if not os.path.exists(directory):
-        os.rename(staging, directory)
-        return
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.old-", dir=os.path.dirname(directory))
-    os.rmdir(old)
-    os.rename(directory, old)
-    try:
-        os.rename(staging, directory)
-    except BaseException:
-        os.rename(old, directory)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def read_metadata(directory: str | os.PathLike) -> dict:
-    """The checkpoint's info record (format, version, metadata, tree)."""
-    path = os.path.join(os.fspath(directory), _INFO)
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"no checkpoint at {os.fspath(directory)!r}: the directory does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{os.fspath(directory)!r} is not a jpeft adapter checkpoint (no {_INFO})") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"corrupt checkpoint {os.fspath(directory)!r}: {_INFO} is not valid JSON ({e})") from None
-    if info.get("format") != FORMAT or "tree" not in info:
-        raise CheckpointError(f"{os.fspath(directory)!r} is not a jpeft adapter checkpoint ({_INFO} has no {FORMAT} record)")
-    return info
-
-
 def check_like(saved: dict[str, dict], like) -> None:
     """Raise CheckpointError naming missing/unexpected keys and shape or dtype mismatches."""
     expected = tree_spec(like)
@@ -143,9 +58,9 @@ def check_like(saved: dict[str, dict], like) -> None:
     unexpected = sorted(set(saved) - set(expected))
     problems = []
     if missing:
-        problems.append(f"missing keys (expected, not in checkpoint): {', '.join(missing)}")
+        problems.append(f"missing keys (expected, not in checkpoint): {_some(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys (in checkpoint, not expected): {', '.join(unexpected)}")
+        problems.append(f"unexpected keys (in checkpoint, not expected): {_some(unexpected)}")
     for key in sorted(set(expected) & set(saved)):
         want, got = expected[key], saved[key]
         if want["shape"] != got["shape"]:
@@ -153,7 +68,187 @@ def check_like(saved: dict[str, dict], like) -> None:
         elif want["dtype"] != got["dtype"]:
             problems.append(f"dtype mismatch at {key}: checkpoint {got['dtype']}, expected {want['dtype']}")
     if problems:
-        raise CheckpointError("checkpoint does not match the expected adapter:\n  " + "\n  ".join(problems))
+        shown = problems[:8] + ([f"... ({len(problems) - 8} more)"] if len(problems) > 8 else [])
+        raise CheckpointError("checkpoint does not match the expected adapter:\n  " + "\n  ".join(shown))
+
+
+def _some(items: list[str], limit: int = 6) -> str:
+    return ", ".join(items[:limit]) + (f" (and {len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _target(like: Any) -> Any:
+    """``jax.ShapeDtypeStruct`` restore targets that keep each leaf's sharding.
+
+    Without one, a leaf lands on this process's first device: the devices a checkpoint was
+    saved from (another mesh, other processes) need not exist here.
+    """
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def target_of(x):
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype,
+                                    sharding=sharding if isinstance(sharding, jax.sharding.Sharding) else here)
+
+    return jax.tree.map(target_of, like, is_leaf=lambda x: isinstance(x, ocp.metadata.ArrayMetadata))
+
+
+class Store:
+    """Numbered saves of ``state`` (array trees) plus ``meta`` (JSON) in one folder.
+
+    Args:
+        directory: the folder (created when missing).
+        keep: how many of the newest saves to keep.
+        async_save: write in the background (``save`` returns once arrays are copied off
+            the devices; :meth:`wait` blocks until they are on disk).
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp
+        >>> store = Store(tempfile.mkdtemp(), keep=2, async_save=False)
+        >>> store.save(5, {"adapter": {"w": jnp.ones(2)}}, {"note": "hi"})
+        >>> store.latest_step(), store.read_meta(5)["metadata"]["note"]
+        (5, 'hi')
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 1, async_save: bool = False):
+        self.directory = os.path.abspath(os.fspath(directory))
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise CheckpointError(f"{self.directory!r} is a file, not a checkpoint folder")
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                                               cleanup_tmp_directories=True)
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=options,
+                item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        except OSError as err:
+            raise CheckpointError(f"cannot use {self.directory!r} as a checkpoint folder: {err}") from None
+
+    def steps(self) -> list[int]:
+        """The steps of complete saves, oldest first."""
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: dict, metadata: dict, *, kind: str = FORMAT) -> None:
+        """Start saving ``state`` (a dict of array trees) and ``metadata`` (JSON) as ``step``."""
+        meta = {"format": kind, "version": VERSION, "metadata": metadata,
+                "tree": {name: tree_spec(value) for name, value in state.items()}}
+        try:
+            json.dumps(meta)
+        except TypeError as e:
+            raise CheckpointError(f"checkpoint metadata must be JSON-serializable: {e}") from None
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)), force=True)
+
+    def read_meta(self, step: int, *, kind: str | None = FORMAT) -> dict:
+        """The JSON record of save ``step`` (format, version, metadata, tree); ``kind``: the format it must have."""
+        where = os.path.join(self.directory, str(step))
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # orbax raises many types for a damaged or missing record
+            raise CheckpointError(f"corrupt checkpoint {where!r}: its metadata cannot be read "
+                                  f"({type(e).__name__}: {e})") from None
+        if not isinstance(meta, dict) or "tree" not in meta or (kind is not None and meta.get("format") != kind):
+            raise CheckpointError(f"{where!r} is not a {kind or 'jpeft'} checkpoint")
+        return meta
+
+    def restore(self, step: int, like: dict) -> dict:
+        """The ``state`` of save ``step``, checked against ``like`` (``{name: tree}`` of arrays or shapes).
+
+        Shapes are compared before anything is read; where ``like``'s leaves carry a
+        sharding, each device reads its own shard.
+        """
+        where = os.path.join(self.directory, str(step))
+        saved = self.read_meta(step, kind=None)["tree"]
+        for name, tree in like.items():
+            if name not in saved:
+                raise CheckpointError(f"{where!r} holds no {name!r}")
+            if not any(isinstance(x, ocp.metadata.ArrayMetadata) for x in jax.tree.leaves(
+                    tree, is_leaf=lambda x: isinstance(x, ocp.metadata.ArrayMetadata))):
+                check_like(saved[name], tree)
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_target(like))))["state"]
+        except Exception as e:  # orbax raises many types for damaged files
+            raise CheckpointError(f"corrupt checkpoint {where!r}: cannot read its arrays "
+                                  f"({type(e).__name__}: {e})") from e
+
+    def wait(self) -> None:
+        """Block until every started save is on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def save_adapter(directory: str | os.PathLike, adapter, *, metadata: dict) -> None:
+    """Write ``adapter`` and JSON ``metadata`` to ``directory``, replacing an earlier save only once complete.
+
+    Bad metadata is refused before anything is written; a save that fails part way leaves
+    the previous save as it was and removes its own partial files.
+    """
+    directory = os.fspath(directory)
+    try:
+        json.dumps(metadata)
+    except TypeError as e:
+        raise CheckpointError(f"checkpoint metadata must be JSON-serializable: {e}") from None
+    _refuse_other_folder(directory)
+    store = Store(directory, keep=1)
+    try:
+        store.save((store.latest_step() or 0) + 1, {"adapter": adapter}, metadata)
+        store.wait()
+    except BaseException:
+        remove_partial_saves(directory)
+        raise
+    finally:
+        store.close()
+
+
+def remove_partial_saves(directory: str | os.PathLike) -> list[str]:
+    """Deletes the temporary folders of saves that did not complete; returns their names."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return []
+    partial = [n for n in os.listdir(directory) if "orbax-checkpoint-tmp" in n]
+    for name in partial:
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    return partial
+
+
+def _refuse_other_folder(directory: str) -> None:
+    """A folder with files that are not saves of a store is not ours to write into."""
+    if not os.path.isdir(directory):
+        return
+    foreign = [n for n in os.listdir(directory) if not n.isdigit() and not n.startswith(".")
+               and "orbax-checkpoint-tmp" not in n]
+    if foreign:
+        raise CheckpointError(f"{directory!r} holds other files ({_some(sorted(foreign))}); it is not a jpeft "
+                              "adapter folder, so nothing is written there. Choose another folder.")
+
+
+def _open_existing(directory: str) -> Store:
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"no checkpoint at {directory!r}: the directory does not exist")
+    if os.path.isfile(os.path.join(directory, "jpeft.json")):
+        raise CheckpointError(f"{directory!r} is an adapter saved by jpeft 0.1 (adapter/ + jpeft.json), which this "
+                              "version does not read; save it again with this version")
+    store = Store(directory, keep=1)
+    if store.latest_step() is None:
+        store.close()
+        raise CheckpointError(f"{directory!r} is not a jpeft adapter checkpoint (no complete save in it)")
+    return store
+
+
+def read_metadata(directory: str | os.PathLike) -> dict:
+    """The newest save's info record (format, version, metadata, tree) in ``directory``."""
+    store = _open_existing(os.fspath(directory))
+    try:
+        info = store.read_meta(store.latest_step())
+    finally:
+        store.close()
+    info["tree"] = info["tree"].get("adapter", {})
+    return info
 
 
 def restore_adapter(directory: str | os.PathLike, *, like=None, method: str | None = None) -> tuple[Any, dict]:
@@ -165,33 +260,23 @@ def restore_adapter(directory: str | os.PathLike, *, like=None, method: str | No
     device reads its own shard). ``method``: the method name the adapter must
     have been saved with (``metadata["method"]``); another one is an error.
     """
-    info = read_metadata(directory)
-    if method is not None:
-        saved = info["metadata"].get("method") if isinstance(info.get("metadata"), dict) else None
-        if saved != method:
-            raise CheckpointError(
-                f"{os.fspath(directory)!r} holds a {saved!r} adapter, not a {method!r} one; restore it with "
-                f"method {saved!r} (its settings are in {_INFO}) or point at a {method!r} checkpoint")
-    if like is not None:
-        check_like(info["tree"], like)
-    path = os.path.join(os.path.abspath(os.fspath(directory)), _ARRAYS)
-    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
-    # Without a sharding, a leaf lands on this process's first device: the devices the
-    # adapter was saved from (another mesh, other processes) need not exist here.
-    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-
-    def target_of(x):
-        sharding = getattr(x, "sharding", None)
-        return jax.ShapeDtypeStruct(np.shape(x), x.dtype,
-                                    sharding=sharding if isinstance(sharding, jax.sharding.Sharding) else here)
-
+    directory = os.fspath(directory)
+    store = _open_existing(directory)
     try:
+        step = store.latest_step()
+        info = store.read_meta(step)
+        if method is not None:
+            saved = info["metadata"].get("method") if isinstance(info.get("metadata"), dict) else None
+            if saved != method:
+                raise CheckpointError(
+                    f"{directory!r} holds a {saved!r} adapter, not a {method!r} one; restore it with method "
+                    f"{saved!r} (its settings are in the checkpoint's metadata) or point at a {method!r} checkpoint")
         if like is None:
-            like = checkpointer.metadata(path).item_metadata.tree
-            target = jax.tree.map(target_of, like, is_leaf=lambda x: isinstance(x, ocp.metadata.ArrayMetadata))
+            item = store.manager.item_metadata(step)["state"]
+            like = {"adapter": getattr(item, "tree", item)["adapter"]}
         else:
-            target = jax.tree.map(target_of, like)
-        adapter = checkpointer.restore(path, args=ocp.args.StandardRestore(target))
-    except Exception as e:  # orbax raises many types for damaged files
-        raise CheckpointError(f"corrupt checkpoint {os.fspath(directory)!r}: cannot read {_ARRAYS}/ ({type(e).__name__}: {e})") from e
-    return adapter, info["metadata"]
+            like = {"adapter": like}
+        state = store.restore(step, like)
+    finally:
+        store.close()
+    return state["adapter"], info["metadata"]

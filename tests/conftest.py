@@ -13,6 +13,55 @@ if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
 import pytest  # noqa: E402
 
 
+# ----------------------------------------------------------------------------- shared fixtures (made once)
+
+
+@pytest.fixture(scope="session")
+def bbc_dir():
+    """The offline BBC News corpus folder."""
+    from jpeft import assets
+
+    return assets.bbc_news_dir()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """SmolLM2's tokenizer, read from the offline GGUF file's metadata."""
+    from jpeft import assets
+    from jpeft.io.gguf import load_gguf_tokenizer
+
+    return load_gguf_tokenizer(assets.smollm2_gguf_path())
+
+
+def _tiny_folder(folder, tokenizer, scale: float = 1.0):
+    import jax
+
+    from jpeft.io.hf import save_hf
+    from jpeft.models import llama
+
+    c = llama.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_layers=2,
+                          num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
+    params = llama.init_params(c, jax.random.key(0))
+    if scale != 1.0:
+        params = jax.tree.map(lambda x: x * scale if x.ndim >= 2 else x, params)
+    save_hf(folder, llama.model(c), params)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_folder(tmp_path_factory, tokenizer):
+    """A tiny random Llama (2 layers, width 64) with SmolLM2's tokenizer, as a Hugging Face folder."""
+    return _tiny_folder(tmp_path_factory.mktemp("tiny_llama"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def mixing_hf_folder(tmp_path_factory, tokenizer):
+    """The tiny Llama with weights 5x the init's 0.02 std: layers that mix tokens enough for a prompt or
+    prefix to steer the output (at 0.02 each position's output is mostly its own token's embedding)."""
+    return _tiny_folder(tmp_path_factory.mktemp("mixing_llama"), tokenizer, scale=5.0)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``slow`` run only with ``JPEFT_SLOW=1`` (they are skipped, not passed)."""
     if os.environ.get("JPEFT_SLOW") == "1":

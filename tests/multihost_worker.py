@@ -24,6 +24,7 @@ import jpeft
 from jpeft import sharding
 from jpeft.checkpoint import restore_adapter, save_adapter
 from jpeft.models import llama
+from train import placement
 
 CONFIG = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                            num_heads=4, num_kv_heads=2, scan_layers=True)
@@ -54,16 +55,16 @@ def train(mesh_shape: dict, checkpoint_dir: pathlib.Path, devices=None) -> list[
 
     abstract_params = jax.eval_shape(llama.init_params, CONFIG, key)
     params_sh = sharding.shardings_for(abstract_params, axes, mesh, rules)
-    params = sharding.from_host(host_values(abstract_params, seed=0), params_sh)
+    params = placement.from_host(host_values(abstract_params, seed=0), params_sh)
     abstract_adapter = jax.eval_shape(METHOD.init, key, abstract_params)
     adapter_sh = sharding.adapter_shardings(METHOD, abstract_adapter, axes, mesh, rules)
-    adapter = sharding.from_host(host_values(abstract_adapter, seed=1), adapter_sh)
-    opt_sh = sharding.optimizer_shardings(jax.eval_shape(optimizer.init, abstract_adapter), abstract_adapter,
-                                          adapter_sh, mesh)
+    adapter = placement.from_host(host_values(abstract_adapter, seed=1), adapter_sh)
+    opt_sh = sharding.optimizer_shardings(optimizer, jax.eval_shape(optimizer.init, abstract_adapter), adapter_sh,
+                                          mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(adapter)
-    batch_sh = sharding.batch_shardings({"tokens_BxT": jax.ShapeDtypeStruct((BATCH, SEQ + 1), jnp.int32)},
+    batch_sh = placement.batch_shardings({"tokens_BxT": jax.ShapeDtypeStruct((BATCH, SEQ + 1), jnp.int32)},
                                         mesh, rules)
-    my_rows = sharding.local_batch_slice(batch_sh["tokens_BxT"], (BATCH, SEQ + 1))
+    my_rows = placement.local_batch_slice(batch_sh["tokens_BxT"], (BATCH, SEQ + 1))
 
     def loss_fn(adapter, frozen, tokens_BxT):
         logits_BxTxV, _ = llama.forward(METHOD.apply(frozen, adapter), CONFIG, tokens_BxT[:, :-1])
@@ -75,7 +76,7 @@ def train(mesh_shape: dict, checkpoint_dir: pathlib.Path, devices=None) -> list[
         updates, opt_state = optimizer.update(grads, opt_state, adapter)
         return optax.apply_updates(adapter, updates), opt_state, loss
 
-    step = sharding.sharded_step(
+    step = placement.sharded_step(
         train_step, in_shardings=dict(frozen=params_sh, adapter=adapter_sh, opt_state=opt_sh, batch=batch_sh),
         out_shardings=(adapter_sh, opt_sh, NamedSharding(mesh, PartitionSpec())),
         donate_argnames=("adapter", "opt_state"))
@@ -85,7 +86,7 @@ def train(mesh_shape: dict, checkpoint_dir: pathlib.Path, devices=None) -> list[
         if i == RESTORE_AT:
             adapter = save_and_restore(adapter, adapter_sh, checkpoint_dir / "adapter")
         local_batch = {"tokens_BxT": global_batch(i)[my_rows]}
-        adapter, opt_state, loss = step(params, adapter, opt_state, sharding.shard_batch(local_batch, batch_sh))
+        adapter, opt_state, loss = step(params, adapter, opt_state, placement.shard_batch(local_batch, batch_sh))
         losses.append(float(loss))
     return losses
 
@@ -94,8 +95,9 @@ def save_and_restore(adapter, adapter_sh, path: pathlib.Path):
     """Every process writes its shards (jpeft's atomic adapter save); the restore puts each shard back."""
     save_adapter(path.absolute(), adapter, metadata={"method": "lora"})
     save_adapter(path.absolute(), adapter, metadata={"method": "lora"})  # replacing a saved adapter works too
-    assert sorted(os.listdir(path.parent)) == [path.name]  # no staging folder left behind
-    restored, meta = restore_adapter(path.absolute(), like=sharding.with_shardings(adapter, adapter_sh),
+    assert sorted(os.listdir(path.parent)) == [path.name]  # nothing beside the adapter folder
+    assert sorted(os.listdir(path)) == ["2"]  # the second save replaced the first, no partial save left
+    restored, meta = restore_adapter(path.absolute(), like=placement.with_shardings(adapter, adapter_sh),
                                      method="lora")
     for old, new in zip(jax.tree.leaves(adapter), jax.tree.leaves(restored)):
         assert new.sharding == old.sharding, (new.sharding, old.sharding)

@@ -84,7 +84,7 @@ def test_missing_and_corrupt_directories(tmp_path):
     with pytest.raises(CheckpointError, match="not a jpeft adapter checkpoint"):
         restore_adapter(tmp_path / "empty")
     save_adapter(tmp_path / "ckpt", _adapter(), metadata={})
-    (tmp_path / "ckpt" / "jpeft.json").write_text("{not json")
+    (tmp_path / "ckpt" / "1" / "meta" / "metadata").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt"):
         restore_adapter(tmp_path / "ckpt")
 
@@ -92,7 +92,7 @@ def test_missing_and_corrupt_directories(tmp_path):
 def test_damaged_arrays_are_a_checkpoint_error(tmp_path):
     adapter = _adapter()
     save_adapter(tmp_path / "ckpt", adapter, metadata={})
-    for d, _, files in os.walk(tmp_path / "ckpt" / "adapter"):
+    for d, _, files in os.walk(tmp_path / "ckpt" / "1" / "state"):
         for f in files:
             os.remove(os.path.join(d, f))
     with pytest.raises(CheckpointError, match="corrupt"):
@@ -102,33 +102,35 @@ def test_damaged_arrays_are_a_checkpoint_error(tmp_path):
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     good = _adapter(scale=1.0)
     save_adapter(tmp_path / "ckpt", good, metadata={"step": 1})
-
-    def explode(staging, directory):
+    def explode(self, *args, **kwargs):  # the metadata write fails
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr(checkpoint, "_replace", explode)
+    monkeypatch.setattr(checkpoint.ocp.JsonCheckpointHandler, "save", explode)
+    monkeypatch.setattr(checkpoint.ocp.JsonCheckpointHandler, "async_save", explode)
     with pytest.raises(OSError, match="simulated"):
         save_adapter(tmp_path / "ckpt", _adapter(scale=2.0), metadata={"step": 2})
     monkeypatch.undo()
     restored, meta = restore_adapter(tmp_path / "ckpt", like=_abstract(good))
     assert meta == {"step": 1}
     np.testing.assert_array_equal(restored["layers"]["q_proj"]["a"], good["layers"]["q_proj"]["a"])
-    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no staging folder left behind
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["1"]  # no partial save left behind
 
 
-def test_failed_orbax_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+def test_failed_array_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     good = _adapter()
     save_adapter(tmp_path / "ckpt", good, metadata={"step": 1})
 
     def broken_save(self, *args, **kwargs):
         raise RuntimeError("write failed half way (simulated)")
 
-    monkeypatch.setattr(checkpoint.ocp.Checkpointer, "save", broken_save)
+    monkeypatch.setattr(checkpoint.ocp.StandardCheckpointHandler, "save", broken_save)
+    monkeypatch.setattr(checkpoint.ocp.StandardCheckpointHandler, "async_save", broken_save)
     with pytest.raises(RuntimeError, match="simulated"):
         save_adapter(tmp_path / "ckpt", _adapter(scale=3.0), metadata={"step": 2})
     monkeypatch.undo()
     _, meta = restore_adapter(tmp_path / "ckpt", like=_abstract(good))
     assert meta == {"step": 1}
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["1"]
 
 
 def test_overwrite_replaces(tmp_path):
@@ -138,7 +140,7 @@ def test_overwrite_replaces(tmp_path):
     restored, meta = restore_adapter(tmp_path / "ckpt", like=_abstract(newer))
     assert meta == {"step": 2}
     np.testing.assert_array_equal(restored["layers"]["q_proj"]["a"], newer["layers"]["q_proj"]["a"])
-    assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["2"]  # the older save is gone once the newer is complete
 
 
 def test_unserializable_metadata_writes_nothing(tmp_path):

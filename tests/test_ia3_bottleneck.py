@@ -16,15 +16,16 @@ from reference import adam_steps, target_xent
 CONFIG = llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
                            num_kv_heads=2, attention_bias=True)
 SCAN_CONFIG = dataclasses.replace(CONFIG, scan_layers=True)
+MODEL = llama.model(CONFIG)
 PARAMS = llama.init_params(CONFIG, jax.random.key(0), stddev=0.3)
 TOKENS = jnp.array([[5, 9, 2, 7, 1, 3], [0, 0, 4, 6, 11, 2]], jnp.int32)
 MASK = jnp.array([[1] * 6, [0, 0, 1, 1, 1, 1]], jnp.int32)
 forward = jax.jit(llama.forward)
 
 METHODS = {
-    "ia3": lambda: jpeft.ia3(),
-    "houlsby": lambda: jpeft.bottleneck(4, placement="houlsby", activation="silu"),
-    "pfeiffer": lambda: jpeft.bottleneck(4, placement="pfeiffer"),
+    "ia3": lambda: jpeft.ia3(model=MODEL),
+    "houlsby": lambda: jpeft.bottleneck(4, placement="houlsby", activation="silu", model=MODEL),
+    "pfeiffer": lambda: jpeft.bottleneck(4, placement="pfeiffer", model=MODEL),
 }
 
 
@@ -115,14 +116,16 @@ def test_ia3_matches_peft_on_a_torch_linear_stack():
 def test_bottleneck_placements_and_stacked_layers():
     houlsby = METHODS["houlsby"]().init(jax.random.key(0), PARAMS)
     pfeiffer = METHODS["pfeiffer"]().init(jax.random.key(0), PARAMS)
-    assert set(houlsby["layers_1"]) == {"attn_adapter", "mlp_adapter"} and set(pfeiffer["layers_1"]) == {"mlp_adapter"}
-    assert float(jnp.abs(houlsby["layers_0"]["mlp_adapter"]["up"]["kernel"]).max()) == 0.0
+    assert set(houlsby) == {"attn_output", "mlp_output"} and set(pfeiffer) == {"mlp_output"}
+    assert houlsby["mlp_output"]["down"]["kernel"].shape == (CONFIG.num_layers, 16, 4)  # every layer's, stacked
+    assert float(jnp.abs(houlsby["mlp_output"]["up"]["kernel"]).max()) == 0.0
     method = METHODS["houlsby"]()
     adapter = randomize(houlsby)
     unrolled = logits(method.apply(PARAMS, adapter))
     assert np.abs(unrolled - logits(PARAMS)).max() > 1e-2
+    # The same adapter on the same weights stacked for scan_layers gives the same model.
     scan_params = llama.stack_layers(PARAMS, CONFIG.num_layers)
-    stacked = method.apply(scan_params, llama.stack_layers(adapter, CONFIG.num_layers))
+    stacked = method.apply(scan_params, adapter)
     np.testing.assert_allclose(logits(stacked, SCAN_CONFIG), unrolled, atol=1e-5)
     with pytest.raises(ValueError, match="cannot be merged"):
         method.merge(PARAMS, adapter)
@@ -161,7 +164,7 @@ def test_errors_are_clear():
     with pytest.raises(jpeft.RuleError, match="matched none of the IA3 targets"):
         jpeft.ia3(targets=r".*/k_proj/kernel").init(jax.random.key(0), PARAMS)
     with pytest.raises(ValueError, match="not a kernel"):
-        jpeft.ia3(targets=r".*/(embedding|k_proj/kernel)", feedforward=None).init(jax.random.key(0), PARAMS)
+        jpeft.ia3(targets=r".*/(embedding|k_proj/kernel)", feedforward=None, model=MODEL).init(jax.random.key(0), PARAMS)
     for build, message in [(lambda: jpeft.bottleneck(0), "positive int"),
                            (lambda: jpeft.bottleneck(4, placement="middle"), "placement"),
                            (lambda: jpeft.bottleneck(4, activation="softmax"), "activation")]:

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from jpeft import assets
 from jpeft.io import CheckpointError, load_gguf, load_gguf_tokenizer, load_hf, save_hf
-from jpeft.io.gguf import unpermute_rope_rows
+from jpeft.models.llama_formats import unpermute_rope_rows
 from jpeft.models import llama
 
 TINY = llama.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4,
@@ -23,7 +23,7 @@ TINY = llama.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, nu
 
 def _saved_tiny(folder, config=TINY, seed=0):
     params = llama.init_params(config, jax.random.key(seed), stddev=0.3)
-    save_hf(folder, config, params)
+    save_hf(folder, llama.model(config), params)
     return params
 
 
@@ -84,12 +84,12 @@ def test_save_then_load_round_trips_including_scan_and_bfloat16(tmp_path):
     params = _saved_tiny(tmp_path)
     _, loaded = load_hf(tmp_path)
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
-    config, stacked = load_hf(tmp_path, scan_layers=True)
+    model, stacked = load_hf(tmp_path, scan_layers=True)
     jax.tree.map(np.testing.assert_array_equal, stacked, llama.stack_layers(params, 2))
-    config16, half = load_hf(tmp_path, dtype=jnp.bfloat16)
-    assert config16.param_dtype == "bfloat16"
+    model16, half = load_hf(tmp_path, dtype=jnp.bfloat16)
+    assert model16.config.param_dtype == "bfloat16"
     assert {x.dtype for x in jax.tree.leaves(half)} == {jnp.dtype(jnp.bfloat16)}
-    save_hf(tmp_path / "again", config, stacked)  # stacked params are unstacked on save
+    save_hf(tmp_path / "again", model, stacked)  # stacked params are unstacked on save
     jax.tree.map(np.testing.assert_array_equal, load_hf(tmp_path / "again")[1], params)
 
 
@@ -115,7 +115,7 @@ def test_sharded_checkpoint_loads(tmp_path):
     model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
-    config, params = load_hf(tmp_path)
+    _, params = load_hf(tmp_path)
     state = model.state_dict()
     np.testing.assert_array_equal(params["layers_1"]["mlp"]["down_proj"]["kernel"],
                                   state["model.layers.1.mlp.down_proj.weight"].numpy().T)
@@ -167,22 +167,23 @@ def _write_gguf(path, config, params, *, skip=(), arch="llama"):
 
 
 def test_unpermute_inverts_llama_cpp_permute():
-    weight = np.arange(48 * 5, dtype=np.float32).reshape(48, 5)
-    np.testing.assert_array_equal(unpermute_rope_rows(_llama_cpp_permute(weight, 3), 3), weight)
+    weight = np.arange(48 * 5, dtype=np.float32).reshape(48, 5)  # (rows, in); the function works on the last axis
+    np.testing.assert_array_equal(unpermute_rope_rows(_llama_cpp_permute(weight, 3).T, 3).T, weight)
+    np.testing.assert_array_equal(unpermute_rope_rows(weight.T, 3, inverse=True).T, _llama_cpp_permute(weight, 3))
 
 
 def test_gguf_round_trip_and_errors(tmp_path):
     config = dataclasses.replace(TINY, rope_theta=5000.0, rms_norm_eps=1e-5, max_position_embeddings=64)
     params = llama.init_params(config, jax.random.key(0), stddev=0.3)
     _write_gguf(tmp_path / "ok.gguf", config, params)
-    loaded_config, loaded = load_gguf(tmp_path / "ok.gguf")
-    assert loaded_config == config
+    loaded_model, loaded = load_gguf(tmp_path / "ok.gguf")
+    assert loaded_model.config == config
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
     _write_gguf(tmp_path / "missing.gguf", config, params, skip={"blk.1.attn_k.weight"})
     with pytest.raises(CheckpointError, match=r"missing \(layers_1/self_attn/k_proj/kernel\)"):
         load_gguf(tmp_path / "missing.gguf")
     _write_gguf(tmp_path / "gpt2.gguf", config, params, arch="gpt2")
-    with pytest.raises(ValueError, match="Only GGUF architecture 'llama'"):
+    with pytest.raises(ValueError, match="GGUF architecture 'gpt2' is not supported; supported: \\['llama'\\]"):
         load_gguf(tmp_path / "gpt2.gguf")
 
 
@@ -193,8 +194,8 @@ def test_gguf_round_trip_and_errors(tmp_path):
 def smollm2():
     """(config, params with scan_layers, tokenizer) of SmolLM2-135M-Instruct (Q4_1 GGUF)."""
     path = assets.smollm2_gguf_path()
-    config, params = load_gguf(path, scan_layers=True)
-    return config, params, load_gguf_tokenizer(path)
+    model, params = load_gguf(path, scan_layers=True)
+    return model.config, params, load_gguf_tokenizer(path)
 
 
 @pytest.fixture(scope="module")

@@ -89,7 +89,8 @@ def variant(request, tmp_path_factory) -> Variant:
     """A random transformers model saved with save_pretrained, loaded with load_hf, run once."""
     folder = tmp_path_factory.mktemp(request.param)
     model = _make_hf(request.param, folder)
-    config, params = load_hf(folder)
+    loaded, params = load_hf(folder)
+    config = loaded.config
     seqs = _sequences(config.vocab_size)
     tokens, mask = _left_pad(seqs)
     logits, cache = jax.jit(llama.forward)(params, config, tokens, attention_mask_BxT=mask)

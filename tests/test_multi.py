@@ -14,6 +14,7 @@ from jpeft.models import llama
 CONFIG = llama.LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                            num_kv_heads=2)
 PARAMS = llama.init_params(CONFIG, jax.random.key(0), stddev=0.1)
+MODEL = llama.model(CONFIG)
 
 
 def targets(task, tokens_BxT):
@@ -67,7 +68,7 @@ def accuracy(bank, params, tokens_BxT, task_targets_BxT, w_BxT, *, name):
 
 @pytest.fixture(scope="module")
 def bank():
-    prompt = jpeft.prompt_tuning(4, init="normal", init_std=0.1)
+    prompt = jpeft.prompt_tuning(4, init="normal", init_std=0.1, model=MODEL)
     lora = jpeft.lora(rank=8, alpha=16, targets=r".*/kernel")
     return jpeft.AdapterBank({"const": (prompt, train(prompt, "const", steps=60, lr=3e-2)),
                               "copy": (lora, train(lora, "copy", steps=120, lr=1e-2))})
@@ -110,9 +111,9 @@ def test_bank_bookkeeping_and_errors(bank):
 
 
 def test_adapters_of_every_kind_live_in_one_bank():
-    methods = {"lora": jpeft.lora(rank=2), "ia3": jpeft.ia3(), "prompt": jpeft.prompt_tuning(2),
-               "prefix": jpeft.prefix_tuning(2), "p_tuning": jpeft.p_tuning(2, hidden_size=8),
-               "bottleneck": jpeft.bottleneck(4)}
+    methods = {"lora": jpeft.lora(rank=2), "ia3": jpeft.ia3(), "prompt": jpeft.prompt_tuning(2, model=MODEL),
+               "prefix": jpeft.prefix_tuning(2, model=MODEL), "p_tuning": jpeft.p_tuning(2, hidden_size=8, model=MODEL),
+               "bottleneck": jpeft.bottleneck(4, model=MODEL)}
     bank = jpeft.AdapterBank({n: (m, m.init(jax.random.key(0), PARAMS)) for n, m in methods.items()})
     bank.check(PARAMS)
     tokens = batch(jax.random.key(3), size=2)

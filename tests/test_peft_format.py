@@ -55,34 +55,34 @@ def test_peft_saved_adapter_loads_into_jpeft(base_folder, tmp_path, scan_layers)
     model.save_pretrained(tmp_path)
     expected = model(torch.tensor(TOKENS)).logits.detach().numpy()
 
-    config, params = load_hf(base_folder, scan_layers=scan_layers)
-    method, adapter = load_peft(tmp_path, params)
-    np.testing.assert_allclose(jpeft_logits(config, method.apply(params, adapter)), expected,
+    model, params = load_hf(base_folder, scan_layers=scan_layers)
+    method, adapter = load_peft(tmp_path, model, params)
+    np.testing.assert_allclose(jpeft_logits(model.config, method.apply(params, adapter)), expected,
                                rtol=1e-4, atol=1e-4)
 
 
 def test_jpeft_saved_adapter_loads_into_peft(base_folder, tmp_path):
-    config, params = load_hf(base_folder)
+    model, params = load_hf(base_folder)
     method = jpeft.lora(rank=4, alpha=8, targets=[jpeft.Rule(r".*/mlp/down_proj/kernel", rank=2, alpha=5),
-                                                  r".*/(q|k|v|o)_proj/kernel", r"embed_tokens/embedding"])
+                                                  r".*/(q|k|v|o)_proj/kernel", r"embed_tokens/embedding"], model=model)
     adapter = method.init(jax.random.key(0), params)
     leaves, treedef = jax.tree_util.tree_flatten(adapter)
     keys = jax.random.split(jax.random.key(1), len(leaves))
     adapter = treedef.unflatten([0.2 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
-    save_peft(tmp_path, method, params, adapter)
+    save_peft(tmp_path, model, method, params, adapter)
 
-    model = peft.PeftModel.from_pretrained(torch_base(base_folder), tmp_path).eval()
-    expected = model(torch.tensor(TOKENS)).logits.detach().numpy()
-    np.testing.assert_allclose(jpeft_logits(config, method.apply(params, adapter)), expected,
+    torch_model = peft.PeftModel.from_pretrained(torch_base(base_folder), tmp_path).eval()
+    expected = torch_model(torch.tensor(TOKENS)).logits.detach().numpy()
+    np.testing.assert_allclose(jpeft_logits(model.config, method.apply(params, adapter)), expected,
                                rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture
 def saved(base_folder, tmp_path):
-    _, params = load_hf(base_folder)
-    method = jpeft.lora(rank=2, targets=r".*/(q|v)_proj/kernel")
-    save_peft(tmp_path, method, params, method.init(jax.random.key(0), params))
-    return tmp_path, params
+    model, params = load_hf(base_folder)
+    method = jpeft.lora(rank=2, targets=r".*/(q|v)_proj/kernel", model=model)
+    save_peft(tmp_path, model, method, params, method.init(jax.random.key(0), params))
+    return tmp_path, model, params
 
 
 def _rewrite(folder, change):
@@ -91,43 +91,43 @@ def _rewrite(folder, change):
 
 
 def test_wrong_key_prefix_fails_loudly(saved):
-    folder, params = saved
+    folder, model, params = saved
     _rewrite(folder, lambda t: {k.replace("base_model.model.", "model."): v for k, v in t.items()})
     with pytest.raises(CheckpointError, match="not LoRA factors under"):
-        load_peft(folder, params)
+        load_peft(folder, model, params)
 
 
 def test_missing_factor_and_unknown_module_are_named(saved):
-    folder, params = saved
+    folder, model, params = saved
     gone = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
     _rewrite(folder, lambda t: {("base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight"
                                  if k.startswith("base_model.model.model.layers.0.self_attn.q_proj.lora_A")
                                  else k): v for k, v in t.items() if k != gone})
     with pytest.raises(CheckpointError) as info:
-        load_peft(folder, params)
+        load_peft(folder, model, params)
     message = str(info.value)
     assert "model.layers.1.self_attn.v_proj: lora_B.weight is missing" in message
-    assert "model.layers.7.self_attn.q_proj: no such weight" in message
+    assert "model.layers.7.self_attn.q_proj: no such module" in message
 
 
 def test_adapter_for_another_model_shape_is_rejected(saved):
-    folder, _ = saved
-    other = llama.LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=48, num_layers=2,
-                              num_heads=4, num_kv_heads=2)
+    folder, _, _ = saved
+    other = llama.model(llama.LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=48, num_layers=2,
+                                          num_heads=4, num_kv_heads=2))
     with pytest.raises(CheckpointError, match="do not fit a weight of shape"):
-        load_peft(folder, jax.eval_shape(llama.init_params, other, jax.random.key(0)))
+        load_peft(folder, other, other.abstract_params())
 
 
 def test_other_peft_types_and_corrupt_files_are_clear_errors(saved):
-    folder, params = saved
+    folder, model, params = saved
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(CheckpointError, match="DoRA"):
-        load_peft(folder, params)
+        load_peft(folder, model, params)
     (folder / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
     with pytest.raises(CheckpointError, match="only LORA"):
-        load_peft(folder, params)
+        load_peft(folder, model, params)
     (folder / "adapter_config.json").write_text(json.dumps(config))
     (folder / "adapter_model.safetensors").write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
-        load_peft(folder, params)
+        load_peft(folder, model, params)

@@ -16,6 +16,7 @@ from reference import adam_steps, greedy_without_cache, target_xent
 CONFIG = llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
                            num_kv_heads=2, max_position_embeddings=64)
 PARAMS = llama.init_params(CONFIG, jax.random.key(0), stddev=0.3)
+MODEL = llama.model(CONFIG)
 N = 3  # virtual tokens
 # A left-padded batch: row 1 has 3 pads.
 TOKENS = jnp.array([[5, 9, 2, 7, 1, 3, 8], [0, 0, 0, 4, 6, 11, 2]], jnp.int32)
@@ -23,12 +24,12 @@ MASK = jnp.array([[1] * 7, [0, 0, 0, 1, 1, 1, 1]], jnp.int32)
 forward = jax.jit(llama.forward, static_argnames=("return_hidden", "prepend_virtual"))
 
 METHODS = {
-    "prompt": lambda: jpeft.prompt_tuning(N, init_ids=[4, 9]),
-    "p_tuning_mlp": lambda: jpeft.p_tuning(N, hidden_size=8),
-    "p_tuning_lstm": lambda: jpeft.p_tuning(N, encoder="lstm", hidden_size=8),
-    "p_tuning_residual": lambda: jpeft.p_tuning(N, hidden_size=8, init_ids=[4, 9], residual=True),
-    "prefix": lambda: jpeft.prefix_tuning(N, init_std=0.5),
-    "prefix_projection": lambda: jpeft.prefix_tuning(N, projection=True, hidden_size=8),
+    "prompt": lambda: jpeft.prompt_tuning(N, init_ids=[4, 9], model=MODEL),
+    "p_tuning_mlp": lambda: jpeft.p_tuning(N, hidden_size=8, model=MODEL),
+    "p_tuning_lstm": lambda: jpeft.p_tuning(N, encoder="lstm", hidden_size=8, model=MODEL),
+    "p_tuning_residual": lambda: jpeft.p_tuning(N, hidden_size=8, init_ids=[4, 9], residual=True, model=MODEL),
+    "prefix": lambda: jpeft.prefix_tuning(N, init_std=0.5, model=MODEL),
+    "prefix_projection": lambda: jpeft.prefix_tuning(N, projection=True, hidden_size=8, model=MODEL),
 }
 
 
@@ -40,7 +41,7 @@ SCAN_CONFIG = dataclasses.replace(CONFIG, scan_layers=True)
 
 
 def test_prompt_is_the_same_as_prepended_input_embeddings():
-    method = jpeft.prompt_tuning(N, init="normal", init_std=0.5)
+    method = jpeft.prompt_tuning(N, init="normal", init_std=0.5, model=MODEL)
     prompt_NxD = method.init(jax.random.key(1), PARAMS)["prompt"]["embeddings"]
     logits, _ = forward(method.apply(PARAMS, {"prompt": {"embeddings": prompt_NxD}}), CONFIG, TOKENS,
                         attention_mask_BxT=MASK)
@@ -73,7 +74,7 @@ def test_prefix_is_the_same_as_a_cache_holding_it():
 @pytest.mark.parametrize("scan", [False, True])
 def test_prefix_from_text_is_the_same_as_the_text_written_before_the_input(scan):
     params, config = (scanned(PARAMS), SCAN_CONFIG) if scan else (PARAMS, CONFIG)
-    method = jpeft.prefix_tuning(5, init_ids=[4, 9], config=config)
+    method = jpeft.prefix_tuning(5, init_ids=[4, 9], model=llama.model(config))
     adapter = method.init(jax.random.key(1), params)
     assert adapter["prefix"]["key"].shape == (2, 5, 8)
     got, _ = forward(method.apply(params, adapter), config, TOKENS, attention_mask_BxT=MASK)
@@ -82,25 +83,25 @@ def test_prefix_from_text_is_the_same_as_the_text_written_before_the_input(scan)
                       attention_mask_BxT=jnp.concatenate([jnp.ones((2, 5), jnp.int32), MASK], axis=1))
     np.testing.assert_allclose(got, want[:, 5:], atol=1e-5)
     # The same text as a prompt-tuning prompt: the same model.
-    prompt = jpeft.prompt_tuning(5, init_ids=[4, 9])
+    prompt = jpeft.prompt_tuning(5, init_ids=[4, 9], model=MODEL)
     as_prompt, _ = forward(prompt.apply(params, prompt.init(jax.random.key(0), params)), config, TOKENS,
                            attention_mask_BxT=MASK)
     np.testing.assert_allclose(got, as_prompt, atol=1e-5)
 
 
 def test_prefix_text_init_errors():
-    for kwargs, message in [({"init": "text", "config": CONFIG}, "needs init_ids"),
-                            ({"init_ids": [1]}, "needs init_ids .* and config"),
-                            ({"init_ids": [1], "config": CONFIG, "projection": True}, "projection=False"),
-                            ({"init": "zeros"}, "'text' or 'normal'"),
-                            ({"init": "normal", "init_ids": [1]}, "only used by init='text'")]:
+    for kwargs, message in [({"init": "text", "model": MODEL}, "needs init_text"),
+                            ({"init_ids": [1]}, "pass model="),
+                            ({"init_ids": [1], "model": MODEL, "projection": True}, "needs init='normal'"),
+                            ({"init": "zeros"}, "'text', 'normal'"),
+                            ({"init": "normal", "init_ids": [1]}, "does not read a text")]:
         with pytest.raises(ValueError, match=message):
             jpeft.prefix_tuning(4, **kwargs)
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        jpeft.prefix_tuning(4, init_ids=[99], config=CONFIG).init(jax.random.key(0), PARAMS)
+        jpeft.prefix_tuning(4, init_ids=[99], model=MODEL).init(jax.random.key(0), PARAMS)
     with pytest.raises(ValueError, match="does not describe these parameters"):
-        jpeft.prefix_tuning(4, init_ids=[1], config=CONFIG).init(jax.random.key(0), scanned(PARAMS))
-    applied = jpeft.prompt_tuning(N, init_ids=[4]).apply(PARAMS, {"prompt": {"embeddings": jnp.zeros((N, 16))}})
+        jpeft.prefix_tuning(4, init_ids=[1], model=MODEL).init(jax.random.key(0), scanned(PARAMS))
+    applied = jpeft.prompt_tuning(N, init_ids=[4], model=MODEL).apply(PARAMS, {"prompt": {"embeddings": jnp.zeros((N, 16))}})
     with pytest.raises(ValueError, match="without a prompt or prefix"):
         llama.keys_values_of_text(applied, CONFIG, [1, 2])
 
@@ -110,7 +111,7 @@ def test_prefix_adapter_works_with_scan_layers_on_and_off():
     adapter = method.init(jax.random.key(1), PARAMS)
     unrolled, _ = forward(method.apply(PARAMS, adapter), CONFIG, TOKENS, attention_mask_BxT=MASK)
     stacked_params = method.apply(scanned(PARAMS), adapter)
-    assert stacked_params["layers"]["self_attn"]["prefix"]["key"].shape == (2, N, 8)
+    assert stacked_params["layers"]["hooks"]["prefix"]["key"].shape == (2, N, 8)
     stacked, _ = forward(stacked_params, SCAN_CONFIG, TOKENS, attention_mask_BxT=MASK)
     np.testing.assert_allclose(stacked, unrolled, atol=1e-5)
 
@@ -151,26 +152,26 @@ def test_fold_removes_the_encoder_and_keeps_the_model(name):
     np.testing.assert_allclose(small, full, atol=1e-6)
     merged = jpeft.tree.flatten(method.merge(PARAMS, adapter))  # base + the folded hook entries
     assert not any(jpeft.ops.is_wrapper(x) for x in merged.values())
-    hooks = {p: v for p, v in merged.items() if "prompt" in p or "prefix" in p}
+    hooks = {p: v for p, v in merged.items() if "/hooks/" in f"/{p}"}
     assert len(hooks) == (1 if lib is prompt_lib else 2 * CONFIG.num_layers)
     assert jpeft.param_report(PARAMS, folded).trainable < jpeft.param_report(PARAMS, adapter).trainable
 
 
 def test_prompt_initialisations():
     table = PARAMS["embed_tokens"]["embedding"]
-    text = jpeft.prompt_tuning(5, init_ids=[4, 9]).init(jax.random.key(0), PARAMS)["prompt"]["embeddings"]
+    text = jpeft.prompt_tuning(5, init_ids=[4, 9], model=MODEL).init(jax.random.key(0), PARAMS)["prompt"]["embeddings"]
     np.testing.assert_array_equal(text, table[jnp.array([4, 9, 4, 9, 4])])
-    vocab = jpeft.prompt_tuning(5).init(jax.random.key(0), PARAMS)["prompt"]["embeddings"]
+    vocab = jpeft.prompt_tuning(5, model=MODEL).init(jax.random.key(0), PARAMS)["prompt"]["embeddings"]
     assert all(any(np.array_equal(row, t) for t in np.asarray(table)) for row in np.asarray(vocab))
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), PARAMS)
-    normal = jpeft.prompt_tuning(5, init="normal").init(jax.random.key(0), abstract)
+    normal = jpeft.prompt_tuning(5, init="normal", model=MODEL).init(jax.random.key(0), abstract)
     assert normal["prompt"]["embeddings"].shape == (5, 16)
-    assert jax.eval_shape(jpeft.prompt_tuning(5).init, jax.random.key(0), abstract)["prompt"]["embeddings"].shape \
+    assert jax.eval_shape(jpeft.prompt_tuning(5, model=MODEL).init, jax.random.key(0), abstract)["prompt"]["embeddings"].shape \
         == (5, 16)
     with pytest.raises(ValueError, match="only a shape"):
-        jpeft.prompt_tuning(5).init(jax.random.key(0), abstract)
+        jpeft.prompt_tuning(5, model=MODEL).init(jax.random.key(0), abstract)
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        jpeft.prompt_tuning(5, init_ids=[40]).init(jax.random.key(0), PARAMS)
+        jpeft.prompt_tuning(5, init_ids=[40], model=MODEL).init(jax.random.key(0), PARAMS)
     for name in ("prefix", "prefix_projection", "p_tuning_lstm"):  # shape-only inits
         shapes = jax.eval_shape(METHODS[name]().init, jax.random.key(0), abstract)
         assert jax.tree.structure(METHODS[name]().init(jax.random.key(0), abstract)) == jax.tree.structure(shapes)
@@ -204,7 +205,7 @@ def test_p_tuning_encoder_matches_peft(encoder):
         adapter["lstm"] = {f"layer_{i}": {"forward": direction(i, ""), "backward": direction(i, "_reverse")}
                            for i in range(2)}
     adapter = {"prompt_encoder": adapter}
-    ours = jpeft.p_tuning(N, encoder=encoder, hidden_size=8).init(jax.random.key(0), PARAMS)
+    ours = jpeft.p_tuning(N, encoder=encoder, hidden_size=8, model=MODEL).init(jax.random.key(0), PARAMS)
     assert jax.tree.map(jnp.shape, ours) == jax.tree.map(jnp.shape, adapter)
     with torch.no_grad():
         want = hf(torch.arange(N)[None])[0].numpy()
@@ -216,10 +217,10 @@ def test_p_tuning_encoder_matches_peft(encoder):
 
 @pytest.mark.parametrize("encoder", ["mlp", "lstm"])
 def test_residual_p_tuning_starts_as_prompt_tuning_from_the_same_text(encoder):
-    residual = jpeft.p_tuning(5, encoder=encoder, hidden_size=8, init_ids=[4, 9], residual=True)
+    residual = jpeft.p_tuning(5, encoder=encoder, hidden_size=8, init_ids=[4, 9], residual=True, model=MODEL)
     adapter = residual.init(jax.random.key(3), PARAMS)
     assert "residual_mlp" in adapter["prompt_encoder"] and "mlp" not in adapter["prompt_encoder"]
-    prompt = jpeft.prompt_tuning(5, init_ids=[4, 9]).init(jax.random.key(0), PARAMS)
+    prompt = jpeft.prompt_tuning(5, init_ids=[4, 9], model=MODEL).init(jax.random.key(0), PARAMS)
     np.testing.assert_array_equal(prompt_lib.encode(adapter), prompt["prompt"]["embeddings"])
     # Once the encoder has moved, the virtual tokens are embedding + encoder(embedding).
     moved = jax.tree.map(lambda x: x + 0.1, adapter)
@@ -229,11 +230,11 @@ def test_residual_p_tuning_starts_as_prompt_tuning_from_the_same_text(encoder):
                                moved["prompt_encoder"]["embedding"] + prompt_lib.encode(plain), atol=1e-6)
     # A residual adapter is not a plain one, and the other way round.
     with pytest.raises(ValueError, match="not a p_tuning"):
-        jpeft.p_tuning(5, encoder=encoder, hidden_size=8).apply(PARAMS, adapter)
+        jpeft.p_tuning(5, encoder=encoder, hidden_size=8, model=MODEL).apply(PARAMS, adapter)
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        jpeft.p_tuning(5, init_ids=[99], residual=True).init(jax.random.key(0), PARAMS)
+        jpeft.p_tuning(5, init_ids=[99], residual=True, model=MODEL).init(jax.random.key(0), PARAMS)
     with pytest.raises(ValueError, match="init_ids is empty"):
-        jpeft.p_tuning(5, init_ids=[])
+        jpeft.p_tuning(5, init_ids=[], model=MODEL)
 
 
 def test_parameter_counts_match_peft():
@@ -246,13 +247,14 @@ def test_parameter_counts_match_peft():
     config = llama.LlamaConfig.from_hf(hf_config.to_dict())
     params = jax.eval_shape(llama.init_params, config, jax.random.key(0))
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
+    MODEL = llama.model(config)  # noqa: N806 (the builders below read it)
     cases = [
-        (peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=7), jpeft.prompt_tuning(7)),
-        (peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=7), jpeft.prefix_tuning(7)),
+        (peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=7), jpeft.prompt_tuning(7, model=MODEL)),
+        (peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=7), jpeft.prefix_tuning(7, model=MODEL)),
         (peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=7, prefix_projection=True,
-                                 encoder_hidden_size=12), jpeft.prefix_tuning(7, projection=True, hidden_size=12)),
+                                 encoder_hidden_size=12), jpeft.prefix_tuning(7, projection=True, hidden_size=12, model=MODEL)),
         (peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=7, encoder_hidden_size=12),
-         jpeft.p_tuning(7, hidden_size=12)),
+         jpeft.p_tuning(7, hidden_size=12, model=MODEL)),
     ]
     for hf_peft_config, method in cases:
         torch.manual_seed(0)
@@ -260,7 +262,7 @@ def test_parameter_counts_match_peft():
         hf_trainable, _ = model.get_nb_trainable_parameters()
         ours = jpeft.param_report(params, method.init(jax.random.key(0), params)).trainable
         assert ours == hf_trainable, (method.name, ours, hf_trainable)
-    assert jpeft.param_report(params, jpeft.prompt_tuning(7).init(jax.random.key(0), params)).trainable == 7 * 16
+    assert jpeft.param_report(params, jpeft.prompt_tuning(7, model=MODEL).init(jax.random.key(0), params)).trainable == 7 * 16
 
 
 def test_errors_are_clear():
@@ -285,7 +287,7 @@ def test_errors_are_clear():
     prefix = METHODS["prefix"]()
     with pytest.raises(ValueError, match="another model"):
         prefix.apply(small_params, prefix.init(jax.random.key(0), PARAMS))
-    bad_hook = {**PARAMS, "prompt": {"embeddings": jnp.zeros((N, 8))}}
+    bad_hook = {**PARAMS, "hooks": {"prompt": jnp.zeros((N, 8))}}
     with pytest.raises(ValueError, match="another model"):
         llama.forward(bad_hook, CONFIG, TOKENS)
     # Adapters of one method applied as another.
@@ -295,17 +297,17 @@ def test_errors_are_clear():
     with pytest.raises(ValueError, match="not a prefix_tuning adapter"):
         prefix.apply(PARAMS, adapter)
     with pytest.raises(ValueError, match="not a p_tuning"):
-        jpeft.p_tuning(N).apply(PARAMS, prefix.init(jax.random.key(0), PARAMS))
+        jpeft.p_tuning(N, model=MODEL).apply(PARAMS, prefix.init(jax.random.key(0), PARAMS))
     with pytest.raises(ValueError, match="not a LoRA factor"):
         lora.apply(PARAMS, adapter)
-    with pytest.raises(ValueError, match="already carry a prompt"):
+    with pytest.raises(ValueError, match="already carry a 'prompt'"):
         prompt.apply(applied, adapter)
     with pytest.raises(ValueError, match="both a prompt"):
         llama.forward(prefix.apply(applied, prefix.init(jax.random.key(0), PARAMS)), CONFIG, TOKENS)
     # Bad settings.
-    for build, message in [(lambda: jpeft.prompt_tuning(0), "positive int"),
-                           (lambda: jpeft.prompt_tuning(4, init="text"), "needs init_ids"),
-                           (lambda: jpeft.p_tuning(4, encoder="gru"), "encoder must be"),
-                           (lambda: jpeft.prefix_tuning(4, init_std=0.0), "init_std")]:
+    for build, message in [(lambda: jpeft.prompt_tuning(0, model=MODEL), "positive int"),
+                           (lambda: jpeft.prompt_tuning(4, init="text", model=MODEL), "needs init_text"),
+                           (lambda: jpeft.p_tuning(4, encoder="gru", model=MODEL), "encoder must be"),
+                           (lambda: jpeft.prefix_tuning(4, init_std=0.0, model=MODEL), "init_std")]:
         with pytest.raises(ValueError, match=message):
             build()

@@ -207,12 +207,13 @@ def loss_fn(params, ids):
 
 TARGETS = r".*/(kernel|embedding)"
 IDS = jnp.arange(12).reshape(2, 6) % VOCAB
+AXES = {"embed": {"embedding": ("vocab", "embed")}}  # the table's role (blocked along its rows' width)
 
 
 @pytest.fixture(scope="module")
 def qlora():
     params = tiny_params(jax.random.key(5))
-    qparams = quant.quantize(params, TARGETS)
+    qparams = quant.quantize(params, TARGETS, axes=AXES)
     method = jpeft.lora(rank=4, alpha=8, targets=TARGETS)
     adapter = method.init(jax.random.key(6), qparams)
     return params, qparams, method, adapter
@@ -296,7 +297,7 @@ def test_backward_keeps_no_float_weight(qlora, capsys):
 
 def test_eval_shape_and_lora_init_on_abstract(qlora):
     params, _, method, _ = qlora
-    abstract = jax.eval_shape(lambda p: quant.quantize(p, TARGETS), params)
+    abstract = jax.eval_shape(lambda p: quant.quantize(p, TARGETS, axes=AXES), params)
     leaf = abstract["layers"]["up"]["kernel"]
     assert isinstance(leaf, quant.QuantizedArray) and isinstance(leaf.codes, jax.ShapeDtypeStruct)
     assert leaf.shape == (L, D, F)
@@ -306,13 +307,13 @@ def test_eval_shape_and_lora_init_on_abstract(qlora):
 
 def test_quantize_on_load_matches_quantize(qlora):
     params, qparams, _, _ = qlora
-    leaf_fn = quant.quantize_on_load(TARGETS)
+    leaf_fn = quant.quantize_on_load(TARGETS, axes=AXES)
     loaded = tree.unflatten({p: leaf_fn(p, np.asarray(v)) for p, v in tree.flatten(params).items()})
     leaf_fn.check_all_used()
     assert jax.tree.structure(loaded) == jax.tree.structure(qparams)
     for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(qparams)):
         np.testing.assert_array_equal(got, want)
-    unused = quant.quantize_on_load([TARGETS, r".*/lm_head/kernel"])
+    unused = quant.quantize_on_load([TARGETS, r".*/lm_head/kernel"], axes=AXES)
     unused("embed/embedding", np.ones((VOCAB, D), np.float32))
     with pytest.raises(jpeft.RuleError, match="lm_head"):
         unused.check_all_used()
@@ -325,15 +326,15 @@ def test_orbax_round_trip_and_metadata_check(qlora, tmp_path):
     checkpointer.wait_until_finished()
     saved_meta = json.loads(json.dumps(quant.describe(qparams)))
 
-    like = jax.eval_shape(lambda p: quant.quantize(p, TARGETS), params)
+    like = jax.eval_shape(lambda p: quant.quantize(p, TARGETS, axes=AXES), params)
     quant.check_metadata(saved_meta, like)
     restored = checkpointer.restore(tmp_path / "q", like)
     np.testing.assert_array_equal(tiny_forward(restored, IDS), tiny_forward(qparams, IDS))
 
-    as_int4 = jax.eval_shape(lambda p: quant.quantize(p, TARGETS, format="int4"), params)
+    as_int4 = jax.eval_shape(lambda p: quant.quantize(p, TARGETS, format="int4", axes=AXES), params)
     with pytest.raises(QuantizationError, match=r"layers/up/kernel: format 'nf4' in the checkpoint vs 'int4'"):
         quant.check_metadata(saved_meta, as_int4)
-    other_block = jax.eval_shape(lambda p: quant.quantize(p, TARGETS, block_size=32), params)
+    other_block = jax.eval_shape(lambda p: quant.quantize(p, TARGETS, block_size=32, axes=AXES), params)
     with pytest.raises(QuantizationError, match="block_size 64 in the checkpoint vs 32"):
         quant.check_metadata(saved_meta, other_block)
     with pytest.raises(QuantizationError, match="embed/embedding: quantized in the checkpoint"):

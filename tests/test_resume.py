@@ -23,23 +23,6 @@ from train import config as config_lib
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_hf_folder(tmp_path_factory):
-    """A tiny random Llama with SmolLM2's tokenizer, written as a Hugging Face folder."""
-    from jpeft import assets
-    from jpeft.io.gguf import load_gguf_tokenizer
-    from jpeft.io.hf import save_hf
-    from jpeft.models import llama
-
-    tokenizer = load_gguf_tokenizer(assets.smollm2_gguf_path())
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    c = llama.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_layers=2,
-                          num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
-    save_hf(folder, c, llama.init_params(c, jax.random.key(0)))
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def tiny_config(folder, run_dir, *, steps=12, batch_size=4, articles=8, **sections) -> dict:
     """A tiny LoRA run with dropout (so the dropout keys must resume too), without ROUGE."""
     raw = {

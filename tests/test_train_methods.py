@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jpeft
+
 from jpeft.checkpoint import CheckpointError
 from train import config as config_lib
 from train.config import ConfigError
@@ -22,40 +24,11 @@ NEW_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning", "ia3", "bottleneck"
 
 
 @pytest.fixture(scope="module")
-def bbc_dir():
-    from jpeft import assets
-
-    return assets.bbc_news_dir()
-
-
-@pytest.fixture(scope="module")
-def tiny_hf_folder(tmp_path_factory):
-    """A tiny random Llama with SmolLM2's tokenizer, written as a Hugging Face folder."""
-    from jpeft import assets
-    from jpeft.io.gguf import load_gguf_tokenizer
-    from jpeft.io.hf import save_hf
-    from jpeft.models import llama
-
-    tokenizer = load_gguf_tokenizer(assets.smollm2_gguf_path())
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    c = llama.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-        num_kv_heads=2, tie_word_embeddings=True,
-    )
-    # Weights 5x the init's 0.02 std: layers that mix tokens enough for a prompt or prefix to
-    # steer the output (at 0.02 each position's output is mostly its own token's embedding).
-    params = jax.tree.map(lambda x: x * 5.0 if x.ndim >= 2 else x, llama.init_params(c, jax.random.key(0)))
-    save_hf(folder, c, params)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def loaded_models(tiny_hf_folder):
+def loaded_models(mixing_hf_folder):
     """``{quantize: Loaded}``, each loaded once: the float tiny model and its NF4 copy."""
     from train import model
 
-    return {q: model.load(config_lib.ModelConfig(hf_folder=str(tiny_hf_folder), quantize=q)) for q in (None, "nf4")}
+    return {q: model.load(config_lib.ModelConfig(hf_folder=str(mixing_hf_folder), quantize=q)) for q in (None, "nf4")}
 
 
 def _tiny_config(tmp_path, folder, bbc_dir, method, *, quantize=None, lr):
@@ -67,8 +40,8 @@ def _tiny_config(tmp_path, folder, bbc_dir, method, *, quantize=None, lr):
         "progress": False,
         "model": {"hf_folder": str(folder), "quantize": quantize},
         "lora": {"rank": 4, "alpha": 8},
-        "prompt_tuning": {"num_virtual_tokens": 4},
-        "prefix_tuning": {"num_virtual_tokens": 4, "hidden_size": 32},
+        "prompt_tuning": {"num_virtual_tokens": 4, "init_text": "Write a headline for this article:"},
+        "prefix_tuning": {"num_virtual_tokens": 4, "init_text": "Write a headline for this article:"},
         "p_tuning": {"num_virtual_tokens": 4, "hidden_size": 32},
         "bottleneck": {"size": 8, "placement": "houlsby"},
         "data": {"dir": str(bbc_dir), "max_article_tokens": 24, "max_headline_tokens": 12, "bucket_size": 32,
@@ -99,31 +72,35 @@ def test_every_methods_table_row_has_a_valid_config(tmp_path):
         import methods_table
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
+    from jpeft.models import llama
     from train import run
 
+    model = llama.model(llama.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2,
+                                          num_heads=4))
     labels = {}
     for name in methods_table.METHODS:
         cfg = methods_table.method_config(name, ["train.steps=3", "train.warmup_steps=1"], str(tmp_path))
         assert cfg.train.steps == 3 and cfg.run_dir == str(tmp_path / name)
-        labels[name] = run.method_label(cfg)
+        method = run.make_method(cfg, model, tokenizer=lambda text: [1, 2, 3])  # every row's method builds
+        labels[name] = run.method_label(cfg, method)
     assert len(set(labels.values())) == len(labels), labels  # every row is told apart in the table
-    assert labels["p_tuning_plain"] == "p_tuning (random init)"
+    assert labels["p_tuning_plain"] == "p_tuning (random init)" and labels["qlora"] == "lora r=8 (nf4 base)"
 
 
 @pytest.mark.parametrize(
     "raw, message",
     [
         ({"model": {"quantize": "nf3"}}, r"'model.quantize': 'nf3' must be one of 'nf4', 'int4', 'int8'"),
-        ({"method": "full", "model": {"quantize": "nf4"}}, r"base cannot be quantized"),
         ({"method": "qlora"}, r"'method': 'qlora' must be one of .*'bottleneck'"),
-        ({"prompt_tuning": {"num_virtual_tokens": 0}}, r"'prompt_tuning.num_virtual_tokens': 0 must be > 0"),
+        ({"prompt_tuning": {"num_virtual_tokens": 0}}, r"'prompt_tuning.num_virtual_tokens': 0 must be a positive int"),
         ({"prompt_tuning": {"init": "random"}}, r"'prompt_tuning.init': 'random' must be one of 'text'"),
         ({"method": "prompt_tuning", "prompt_tuning": {"init_text": " "}}, r"'prompt_tuning.init_text'.*empty"),
         ({"prefix_tuning": {"projection": "yes"}}, r"'prefix_tuning.projection': 'yes' is a str, it needs a bool"),
-        ({"prefix_tuning": {"hidden_size": 0}}, r"'prefix_tuning.hidden_size': 0 must be > 0"),
+        ({"prefix_tuning": {"hidden_size": 0}}, r"'prefix_tuning.hidden_size': 0 must be a positive int or None"),
         ({"prefix_tuning": {"init": "vocab"}}, r"'prefix_tuning.init': 'vocab' must be one of 'text', 'normal'"),
         ({"method": "prefix_tuning", "prefix_tuning": {"init_text": ""}}, r"'prefix_tuning.init_text'.*empty"),
-        ({"method": "prefix_tuning", "prefix_tuning": {"projection": True}}, r"projection=true needs .*init=normal"),
+        ({"method": "prefix_tuning", "prefix_tuning": {"init_text": "x", "projection": True}},
+         r"'prefix_tuning.projection': True needs init='normal'"),
         ({"p_tuning": {"encoder": "gru"}}, r"'p_tuning.encoder': 'gru' must be one of 'mlp', 'lstm'"),
         ({"method": "p_tuning", "p_tuning": {"init": "text", "init_text": ""}}, r"'p_tuning.init_text'.*empty"),
         ({"p_tuning": {"residual": 1}}, r"'p_tuning.residual': 1 is a int, it needs a bool"),
@@ -167,12 +144,12 @@ def test_prompt_tuning_init_text_is_tokenized(loaded_models):
     cfg = config_lib.from_dict({"method": "prompt_tuning",
                                 "prompt_tuning": {"num_virtual_tokens": 3, "init_text": "Headline:"}})
     ids = loaded.tokenizer("Headline:", add_special_tokens=False)["input_ids"]
-    adapter = run.make_method(cfg, loaded.tokenizer).init(jax.random.key(0), loaded.params)
+    adapter = run.make_method(cfg, loaded.model, loaded.tokenizer).init(jax.random.key(0), loaded.params)
     table = np.asarray(loaded.params["embed_tokens"]["embedding"])
     expected = table[(ids * 3)[:3]]
     np.testing.assert_allclose(np.asarray(adapter["prompt"]["embeddings"]), expected)
     with pytest.raises(ValueError, match="needs the tokenizer"):
-        run.make_method(cfg)
+        run.make_method(cfg, loaded.model)
 
 
 def test_prefix_tuning_init_text_runs_the_model_over_the_text(loaded_models):
@@ -183,12 +160,12 @@ def test_prefix_tuning_init_text_runs_the_model_over_the_text(loaded_models):
     cfg = config_lib.from_dict({"method": "prefix_tuning",
                                 "prefix_tuning": {"num_virtual_tokens": 4, "init_text": "Headline:"}})
     ids = loaded.tokenizer("Headline:", add_special_tokens=False)["input_ids"]
-    adapter = run.make_method(cfg, loaded.tokenizer, loaded.config).init(jax.random.key(0), loaded.params)
+    adapter = run.make_method(cfg, loaded.model, loaded.tokenizer).init(jax.random.key(0), loaded.params)
     want_key, want_value = llama.keys_values_of_text(loaded.params, loaded.config, (ids * 4)[:4])
     np.testing.assert_array_equal(adapter["prefix"]["key"], want_key)
     np.testing.assert_array_equal(adapter["prefix"]["value"], want_value)
-    with pytest.raises(ValueError, match="pass model_config"):
-        run.make_method(cfg, loaded.tokenizer)
+    with pytest.raises(ValueError, match="pass model="):
+        run.make_method(cfg, None, loaded.tokenizer)
 
 
 def test_evaluation_params_per_method(loaded_models):
@@ -199,13 +176,13 @@ def test_evaluation_params_per_method(loaded_models):
 
     qloaded = loaded_models["nf4"]
     cfg = config_lib.from_dict({"model": {"quantize": "nf4"}, "lora": {"rank": 4}})
-    method = run.make_method(cfg)
+    method = run.make_method(cfg, qloaded.model)
     adapter = method.init(jax.random.key(1), qloaded.params)
     adapter = jax.tree.map(lambda x: x + 0.05, adapter)  # B != 0: the delta matters
     q_proj = qloaded.params["layers"]["self_attn"]["q_proj"]["kernel"]
     assert quant.is_quantized(q_proj)
 
-    applied = run.inference_params(cfg, method, qloaded.params, adapter)
+    applied = jpeft.for_inference(method, qloaded.params, adapter)
     assert quant.is_quantized(applied["layers"]["self_attn"]["q_proj"]["kernel"].base)
     merged = method.merge(qloaded.params, adapter)  # plain weights: dequantized base + delta
     merged_q = merged["layers"]["self_attn"]["q_proj"]["kernel"]
@@ -217,14 +194,21 @@ def test_evaluation_params_per_method(loaded_models):
     logits_merge, _ = llama.forward(merged, qloaded.config, tokens)
     np.testing.assert_allclose(np.asarray(logits_apply), np.asarray(logits_merge), atol=2e-3, rtol=2e-3)
 
-    float_cfg = config_lib.from_dict({"lora": {"rank": 4}})
-    merged_float = run.inference_params(float_cfg, method, loaded_models[None].params, adapter)
+    merged_float = jpeft.for_inference(method, loaded_models[None].params, adapter)
     assert isinstance(merged_float["layers"]["self_attn"]["q_proj"]["kernel"], jax.Array)
     bottleneck_cfg = config_lib.from_dict({"method": "bottleneck"})
-    bottleneck = run.make_method(bottleneck_cfg)
+    bottleneck = run.make_method(bottleneck_cfg, loaded_models[None].model)
     b_adapter = bottleneck.init(jax.random.key(2), loaded_models[None].params)
-    assert "mlp_adapter" in run.inference_params(bottleneck_cfg, bottleneck, loaded_models[None].params, b_adapter)[
-        "layers"]
+    applied = jpeft.for_inference(bottleneck, loaded_models[None].params, b_adapter)
+    assert "mlp_output" in applied["layers"]["hooks"]
+
+
+def test_full_finetuning_refuses_a_quantized_base(loaded_models):
+    from train import run
+
+    cfg = config_lib.from_dict({"method": "full", "model": {"quantize": "nf4"}})
+    with pytest.raises(ValueError, match="a quantized base cannot be trained"):
+        run.make_method(cfg, loaded_models["nf4"].model).init(jax.random.key(0), loaded_models["nf4"].params)
 
 
 @pytest.mark.parametrize(
@@ -238,10 +222,10 @@ def test_evaluation_params_per_method(loaded_models):
         ("bottleneck", None, 3e-2, "lora"),
     ],
 )
-def test_tiny_method_run_end_to_end(tmp_path, tiny_hf_folder, bbc_dir, loaded_models, method, quantize, lr, other):
+def test_tiny_method_run_end_to_end(tmp_path, mixing_hf_folder, bbc_dir, loaded_models, method, quantize, lr, other):
     from train import run
 
-    cfg = _tiny_config(tmp_path, tiny_hf_folder, bbc_dir, method, quantize=quantize, lr=lr)
+    cfg = _tiny_config(tmp_path, mixing_hf_folder, bbc_dir, method, quantize=quantize, lr=lr)
     loaded = loaded_models[quantize]
     summary = run.run(cfg, loaded=loaded)
     run_dir = Path(summary["run_dir"])
@@ -250,7 +234,8 @@ def test_tiny_method_run_end_to_end(tmp_path, tiny_hf_folder, bbc_dir, loaded_mo
     assert len(losses) == 8 and np.all(np.isfinite(losses))
     assert losses[-1] < losses[0] - 0.05, losses
     tuned = summary["rouge"][-1]
-    assert tuned["model"] == run.method_label(cfg) and np.isfinite(tuned["rouge1"])
+    assert tuned["model"] == run.method_label(cfg, run.make_method(cfg, loaded.model, loaded.tokenizer))
+    assert np.isfinite(tuned["rouge1"])
     assert len((run_dir / "predictions_tuned.jsonl").read_text().splitlines()) == 4
 
     adapter, meta = run.restore(str(run_dir / "adapter"), cfg, loaded)

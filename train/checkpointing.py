@@ -1,12 +1,13 @@
 """Training checkpoints: the adapter, the optimizer state, the step and the RNG key.
 
-An orbax ``CheckpointManager`` in ``<run_dir>/checkpoints`` keeps the newest
-``checkpoint.keep`` saves, one every ``checkpoint.every`` steps plus the last
-one, written in the background (``checkpoint.async_save``). Each save holds
+A :class:`jpeft.checkpoint.Store` (the one orbax stack jpeft has) in
+``<run_dir>/checkpoints`` keeps the newest ``checkpoint.keep`` saves, one every
+``checkpoint.every`` steps plus the last one, written in the background
+(``checkpoint.async_save``). Each save holds
 
 * ``state``: ``{"adapter", "opt_state", "rng"}`` arrays (never the frozen weights);
-* ``meta``: JSON with the step, the data position (batches consumed, seed,
-  batch size) and the adapter's shapes, checked before any array is read.
+* ``meta``: JSON with the step, the data position (batches consumed, seed, batch size),
+  the schedule settings and the adapter's shapes, checked before any array is read.
 
 The data order and the dropout keys are pure functions of ``(seed, step)``, so a
 run resumed from step ``k`` computes exactly what an uninterrupted one would.
@@ -21,9 +22,8 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
-from jpeft.checkpoint import CheckpointError, check_like, tree_spec
+from jpeft.checkpoint import CheckpointError, Store, check_like
 
 FORMAT = "jpeft-train-state"
 
@@ -47,14 +47,13 @@ class Checkpoints:
     """
 
     def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.store = Store(directory, keep=keep, async_save=async_save)
+        self.directory = self.store.directory
         self.every = every
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
         """The step of the newest complete checkpoint (an interrupted save does not count)."""
-        return self.manager.latest_step()
+        return self.store.latest_step()
 
     def due(self, step: int, last_step: int) -> bool:
         """Whether ``step`` is saved: every ``every`` steps, and the last one."""
@@ -67,12 +66,10 @@ class Checkpoints:
         ``schedule``: the settings that shape the optimizer's course (``train.steps``,
         ``lr``, ...); :meth:`restore` refuses a run whose settings differ.
         """
-        meta = {"format": FORMAT, "step": step, "seed": seed, "batch_size": batch_size,
-                "data_position": {"batches": step, "examples": step * batch_size},
-                "schedule": schedule or {}, "adapter": tree_spec(adapter)}
+        meta = {"step": step, "seed": seed, "batch_size": batch_size,
+                "data_position": {"batches": step, "examples": step * batch_size}, "schedule": schedule or {}}
         state = {"adapter": adapter, "opt_state": opt_state, "rng": np.asarray(jax.random.key_data(rng))}
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)), force=True)
+        self.store.save(step, state, meta, kind=FORMAT)
 
     def restore(self, adapter_like, opt_state_like, *, seed: int, batch_size: int,
                 schedule: dict | None = None, step: int | None = None) -> Restored:
@@ -87,11 +84,10 @@ class Checkpoints:
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory!r}")
         where = os.path.join(self.directory, str(step))
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise CheckpointError(f"{where!r} is not a jpeft training checkpoint")
+        info = self.store.read_meta(step, kind=FORMAT)
+        meta = info["metadata"]
         try:
-            check_like(meta["adapter"], adapter_like)
+            check_like(info["tree"]["adapter"], adapter_like)
         except CheckpointError as e:
             raise CheckpointError(f"{where!r} was saved for another adapter or base model: {e}") from None
         for key, want in (("seed", seed), ("batch_size", batch_size)):
@@ -106,22 +102,15 @@ class Checkpoints:
                                   "shape the learning-rate schedule and the optimizer, or it is not the run it "
                                   "continues. Resume with the saved values, or start a new run_dir")
         rng_like = jax.ShapeDtypeStruct((2,), np.uint32, sharding=_replicated(adapter_like))
-        target = {"adapter": _abstract(adapter_like), "opt_state": _abstract(opt_state_like), "rng": rng_like}
-        state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        state = self.store.restore(step, {"adapter": adapter_like, "opt_state": opt_state_like, "rng": rng_like})
         return Restored(step, state["adapter"], state["opt_state"], jax.random.wrap_key_data(state["rng"]), meta)
 
     def wait(self) -> None:
         """Block until every started save is on disk."""
-        self.manager.wait_until_finished()
+        self.store.wait()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
-
-
-def _abstract(tree):
-    """``jax.ShapeDtypeStruct`` leaves that keep each array's sharding (an orbax restore target)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+        self.store.close()
 
 
 def _replicated(tree):

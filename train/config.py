@@ -6,6 +6,11 @@ A run is described by a YAML file plus ``key=value`` overrides
 the offending key and says how to fix it. Nothing is loaded or written before
 the configuration is valid.
 
+The program's own sections (``model``, ``data``, ``train``, ...) are dataclasses here.
+Methods are not: ``method:`` names any method in :mod:`jpeft.methods.registry`, and a
+top-level section with a method's name holds that builder's keyword arguments
+(``lora: {rank: 8}``), validated against the builder's signature and its own checks.
+
 Example:
     >>> cfg = from_dict({"name": "demo", "train": {"steps": 50}})
     >>> cfg.train.steps, cfg.method
@@ -25,7 +30,8 @@ from typing import Any
 
 import yaml
 
-METHODS = ("lora", "full", "prompt_tuning", "prefix_tuning", "p_tuning", "ia3", "bottleneck")
+from jpeft.methods import registry
+
 MODEL_SOURCES = ("smollm2",)
 SCHEDULES = ("cosine", "linear")
 DTYPES = ("float32", "bfloat16")
@@ -80,68 +86,39 @@ class ModelConfig:
     quantize: str | None = _check(_one_of(*QUANT_FORMATS), default=None)  # nf4 + method lora = QLoRA
 
 
-@dataclass(frozen=True)
-class LoraConfig:
-    """Arguments of :func:`jpeft.lora` (used when ``method: lora``)."""
+class MethodSection(dict):
+    """A method's settings (its builder's keyword arguments), read-only, with attribute access.
 
-    rank: int = _check(_positive, default=8)
-    alpha: float = _check(_positive, default=16.0)
-    targets: str = r".*/(q|k|v|o)_proj/kernel"
-    dropout: float = _check(_fraction, default=0.0)
-    use_rslora: bool = False
-    init: str = "kaiming"
+    Attributes that were not set read the builder's default, so ``cfg.lora.rank`` always answers.
 
+    Example:
+        >>> section = MethodSection("lora", {"rank": 4})
+        >>> section.rank, section.alpha
+        (4, 16.0)
+    """
 
-@dataclass(frozen=True)
-class PromptTuningConfig:
-    """Arguments of :func:`jpeft.prompt_tuning`; ``init_text`` is tokenized into its ``init_ids``."""
+    def __init__(self, method: str, settings: dict):
+        super().__init__(settings)
+        object.__setattr__(self, "_method", method)
 
-    num_virtual_tokens: int = _check(_positive, default=20)
-    init: str = _check(_one_of("text", "vocab", "normal"), default="text")
-    init_text: str = "Write a headline for this article:"  # used by init: text
-    init_std: float = _check(_positive, default=0.02)  # used by init: normal
+    def __getattr__(self, name: str):
+        if name in self:
+            return self[name]
+        defaults = registry.defaults(self._method)
+        if name in defaults:
+            return defaults[name]
+        raise AttributeError(f"{self._method} has no setting {name!r}")
 
+    def __setattr__(self, name, value):
+        raise dataclasses.FrozenInstanceError(f"cannot assign to {self._method}.{name}")
 
-@dataclass(frozen=True)
-class PrefixTuningConfig:
-    """Arguments of :func:`jpeft.prefix_tuning` (the adapter is folded before saving)."""
+    def _readonly(self, *args, **kwargs):
+        raise TypeError("method sections are read-only; use apply_overrides")
 
-    num_virtual_tokens: int = _check(_positive, default=20)
-    init: str = _check(_one_of("text", "normal"), default="text")
-    init_text: str = "Write a headline for this article:"  # used by init: text
-    projection: bool = False  # only with init: normal
-    hidden_size: int | None = _check(_positive, default=None)  # None: the model width
-    init_std: float = _check(_positive, default=1.0)  # used by init: normal
+    __setitem__ = __delitem__ = update = pop = setdefault = clear = _readonly
 
-
-@dataclass(frozen=True)
-class PTuningConfig:
-    """Arguments of :func:`jpeft.p_tuning` (the encoder is folded away before saving)."""
-
-    num_virtual_tokens: int = _check(_positive, default=20)
-    encoder: str = _check(_one_of("mlp", "lstm"), default="mlp")
-    hidden_size: int | None = _check(_positive, default=None)  # None: the model width
-    lstm_layers: int = _check(_positive, default=2)
-    init: str = _check(_one_of("text", "normal"), default="normal")  # the encoder's input embeddings
-    init_text: str = "Write a headline for this article:"  # used by init: text
-    residual: bool = False  # virtual tokens = embeddings + encoder(embeddings), encoder output starting at 0
-
-
-@dataclass(frozen=True)
-class Ia3Config:
-    """Arguments of :func:`jpeft.ia3`; ``feedforward: null`` scales no inputs."""
-
-    targets: str = r".*/(k_proj|v_proj|down_proj)/kernel"
-    feedforward: str | None = r".*/down_proj/kernel"
-
-
-@dataclass(frozen=True)
-class BottleneckConfig:
-    """Arguments of :func:`jpeft.bottleneck` (no merge: evaluated with ``apply``)."""
-
-    size: int = _check(_positive, default=32)
-    placement: str = _check(_one_of("pfeiffer", "houlsby"), default="pfeiffer")
-    activation: str = _check(_one_of("relu", "gelu", "silu", "swish", "tanh"), default="relu")
+    def __hash__(self):  # noqa: D105
+        return hash((self._method, tuple(sorted((k, repr(v)) for k, v in self.items()))))
 
 
 @dataclass(frozen=True)
@@ -228,17 +205,11 @@ class RunConfig:
     """A whole training run."""
 
     name: str = "run"
-    method: str = _check(_one_of(*METHODS), default="lora")
+    method: str = "lora"  # a name in jpeft.methods.registry
     out_dir: str = "runs"
     run_dir: str | None = None  # None: <out_dir>/<name>-<timestamp>
     progress: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)
-    prefix_tuning: PrefixTuningConfig = field(default_factory=PrefixTuningConfig)
-    p_tuning: PTuningConfig = field(default_factory=PTuningConfig)
-    ia3: Ia3Config = field(default_factory=Ia3Config)
-    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -246,6 +217,18 @@ class RunConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    methods: dict = field(default_factory=dict)  # {method name: MethodSection}, the sections given
+
+    def __getattr__(self, name: str):
+        # cfg.lora, cfg.prompt_tuning, ...: the section of a registered method (empty if not given).
+        if name.startswith("_") or name not in registry.names():
+            raise AttributeError(name)
+        return self.methods.get(name) or MethodSection(name, {})
+
+    @property
+    def method_settings(self) -> MethodSection:
+        """The settings of the method this run trains."""
+        return getattr(self, self.method)
 
 
 # ---------------------------------------------------------------- building
@@ -269,19 +252,53 @@ def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
 
 def from_dict(raw: dict) -> RunConfig:
     """Build and validate a :class:`RunConfig` from a plain nested dict."""
-    config = _build(RunConfig, raw, prefix="")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the config must be a mapping of keys, not {raw!r}")
+    known = registry.names()
+    sections = {k: v for k, v in raw.items() if k in known}
+    rest = {k: v for k, v in raw.items() if k not in known}
+    config = _build(RunConfig, rest, prefix="", extra_keys=known)
+    if config.method not in known:
+        close = difflib.get_close_matches(config.method, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"bad value for 'method': {config.method!r} must be one of "
+                          f"{', '.join(map(repr, known))}{hint}")
+    methods = {name: MethodSection(name, _method_section(name, value)) for name, value in sections.items()}
+    config = dataclasses.replace(config, methods=methods)
     _check_whole(config)
     return config
 
 
+def _method_section(name: str, value) -> dict:
+    """A method section validated against its builder (names, types, the builder's own value checks)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name!r} must be a mapping of keys, not {value!r}")
+    try:
+        return registry.validate(name, value)
+    except registry.SettingsError as err:
+        if err.setting is None:
+            message = str(err).replace("unknown setting '", f"unknown key '{name}.", 1)
+            raise ConfigError(message.replace(f"({name}'s settings:", "(valid keys here:")) from None
+        raise ConfigError(f"bad value for '{name}.{err.setting}': {err}") from None
+
+
 def to_dict(config) -> dict:
-    """The config as a plain nested dict (for run records)."""
-    return dataclasses.asdict(config)
+    """A config (or a section of one) as a plain nested dict: method sections as top-level keys."""
+    if not isinstance(config, RunConfig):
+        return dataclasses.asdict(config)
+    out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "methods"}
+    out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
+    out.update({name: dict(section) for name, section in config.methods.items()})
+    return out
 
 
 def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
     """Apply ``dotted.key=value`` strings; values are parsed as YAML scalars."""
     raw = to_dict(config)
+    for name in registry.names():
+        raw.setdefault(name, {})  # any method's section can be overridden, given or not
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -294,24 +311,26 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
                 where = ".".join(parents[: i + 1])
                 raise ConfigError(f"unknown key {where!r} in override {item!r}{_suggest(part, node)}")
             node = child
-        if leaf not in node:
+        method_section = len(parents) == 1 and parents[0] in registry.names()
+        if leaf not in node and not method_section:
             raise ConfigError(f"unknown key {key!r} in override {item!r}{_suggest(leaf, node)}")
         try:
             node[leaf] = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             node[leaf] = text
-    return from_dict(raw)
+    return from_dict({k: v for k, v in raw.items() if v != {} or k not in registry.names()})
 
 
-def _build(cls, raw, prefix: str):
+def _build(cls, raw, prefix: str, extra_keys=()):
     """Check ``raw`` against dataclass ``cls`` (keys, types, values), recursively."""
     where = prefix.rstrip(".") or "the top level"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where!r} must be a mapping of keys, not {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "methods"}
     for key in raw:
         if key not in fields:
-            raise ConfigError(f"unknown key {prefix + str(key)!r}{_suggest(str(key), fields)}")
+            options = {**fields, **dict.fromkeys(extra_keys)}
+            raise ConfigError(f"unknown key {prefix + str(key)!r}{_suggest(str(key), options)}")
     values = {}
     for name, value in raw.items():
         f = fields[name]
@@ -365,25 +384,6 @@ def _check_whole(config: RunConfig) -> None:
         )
     if config.data.val_fraction + config.data.test_fraction >= 1.0:
         raise ConfigError("'data.val_fraction' + 'data.test_fraction' must be < 1 to leave training articles")
-    _check_methods(config)
-
-
-def _check_methods(config: RunConfig) -> None:
-    """Method settings that only make sense together."""
-    if config.method == "full" and config.model.quantize is not None:
-        raise ConfigError(
-            f"method 'full' trains every weight, so the base cannot be quantized (model.quantize="
-            f"{config.model.quantize!r}); set model.quantize=null, or use method=lora for QLoRA"
-        )
-    for name, other in (("prompt_tuning", "vocab"), ("prefix_tuning", "normal"), ("p_tuning", "normal")):
-        section = getattr(config, name)
-        if config.method == name and section.init == "text" and not section.init_text.strip():
-            raise ConfigError(f"bad value for '{name}.init_text': it is empty but {name}.init is 'text';"
-                              f" give a text or set {name}.init={other}")
-    pf = config.prefix_tuning
-    if config.method == "prefix_tuning" and pf.init == "text" and pf.projection:
-        raise ConfigError("prefix_tuning.projection=true needs prefix_tuning.init=normal (an MLP's output cannot "
-                          "start at a text's keys and values); set one of them")
 
 
 def _suggest(key: str, options) -> str:
@@ -395,5 +395,5 @@ def _suggest(key: str, options) -> str:
 
 
 def describe(config) -> Any:
-    """A YAML rendering of the config (for printing at the start of a run)."""
+    """A YAML rendering of the config (for printing at the start of a run, and the run's record)."""
     return yaml.safe_dump(to_dict(config), sort_keys=False)

@@ -1,6 +1,6 @@
 """Headline generation and ROUGE scoring on held-out articles.
 
-Generation is greedy with the KV cache (:func:`jpeft.models.llama.generate`),
+Generation is greedy with the KV cache (:func:`jpeft.models.generation.generate`),
 batched over left-padded prompts of a few bucket lengths. Scores are
 ``rouge_score`` F-measures with stemming, averaged and reported in percent.
 """
@@ -19,7 +19,7 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 
 def generate_headlines(
     params: Any,
-    model_config: Any,
+    model: Any,
     fmt: data.PromptFormat,
     articles: Sequence[data.Article],
     *,
@@ -29,7 +29,7 @@ def generate_headlines(
     pad_id: int,
 ) -> list[str]:
     """Greedy headlines for ``articles`` (batches padded to ``batch_size`` rows)."""
-    from jpeft.models import llama
+    from jpeft.models import generation
 
     prompts = fmt.prompts(articles)
     headlines = []
@@ -38,9 +38,9 @@ def generate_headlines(
         # Pad the last batch with copies so every call has the same shape.
         padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
         batch = data.prompt_batch(padded, pad_id=pad_id, bucket_size=bucket_size, max_len=fmt.max_prompt_len)
-        new_BxN = llama.generate(
+        new_BxN = generation.generate(
+            model,
             params,
-            model_config,
             batch.prompt_BxT,
             batch.prompt_mask_BxT,
             max_new_tokens=max_new_tokens,

@@ -16,8 +16,6 @@ decoder-layer linear kernel; embeddings, norms and ``lm_head`` stay float), so
 
 from __future__ import annotations
 
-import dataclasses
-
 import os
 from typing import Any, NamedTuple
 
@@ -31,9 +29,14 @@ class ModelSourceError(ConfigError):
 
 
 class Loaded(NamedTuple):
-    config: Any  # jpeft.models.llama.LlamaConfig
+    model: Any  # a jpeft.models.Model
     params: Any
     tokenizer: Any
+
+    @property
+    def config(self) -> Any:
+        """The model's config."""
+        return self.model.config
 
 
 def resolve(cfg: ModelConfig) -> tuple[str, str]:
@@ -64,26 +67,25 @@ def resolve(cfg: ModelConfig) -> tuple[str, str]:
 
 
 def load(cfg: ModelConfig) -> Loaded:
-    """Load the config, params (quantized if ``cfg.quantize``) and tokenizer the run config names."""
+    """Load the model, params (quantized if ``cfg.quantize``) and tokenizer the run config names.
+
+    ``model.dtype`` sets the weights' and the activations' dtype. Adapters stay float32
+    (each method casts its factors to the compute dtype) and the logits and loss are
+    float32, so ``bfloat16`` is mixed precision, not bf16 training.
+    """
     kind, path = resolve(cfg)
     dtype = jnp.dtype(cfg.dtype)
+    settings = dict(dtype=dtype, scan_layers=cfg.scan_layers, quantize=cfg.quantize)
     if kind == "gguf":
         from jpeft.io.gguf import load_gguf, load_gguf_tokenizer
 
-        config, params = load_gguf(path, dtype=dtype, scan_layers=cfg.scan_layers, quantize=cfg.quantize)
-        return Loaded(_computing_in(config, dtype), params, load_gguf_tokenizer(path))
-    from transformers import AutoTokenizer
+        model_, params = load_gguf(path, **settings)
+        tokenizer = load_gguf_tokenizer(path)
+    else:
+        from transformers import AutoTokenizer
 
-    from jpeft.io.hf import load_hf
+        from jpeft.io.hf import load_hf
 
-    config, params = load_hf(path, dtype=dtype, scan_layers=cfg.scan_layers, quantize=cfg.quantize)
-    return Loaded(_computing_in(config, dtype), params, AutoTokenizer.from_pretrained(path))
-
-
-def _computing_in(config, dtype):
-    """``config`` with activations in ``dtype`` too (``model.dtype`` sets weights and compute).
-
-    Adapters stay float32 (each method casts its factors to the compute dtype) and the
-    logits and loss are float32, so ``bfloat16`` is mixed precision, not bf16 training.
-    """
-    return dataclasses.replace(config, dtype=jnp.dtype(dtype).name)
+        model_, params = load_hf(path, **settings)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return Loaded(model_.replace(dtype=dtype.name), params, tokenizer)

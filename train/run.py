@@ -17,102 +17,40 @@ import numpy as np
 
 import jpeft
 from jpeft.checkpoint import restore_adapter, save_adapter
+from jpeft.methods import registry
 from train import checkpointing, data, distributed, evaluate, model, report, trainer
 from train.config import ConfigError, RunConfig, describe, to_dict
 
 
-def make_method(cfg: RunConfig, tokenizer=None, model_config=None) -> jpeft.Method:
-    """The PEFT method the config names.
+def make_method(cfg: RunConfig, model=None, tokenizer=None) -> jpeft.Method:
+    """The PEFT method the config names, built by its registered builder from its section.
 
-    An ``init_text`` (prompt, prefix and P-tuning) needs the ``tokenizer``; prefix tuning's
-    ``init: text`` also runs the model over it, so it needs the ``model_config``.
+    Builders that take a ``model`` or ``tokenizer`` get the loaded ones (prompt methods read
+    the model's hook points; an ``init_text`` needs the tokenizer).
     """
-    if cfg.method == "full":
-        return jpeft.full()
-    if cfg.method == "lora":
-        lc = cfg.lora
-        return jpeft.lora(
-            rank=lc.rank, alpha=lc.alpha, targets=lc.targets, dropout=lc.dropout, use_rslora=lc.use_rslora,
-            init=lc.init,
-        )
-    if cfg.method == "prompt_tuning":
-        pc = cfg.prompt_tuning
-        init_ids = _text_ids(pc, "prompt_tuning", tokenizer)
-        return jpeft.prompt_tuning(pc.num_virtual_tokens, init=pc.init, init_ids=init_ids, init_std=pc.init_std)
-    if cfg.method == "prefix_tuning":
-        pc = cfg.prefix_tuning
-        init_ids = _text_ids(pc, "prefix_tuning", tokenizer)
-        if init_ids is not None and model_config is None:
-            raise ValueError("prefix_tuning.init=text runs the model over init_text: pass model_config")
-        return jpeft.prefix_tuning(pc.num_virtual_tokens, init=pc.init, init_ids=init_ids, config=model_config,
-                                   projection=pc.projection, hidden_size=pc.hidden_size, init_std=pc.init_std)
-    if cfg.method == "p_tuning":
-        pc = cfg.p_tuning
-        return jpeft.p_tuning(pc.num_virtual_tokens, encoder=pc.encoder, hidden_size=pc.hidden_size,
-                              lstm_layers=pc.lstm_layers, init_ids=_text_ids(pc, "p_tuning", tokenizer),
-                              residual=pc.residual)
-    if cfg.method == "ia3":
-        return jpeft.ia3(targets=cfg.ia3.targets, feedforward=cfg.ia3.feedforward)
-    if cfg.method == "bottleneck":
-        bc = cfg.bottleneck
-        return jpeft.bottleneck(bc.size, placement=bc.placement, activation=bc.activation)
-    raise ValueError(f"unknown method {cfg.method!r}")
-
-
-def _text_ids(section, name: str, tokenizer) -> list[int] | None:
-    """Token ids of ``section.init_text`` when ``section.init`` is ``text``, else None."""
-    if section.init != "text":
-        return None
-    if tokenizer is None:
-        raise ValueError(f"{name}.init=text needs the tokenizer to turn init_text into token ids")
-    return tokenizer(section.init_text, add_special_tokens=False)["input_ids"]
+    try:
+        return registry.build(cfg.method, dict(cfg.method_settings), model=model, tokenizer=tokenizer)
+    except registry.SettingsError as err:
+        key = f"{cfg.method}.{err.setting}" if err.setting else cfg.method
+        raise ConfigError(f"bad value for {key!r}: {err}" if err.setting else
+                          f"the {key!r} settings do not fit: {err}") from None
 
 
 def method_settings(cfg: RunConfig) -> dict:
     """What to record next to the adapter so it can be rebuilt: the method and its config section."""
-    section = getattr(cfg, cfg.method, None)
-    return {"method": cfg.method, **(to_dict(section) if section is not None else {})}
+    return {"method": cfg.method, **dict(cfg.method_settings)}
 
 
-def method_label(cfg: RunConfig) -> str:
-    """The method's name in result tables, e.g. ``lora r=8`` or ``qlora r=8 (nf4)``."""
-    if cfg.method == "full":
-        return "full fine-tuning"
-    if cfg.method == "lora":
-        name = "lora" if cfg.model.quantize is None else "qlora"
-        quant = f" ({cfg.model.quantize})" if cfg.model.quantize else ""
-        return f"{name} r={cfg.lora.rank}{quant}"
+def method_label(cfg: RunConfig, method: jpeft.Method) -> str:
+    """The method's name in result tables, e.g. ``lora r=8`` or ``lora r=8 (nf4 base)``."""
     quant = f" ({cfg.model.quantize} base)" if cfg.model.quantize else ""
-    variant = ""
-    if cfg.method == "prefix_tuning":
-        variant = " (text init)" if cfg.prefix_tuning.init == "text" else " (random init)"
-    if cfg.method == "p_tuning":
-        pc = cfg.p_tuning
-        variant = f" ({'residual, ' if pc.residual else ''}{'text' if pc.init == 'text' else 'random'} init)"
-    return cfg.method + variant + quant
+    return method.describe() + quant
 
 
-def inference_params(cfg: RunConfig, method: jpeft.Method, frozen, adapter):
-    """The parameters evaluation generates with.
-
-    ``merge`` (plain arrays, no overhead) for LoRA, IA3 and full fine-tuning on a
-    float base. ``apply`` otherwise: on a quantized base (QLoRA) merging would
-    dequantize every adapted weight to float, so the 4-bit base is kept and the
-    adapter runs unmerged; bottleneck adapters cannot be merged; for prompt and
-    prefix methods the two are the same (the model reads their hook entries).
-    """
-    if cfg.model.quantize is None and cfg.method in ("lora", "ia3", "full"):
-        return method.merge(frozen, adapter)
-    return method.apply(frozen, adapter)
-
-
-def saved_form(cfg: RunConfig, adapter):
-    """The adapter as saved: prefix/P-tuning encoders folded into the prefix or prompt they produce."""
-    if cfg.method == "prefix_tuning":
-        return jpeft.fold_prefix(adapter)
-    if cfg.method == "p_tuning":
-        return jpeft.fold_prompt(adapter)
-    return adapter
+def frozen_part(params, adapter):
+    """The parameters a train step holds frozen: without those the adapter replaces (full fine-tuning)."""
+    replaced = set(jpeft.tree.flatten(adapter)) & set(jpeft.tree.flatten(params))
+    return jpeft.tree.without(params, adapter) if replaced else params
 
 
 def restore(directory: str, cfg: RunConfig, loaded: model.Loaded):
@@ -121,8 +59,8 @@ def restore(directory: str, cfg: RunConfig, loaded: model.Loaded):
     An adapter saved by another method is a :class:`jpeft.checkpoint.CheckpointError`
     naming both methods, raised before any array is read.
     """
-    method = make_method(cfg, loaded.tokenizer, loaded.config)
-    like = jax.eval_shape(lambda p: saved_form(cfg, method.init(jax.random.key(0), p)), loaded.params)
+    method = make_method(cfg, loaded.model, loaded.tokenizer)
+    like = jax.eval_shape(lambda p: method.saved_form(method.init(jax.random.key(0), p)), loaded.params)
     return restore_adapter(directory, like=like, method=cfg.method)
 
 
@@ -168,7 +106,7 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
     model.resolve(cfg.model)  # a missing model file fails before anything is written
     with timer("load_model"):
         loaded = model.load(cfg.model) if loaded is None else loaded
-    params, model_config, tokenizer = loaded.params, loaded.config, loaded.tokenizer
+    params, model_, tokenizer = loaded.params, loaded.model, loaded.tokenizer
 
     with timer("data"):
         task = Task(cfg, tokenizer)
@@ -179,12 +117,12 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
 
     # Method settings that do not fit the model (a target that matches nothing, a rank
     # larger than a weight) are config errors: reported before the run folder exists.
+    method = make_method(cfg, model_, tokenizer)
     try:
-        method = make_method(cfg, tokenizer, model_config)
         adapter = method.init(jax.random.key(cfg.train.seed), params)
     except ValueError as err:
         raise ConfigError(f"the {cfg.method!r} settings do not fit the model: {err}") from None
-    frozen = jpeft.tree.without(params, adapter) if cfg.method == "full" else params
+    frozen = frozen_part(params, adapter)
 
     run_dir = make_run_dir(cfg)
     print(f"run folder: {run_dir}")
@@ -202,12 +140,12 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
     rows = []
     if cfg.eval.base_model and cfg.eval.test_articles:
         with timer("eval_base"):
-            rows.append(score(cfg, "base", params, model_config, task, trainable=0, percent=0.0, run_dir=run_dir))
+            rows.append(score(cfg, "base", params, model_, task, trainable=0, percent=0.0, run_dir=run_dir))
         log({"kind": "rouge", **rows[-1]})
 
     with timer("train"):
         adapter = trainer.train_loop(
-            cfg=cfg.train, method=method, model_config=model_config, adapter=adapter, frozen=frozen,
+            cfg=cfg.train, method=method, model=model_, adapter=adapter, frozen=frozen,
             batches=task.batches_from, val_batches=task.val_batches, log=log, progress=cfg.progress,
             mesh=distributed.build_mesh(cfg.mesh), rules=cfg.sharding.rules,
             checkpoints=checkpointing.for_run(run_dir, cfg), resume=cfg.checkpoint.resume,
@@ -215,15 +153,15 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
 
     if cfg.eval.test_articles:  # eval.test_articles=0: no ROUGE
         with timer("eval_tuned"):
-            tuned = inference_params(cfg, method, frozen, trainer.on_device_of(adapter, params))
-            rows.append(score(cfg, method_label(cfg), tuned, model_config, task, trainable=counts.trainable,
+            tuned = jpeft.for_inference(method, frozen, trainer.on_device_of(adapter, params))
+            rows.append(score(cfg, method_label(cfg, method), tuned, model_, task, trainable=counts.trainable,
                               percent=counts.percent, run_dir=run_dir))
             del tuned
         log({"kind": "rouge", **rows[-1]})
 
     with timer("save"):
         metadata = {**method_settings(cfg), "steps": cfg.train.steps, "model": to_dict(cfg.model)}
-        save_adapter(os.path.join(run_dir, "adapter"), saved_form(cfg, adapter), metadata=metadata)  # all processes
+        save_adapter(os.path.join(run_dir, "adapter"), method.saved_form(adapter), metadata=metadata)  # all processes
         if distributed.is_main():
             report.plot_loss(log.records, os.path.join(run_dir, "loss.png"), title=f"{cfg.name} ({cfg.method})")
 
@@ -279,11 +217,11 @@ class Task:
         self.test = self.split.test[: cfg.eval.test_articles]
 
 
-def score(cfg: RunConfig, label: str, params, model_config, task: Task, *, trainable, percent, run_dir) -> dict:
+def score(cfg: RunConfig, label: str, params, model_, task: Task, *, trainable, percent, run_dir) -> dict:
     """Generate headlines for the test articles and ROUGE them; predictions go to a JSONL file."""
     t = time.perf_counter()
     predictions = evaluate.generate_headlines(
-        params, model_config, task.fmt, task.test, batch_size=cfg.eval.batch_size,
+        params, model_, task.fmt, task.test, batch_size=cfg.eval.batch_size,
         max_new_tokens=cfg.eval.max_new_tokens, bucket_size=cfg.data.bucket_size, pad_id=task.pad_id,
     )
     references = [a.headline for a in task.test]

@@ -2,11 +2,14 @@
 
 The loss is a function of the adapter alone::
 
-    loss(adapter) = xent(forward(method.apply(frozen, adapter, rng=rng), batch))
+    loss(adapter) = xent(model.forward(method.apply(frozen, adapter, rng=rng), batch))
+                    + method.penalty(adapter)         (methods that have one)
 
 so ``jax.value_and_grad`` gives adapter-shaped gradients only. The frozen
 parameters are an argument of the jitted step (not constants baked into the
-program), and the adapter and optimizer state are donated.
+program), and the adapter and optimizer state are donated. A method that updates its
+own state during training (``method.transform``) gets it as an optax transformation
+after the optimizer: the trainer knows no method by name.
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ import optax
 from tqdm import tqdm
 
 from jpeft import sharding
+from train import placement
 from train.config import TrainConfig
 from train.data import TrainBatch
 
 
-def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warmup then cosine (or linear) decay, after global-norm clipping."""
+def make_optimizer(cfg: TrainConfig, method=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with linear warmup then cosine (or linear) decay, after global-norm clipping.
+
+    A method with a ``transform`` (its own state updates) gets it chained after AdamW.
+    """
     warmup = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
     decay_steps = cfg.steps - cfg.warmup_steps
     if cfg.schedule == "cosine":
@@ -34,11 +41,10 @@ def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, opta
     else:
         decay = optax.linear_schedule(cfg.lr, 0.1 * cfg.lr, decay_steps)
     schedule = optax.join_schedules([warmup, decay], [cfg.warmup_steps])
-    optimizer = optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(schedule, weight_decay=cfg.weight_decay),
-    )
-    return optimizer, schedule
+    parts = [optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(schedule, weight_decay=cfg.weight_decay)]
+    if method is not None and method.transform is not None:
+        parts.append(method.transform)
+    return optax.chain(*parts), schedule
 
 
 def _schedule_settings(cfg: TrainConfig) -> dict:
@@ -47,43 +53,43 @@ def _schedule_settings(cfg: TrainConfig) -> dict:
                                                   "grad_clip")}
 
 
-def answer_xent(params, model_config, batch: TrainBatch) -> tuple[jax.Array, jax.Array]:
+def answer_xent(params, model, batch: TrainBatch) -> tuple[jax.Array, jax.Array]:
     """``(sum of answer-token cross-entropies, number of answer tokens)``.
 
     Only the hidden states at answer positions are projected onto the
     vocabulary: ``B x A`` rows instead of ``B x T``.
     """
-    from jpeft.models import llama
-
-    hidden_BxTxD, _ = llama.forward(
-        params, model_config, batch.tokens_BxT, attention_mask_BxT=batch.attention_mask_BxT, return_hidden=True
-    )
+    hidden_BxTxD, _ = model.forward(params, batch.tokens_BxT, attention_mask_BxT=batch.attention_mask_BxT,
+                                    return_hidden=True)
     valid_BxA = batch.answer_positions_BxA >= 0
     positions_BxA = jnp.maximum(batch.answer_positions_BxA, 0)
     hidden_BxAxD = jnp.take_along_axis(hidden_BxTxD, positions_BxA[:, :, None], axis=1)
     targets_BxA = jnp.take_along_axis(batch.targets_BxT, positions_BxA, axis=1)
-    logits_BxAxV = llama.lm_head(params, model_config, hidden_BxAxD)
+    logits_BxAxV = model.head(params, hidden_BxAxD)
     losses_BxA = optax.softmax_cross_entropy_with_integer_labels(logits_BxAxV, targets_BxA)
     return jnp.sum(jnp.where(valid_BxA, losses_BxA, 0.0)), jnp.sum(valid_BxA).astype(jnp.float32)
 
 
-def make_loss_fn(method, model_config) -> Callable:
-    """``loss(adapter, frozen, batch, rng) -> mean answer-token cross-entropy``."""
+def make_loss_fn(method, model) -> Callable:
+    """``loss(adapter, frozen, batch, rng) -> mean answer-token cross-entropy`` (plus the method's penalty)."""
 
     def loss_fn(adapter, frozen, batch: TrainBatch, rng):
-        total, count = answer_xent(method.apply(frozen, adapter, rng=rng), model_config, batch)
-        return total / jnp.maximum(count, 1.0)
+        total, count = answer_xent(method.apply(frozen, adapter, rng=rng), model, batch)
+        loss = total / jnp.maximum(count, 1.0)
+        if method.penalty is not None:
+            loss = loss + method.penalty(adapter)
+        return loss
 
     return loss_fn
 
 
-def make_train_step(method, model_config, optimizer, shardings: dict | None = None) -> Callable:
+def make_train_step(method, model, optimizer, shardings: dict | None = None) -> Callable:
     """Jitted ``step(adapter, opt_state, frozen, batch, rng) -> (adapter, opt_state, stats)``.
 
     ``shardings``: ``{"adapter", "opt_state", "frozen", "batch", "rng"}`` sharding
     trees (see :class:`Placement`) fix where every input and output lives.
     """
-    loss_fn = make_loss_fn(method, model_config)
+    loss_fn = make_loss_fn(method, model)
 
     def step(adapter, opt_state, frozen, batch, rng):
         loss, grads = jax.value_and_grad(loss_fn)(adapter, frozen, batch, rng)
@@ -93,7 +99,7 @@ def make_train_step(method, model_config, optimizer, shardings: dict | None = No
 
     if shardings is None:
         return jax.jit(step, donate_argnames=("adapter", "opt_state"))
-    return sharding.sharded_step(
+    return placement.sharded_step(
         step, in_shardings=shardings,
         out_shardings=(shardings["adapter"], shardings["opt_state"], shardings["rng"]),
         donate_argnames=("adapter", "opt_state"))
@@ -106,42 +112,40 @@ class Placement:
     ``batch`` feeds each process only its rows of a global batch.
     """
 
-    def __init__(self, mesh, rules, method, model_config, frozen, adapter, optimizer):
-        from jpeft.models import llama
-
-        self.mesh, self.rules = mesh, sharding.load_rules(rules)
-        axes = llama.param_axes(model_config)
+    def __init__(self, mesh, rules, method, model, frozen, adapter, optimizer):
+        self.mesh, self.rules = mesh, placement.load_rules(rules)
+        axes = model.param_axes()
         self.frozen = sharding.shardings_for(frozen, axes, mesh, self.rules)
         self.adapter = sharding.adapter_shardings(method, adapter, axes, mesh, self.rules)
         abstract_opt = jax.eval_shape(optimizer.init, adapter)
-        self.opt_state = sharding.optimizer_shardings(abstract_opt, adapter, self.adapter, mesh)
+        self.opt_state = sharding.optimizer_shardings(optimizer, abstract_opt, self.adapter, mesh)
         self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def put(self, tree, shardings):
         """Arrays of ``tree`` placed on ``shardings`` (each process places only its shards)."""
         if jax.process_count() == 1:
             return jax.device_put(tree, shardings)
-        return sharding.from_host(jax.tree.map(np.asarray, tree), shardings)
+        return placement.from_host(jax.tree.map(np.asarray, tree), shardings)
 
     def batch_shardings(self, batch: TrainBatch):
-        return sharding.batch_shardings(batch, self.mesh, self.rules)
+        return placement.batch_shardings(batch, self.mesh, self.rules)
 
     def batch(self, batch: TrainBatch) -> TrainBatch:
         """The global batch as sharded arrays, from this process's rows of it."""
         shardings = self.batch_shardings(batch)
-        rows = sharding.local_batch_slice(shardings.tokens_BxT, batch.tokens_BxT.shape)
-        return sharding.shard_batch(jax.tree.map(lambda x: x[rows], batch), shardings)
+        rows = placement.local_batch_slice(shardings.tokens_BxT, batch.tokens_BxT.shape)
+        return placement.shard_batch(jax.tree.map(lambda x: x[rows], batch), shardings)
 
     def step_shardings(self, batch: TrainBatch) -> dict:
         return {"adapter": self.adapter, "opt_state": self.opt_state, "frozen": self.frozen,
                 "batch": self.batch_shardings(batch), "rng": self.replicated}
 
 
-def make_eval_loss(method, model_config) -> Callable:
+def make_eval_loss(method, model) -> Callable:
     """Jitted ``eval_loss(adapter, frozen, batch) -> (loss sum, token count)`` (no dropout)."""
 
     def eval_loss(adapter, frozen, batch: TrainBatch):
-        return answer_xent(method.apply(frozen, adapter), model_config, batch)
+        return answer_xent(method.apply(frozen, adapter), model, batch)
 
     return jax.jit(eval_loss)
 
@@ -160,7 +164,7 @@ def train_loop(
     *,
     cfg: TrainConfig,
     method,
-    model_config,
+    model,
     adapter: Any,
     frozen: Any,
     batches: Callable[[int], Iterator[TrainBatch]] | Iterator[TrainBatch],
@@ -182,10 +186,10 @@ def train_loop(
     from train import distributed
 
     main = distributed.is_main()
-    optimizer, schedule = make_optimizer(cfg)
+    optimizer, schedule = make_optimizer(cfg, method)
     if mesh is None:
         mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    place = Placement(mesh, rules, method, model_config, frozen, adapter, optimizer)
+    place = Placement(mesh, rules, method, model, frozen, adapter, optimizer)
     frozen = place.put(frozen, place.frozen)
     adapter = place.put(adapter, place.adapter)
     opt_state = jax.jit(optimizer.init, out_shardings=place.opt_state)(adapter)
@@ -209,7 +213,7 @@ def train_loop(
         raise ValueError("resuming needs batches as a function of the start batch, not an iterator")
 
     step_fn = None
-    eval_loss = make_eval_loss(method, model_config)
+    eval_loss = make_eval_loss(method, model)
 
     def validate(step: int) -> float:
         start = time.perf_counter()
@@ -225,7 +229,7 @@ def train_loop(
     for step in bar:
         batch = next(batches)
         if step_fn is None:
-            step_fn = make_train_step(method, model_config, optimizer, place.step_shardings(batch))
+            step_fn = make_train_step(method, model, optimizer, place.step_shardings(batch))
         start = time.perf_counter()
         adapter, opt_state, stats = step_fn(adapter, opt_state, frozen, place.batch(batch),
                                             jax.random.fold_in(key, step))

@@ -1,4 +1,7 @@
-"""PEFT methods, one module per family; each builds a :class:`jpeft.Method`.
+"""PEFT methods, one module per family; each builds a :class:`jpeft.Method` and registers its builder.
 
-The builders are re-exported at the top level (``jpeft.lora``, ``jpeft.full``).
+The builders are re-exported at the top level (``jpeft.lora``, ``jpeft.full``);
+:mod:`jpeft.methods.registry` finds them by name.
 """
+
+from jpeft.methods import bottleneck, full, ia3, lora, lora_peft, prefix, prompt, registry  # noqa: F401  (registers)

@@ -1,4 +1,4 @@
-"""The record every PEFT method is: a name and three pure functions.
+"""The record every PEFT method is: a name, three pure functions, and what a trainer needs to know.
 
 ``init(key, params) -> adapter``
     The trainable pytree. It works on concrete arrays and on
@@ -6,16 +6,33 @@
     gives the adapter's shapes without allocating the model.
 ``apply(params, adapter, *, rng=None) -> params``
     The parameters the model runs with. Weight methods wrap leaves in
-    :class:`jpeft.ops.WeightWrapper` objects that jpeft's models use efficiently.
+    :class:`jpeft.ops.WeightWrapper` objects that jpeft's models use efficiently;
+    input methods attach values at the model's hook points (:mod:`jpeft.models.hooks`).
     ``rng`` switches on training-time randomness (e.g. LoRA dropout).
 ``merge(params, adapter) -> params``
     Plain arrays with the adapter folded in: zero inference overhead, and the
     generic way to use an adapter with Flax models that jpeft does not own.
-``logical_axes(adapter, param_axes) -> adapter_axes`` (optional)
-    Logical axis names for every adapter leaf, given the parameters' (e.g.
-    :func:`jpeft.models.llama.param_axes`): a tree of tuples shaped like the
-    adapter. :mod:`jpeft.sharding` turns them into shardings, so adapters live
-    where their weights live. ``None`` means :func:`inherited_axes`.
+
+The optional fields say what a training program would otherwise have to guess:
+
+``logical_axes(adapter, param_axes) -> adapter_axes``
+    Logical axis names for every adapter leaf, from the parameters'; ``None`` means
+    :func:`inherited_axes`. :mod:`jpeft.sharding` turns them into shardings.
+``fold(adapter) -> adapter``
+    The form to save: training-only reparameterisations folded away (P-tuning's
+    encoder, prefix tuning's MLP). ``None``: the adapter is saved as it is.
+``merge_blocker(params) -> str | None``
+    Why ``merge`` is not the right way to run this adapter on these parameters (it
+    cannot be merged, or merging would dequantize a 4-bit base), or ``None`` when merging
+    is exact and cheap. :func:`for_inference` uses it.
+``peft``
+    A :class:`jpeft.io.peft_format.PeftCodec` for the Hugging Face PEFT format, or ``None``.
+``transform`` and ``penalty``
+    For methods that update their own state during training (AdaLoRA's rank budget):
+    an optax ``GradientTransformation`` chained after the optimizer, and a term added to
+    the loss. ``None`` for most methods.
+``label``
+    A short human-readable description (``"lora r=8"``) for result tables.
 
 ``jax.grad``, optax and orbax see the adapter alone.
 """
@@ -28,6 +45,7 @@ from typing import Any, NamedTuple
 import jax
 
 from jpeft import tree
+from jpeft.errors import SettingError
 
 Axes = tuple[str | None, ...]
 
@@ -40,6 +58,39 @@ class Method(NamedTuple):
     apply: Callable[..., Any]
     merge: Callable[[Any, Any], Any]
     logical_axes: Callable[[Any, Any], Any] | None = None
+    fold: Callable[[Any], Any] | None = None
+    merge_blocker: Callable[[Any], str | None] | None = None
+    peft: Any = None
+    transform: Any = None
+    penalty: Callable[[Any], Any] | None = None
+    label: str | None = None
+
+    def saved_form(self, adapter: Any) -> Any:
+        """The adapter as it is saved (``fold`` applied, if the method has one)."""
+        return adapter if self.fold is None else self.fold(adapter)
+
+    def describe(self) -> str:
+        """``label`` or the method's name."""
+        return self.label or self.name
+
+
+def for_inference(method: Method, params: Any, adapter: Any) -> Any:
+    """The parameters to run inference with: ``merge`` when it is exact and cheap, else ``apply``.
+
+    A 4-bit base stays 4-bit (merging would dequantize every adapted weight), adapters
+    that cannot be merged (bottleneck) run through ``apply``, and input methods'
+    ``merge`` is their ``apply`` anyway.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jpeft
+        >>> params = {"dense": {"kernel": jnp.ones((4, 4))}}
+        >>> method = jpeft.lora(rank=2, targets=r".*/kernel")
+        >>> adapter = method.init(jax.random.key(0), params)
+        >>> type(for_inference(method, params, adapter)["dense"]["kernel"]).__name__
+        'ArrayImpl'
+    """
+    blocked = method.merge_blocker(params) if method.merge_blocker is not None else None
+    return method.apply(params, adapter) if blocked else method.merge(params, adapter)
 
 
 def flatten_axes(axes: Any) -> dict[str, Axes]:
@@ -89,3 +140,21 @@ def tile_ids(init_ids, n: int, vocab: int) -> list[int]:
     if bad:
         raise ValueError(f"init_ids {bad[:5]} are outside the vocabulary [0, {vocab})")
     return (ids * (n // len(ids) + 1))[:n]
+
+
+def text_ids(init_text: str | None, init_ids, tokenizer, where: str):
+    """Token ids for a text initialisation: ``init_ids`` as given, or ``init_text`` tokenized.
+
+    ``tokenizer`` is a Hugging Face tokenizer or any ``text -> ids`` callable.
+    """
+    if init_text is None:
+        return init_ids
+    if init_ids is not None:
+        raise SettingError("init_ids", init_ids, "cannot be given together with init_text", what=where)
+    if not init_text.strip():
+        raise SettingError("init_text", init_text, "is empty; give a text or another init", what=where)
+    if tokenizer is None:
+        raise ValueError(f"{where}: init_text needs the tokenizer (tokenizer=...) to turn it into token ids")
+    ids = tokenizer(init_text, add_special_tokens=False)["input_ids"] if hasattr(tokenizer, "encode") \
+        else tokenizer(init_text)
+    return [int(i) for i in ids]

@@ -13,8 +13,9 @@ Each is a weight transformation, so no model hook is needed:
 gradient for ``W``), and ``merge`` folds ``l`` into ``W`` (and the bias).
 
 The adapter mirrors the targeted kernels' paths with ``{"ia3_l": l}`` at each; ``l``
-has the kernel's output width (or input width for feed-forward targets), with any
-leading axes (stacked layers) kept.
+has the kernel's output axes (or input axes for feed-forward targets), with any leading
+stack axes kept. Which axes those are comes from the weight's logical axes (pass
+``model=``; see :mod:`jpeft.layout`).
 
 Example:
     >>> import jax, jax.numpy as jnp, jpeft
@@ -34,7 +35,9 @@ import jax
 import jax.numpy as jnp
 
 from jpeft import ops, tree
+from jpeft.methods import registry
 from jpeft.methods.base import Method
+from jpeft.methods.lora import weight_layouts
 
 _LEAF = "ia3_l"
 
@@ -45,12 +48,15 @@ class Ia3Weight(ops.WeightWrapper):
     """A weight whose outputs (or, with ``on_input``, inputs) are scaled by ``scale``.
 
     ``base`` may itself be a wrapper (e.g. a quantized weight). A ``base`` with as many
-    axes as ``scale`` is a bias: it is scaled like the output of its kernel.
+    axes as ``scale`` is a bias: it is scaled like the output of its kernel. ``outputs``
+    is the number of output axes of the kernel (the scale's trailing axes when it scales
+    outputs).
     """
 
     base: Any
     scale: jax.Array
     on_input: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    outputs: int = dataclasses.field(default=1, metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -66,19 +72,31 @@ class Ia3Weight(ops.WeightWrapper):
             return ops.linear(x * scale, self.base)
         return ops.linear(x, self.base) * scale
 
+    def einsum(self, subscripts: str, x: jax.Array) -> jax.Array:
+        scale = self.scale.astype(x.dtype)
+        if self.on_input:
+            return ops.einsum(subscripts, x * scale, self.base)
+        return ops.einsum(subscripts, x, self.base) * scale
+
     def materialize(self, dtype=None) -> jax.Array:
         base = ops.as_array(self.base, jnp.float32)
         scale = self.scale.astype(jnp.float32)
-        if base.ndim > scale.ndim:  # a kernel (..., in, out), not a bias (..., out)
-            scale = scale[..., :, None] if self.on_input else scale[..., None, :]
+        extra = base.ndim - scale.ndim  # the axes the scale does not cover: outputs, or inputs
+        if extra:
+            if self.on_input:
+                scale = scale.reshape(*scale.shape, *(1,) * extra)
+            else:
+                lead = scale.ndim - self.outputs
+                scale = scale.reshape(*scale.shape[:lead], *(1,) * extra, *scale.shape[lead:])
         return (base * scale).astype(dtype or self.dtype)
 
 
 def ia3(
     targets: tree.Targets = r".*/(k_proj|v_proj|down_proj)/kernel",
-    feedforward: tree.Targets = r".*/down_proj/kernel",
+    feedforward: tree.Targets | None = r".*/down_proj/kernel",
     *,
     dtype=jnp.float32,
+    model: Any = None,
 ) -> Method:
     """Builds an IA3 method.
 
@@ -90,6 +108,8 @@ def ia3(
             activation) rather than their output; every rule must match a target.
             ``()`` or ``None``: none.
         dtype: dtype of the trained vectors.
+        model: the :class:`jpeft.models.Model`: each kernel's input and output axes come from
+            its logical axes (default: ``(..., in, out)``).
 
     Returns:
         A :class:`jpeft.Method`; ``apply`` wraps targets in :class:`Ia3Weight`, ``merge``
@@ -113,6 +133,7 @@ def ia3(
     def resolve(params: Any) -> dict[str, bool]:
         """``{kernel path: scales its input?}`` for every target."""
         flat = tree.flatten(params)
+        layouts = weight_layouts(params, model)
         chosen = tree.assign(params, rules)
         unused = [r for r in ff_rules if not any(r.matches(p, flat[p]) for p in chosen)]
         if unused:
@@ -121,19 +142,22 @@ def ia3(
         out = {}
         for path in chosen:
             shape = tuple(flat[path].shape)
-            if len(shape) < 2 or path.rsplit("/", 1)[-1] == "embedding":
-                raise ValueError(f"IA3 target {path!r} of shape {shape} is not a kernel (in, out); narrow the "
-                                 "targets to linear kernels (e.g. '.*/k_proj/kernel')")
+            if layouts[path].kind != "kernel":
+                raise ValueError(f"IA3 target {path!r} of shape {shape} is a {layouts[path].kind}, not a kernel "
+                                 "(in, out); narrow the targets to linear kernels (e.g. '.*/k_proj/kernel')")
             out[path] = any(r.matches(path, flat[path]) for r in ff_rules)
         return out
 
+    def vector_shape(params: Any, path: str, on_input: bool) -> tuple[tuple[int, ...], int]:
+        """``(shape of l, number of output axes)`` for the kernel at ``path``."""
+        shape = tuple(tree.flatten(params)[path].shape)
+        lead, d_in, d_out = weight_layouts(params, model)[path].split(shape)
+        return (*lead, *(d_in if on_input else d_out)), len(d_out)
+
     def init_fn(key: jax.Array, params: Any) -> dict:
         del key
-        flat = tree.flatten(params)
-        adapter = {}
-        for path, on_input in resolve(params).items():
-            shape = tuple(flat[path].shape)
-            adapter[f"{path}/{_LEAF}"] = jnp.ones((*shape[:-2], shape[-2] if on_input else shape[-1]), dtype)
+        adapter = {f"{path}/{_LEAF}": jnp.ones(vector_shape(params, path, on_input)[0], dtype)
+                   for path, on_input in resolve(params).items()}
         return tree.unflatten(adapter)
 
     def apply_fn(params: Any, adapter: Any, *, rng: jax.Array | None = None) -> dict:
@@ -153,20 +177,31 @@ def ia3(
                 f"adapter vectors without a target: {sorted(set(scales) - set(plan))[:5]}; "
                 f"targets without a vector: {sorted(set(plan) - set(scales))[:5]}. "
                 "Was it made for another model or with other targets?")
+        wrapped = {}
         for path, on_input in plan.items():
             shape, scale = tuple(flat[path].shape), scales[path]
-            want = (*shape[:-2], shape[-2] if on_input else shape[-1])
+            want, outputs = vector_shape(params, path, on_input)
             if tuple(scale.shape) != want:
                 raise ValueError(f"IA3 vector for {path!r} has shape {tuple(scale.shape)}, but the kernel "
                                  f"{shape} needs {want}; the adapter was made for another model")
-            flat[path] = Ia3Weight(flat[path], scale, on_input)
+            wrapped[path] = Ia3Weight(flat[path], scale, on_input, outputs)
             bias_path = path.rpartition("/")[0] + "/bias"
             if not on_input and bias_path in flat:
-                flat[bias_path] = Ia3Weight(flat[bias_path], scale)
-        return tree.unflatten(flat)
+                wrapped[bias_path] = Ia3Weight(flat[bias_path], scale, outputs=outputs)
+        return tree.replace(params, wrapped)
 
-    def merge_fn(params: Any, adapter: Any) -> dict:
+    def merge_fn(params: Any, adapter: Any) -> Any:
         applied = tree.flatten(apply_fn(params, adapter))
-        return tree.unflatten({p: (v.materialize() if isinstance(v, Ia3Weight) else v) for p, v in applied.items()})
+        return tree.replace(params, {p: v.materialize() for p, v in applied.items() if isinstance(v, Ia3Weight)})
 
-    return Method("ia3", init_fn, apply_fn, merge_fn)
+    def merge_blocker(params: Any) -> str | None:
+        flat = tree.flatten(params)
+        wrapped = sorted(p for p in resolve(params) if ops.is_wrapper(flat[p]))
+        if wrapped:
+            return f"merging would turn the quantized base of {wrapped[0]!r} into a float weight"
+        return None
+
+    return Method("ia3", init_fn, apply_fn, merge_fn, merge_blocker=merge_blocker, label="ia3")
+
+
+registry.register("ia3", ia3)

@@ -1,21 +1,25 @@
 """LoRA: low-rank updates ``W + s * A @ B`` of selected weights (Hu et al., 2021).
 
-For a kernel ``W`` of shape ``(..., in, out)`` LoRA trains ``A: (..., in, r)`` and
-``B: (..., r, out)`` (leading axes, e.g. stacked layers, are batch axes). In training,
-:class:`LoraWeight` computes ``x @ W + s * ((dropout(x) @ A) @ B)``: the full-size
-product ``A @ B`` and a gradient for ``W`` are never formed. ``B`` starts at zero so a
-fresh adapter leaves the model unchanged.
+Roles come from the weights' logical axes (:mod:`jpeft.layout`; pass ``model=`` so
+LoRA can ask the model): a kernel ``(*lead, *in, *out)`` trains ``A: (*lead, *in, r)``
+and ``B: (*lead, r, *out)``, so an attention kernel ``(embed, heads, head_dim)`` gets
+``A (embed, r)`` and ``B (r, heads, head_dim)``. Leading stack axes (scanned layers)
+are batch axes: one independent pair per layer. Without a model, a weight
+``(*lead, in, out)`` is taken as a kernel with one input and one output axis.
 
-Embedding tables (paths ending in ``embedding``, shape ``(vocab, dim)``) get
-``A: (vocab, r)`` (zeros) and ``B: (r, dim)`` (normal), as Hugging Face PEFT does.
+In training, :class:`LoraWeight` computes ``x @ W + s * ((dropout(x) @ A) @ B)``: the
+full-size product ``A @ B`` and a gradient for ``W`` are never formed. ``B`` starts at
+zero so a fresh adapter leaves the model unchanged. Embedding tables (``("vocab",
+"embed")`` axes) get ``A: (vocab, r)`` at zero and ``B: (r, dim)`` normal, as Hugging
+Face PEFT does; the delta changes the table's lookups and, with tied embeddings, the
+output head too (``attend``).
 
 Scaling ``s`` is ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora=True``
 (Kalajdzievski, 2023).
 
-Sharding: the factors live where their weight lives. For a weight with logical axes
-``(*lead, in_axis, out_axis)``, ``A`` gets ``(*lead, in_axis, "lora_rank")`` and ``B``
-``(*lead, "lora_rank", out_axis)``; the rank axis is normally replicated
-(see :mod:`jpeft.sharding`).
+Sharding: for a weight with logical axes ``(*lead, *in_axes, *out_axes)``, ``A`` gets
+``(*lead, *in_axes, "lora_rank")`` and ``B`` ``(*lead, "lora_rank", *out_axes)``; the
+rank axis is normally replicated (see :mod:`jpeft.sharding`).
 
 Example:
     >>> import jax, jax.numpy as jnp, jpeft
@@ -33,13 +37,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jpeft import ops, tree
+from jpeft.errors import SettingError
+from jpeft.layout import Layout, layouts_for
+from jpeft.methods import registry
 from jpeft.methods.base import Method, flatten_axes
 
 RANK_AXIS = "lora_rank"
@@ -47,12 +54,17 @@ _SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "init")
 _INITS = ("kaiming", "gaussian")
 
 
+def _letters(n: int, start: int = 0) -> str:
+    return "abcdefghijklmnopqrstuvw"[start:start + n]
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoraWeight(ops.WeightWrapper):
     """A weight plus its low-rank update, used by :mod:`jpeft.ops` without merging.
 
-    ``base`` may itself be a wrapper (e.g. a quantized weight: that is QLoRA).
+    ``base`` may itself be a wrapper (e.g. a quantized weight: that is QLoRA). The
+    factors' shapes say the weight's layout: ``a (*lead, *in, r)``, ``b (*lead, r, *out)``.
     """
 
     base: Any
@@ -61,11 +73,23 @@ class LoraWeight(ops.WeightWrapper):
     dropout_key: jax.Array | None = None
     scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
     dropout_rate: float = dataclasses.field(default=0.0, metadata=dict(static=True))
-    is_embedding: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.base.shape)
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    @property
+    def lead(self) -> int:
+        """Leading stack axes (shrinks when ``scan`` slices a layer off)."""
+        return self.a.ndim + self.b.ndim - len(self.shape) - 2
+
+    @property
+    def inputs(self) -> int:
+        return self.a.ndim - 1 - self.lead
 
     def _dropout(self, x: jax.Array) -> jax.Array:
         if self.dropout_key is None or self.dropout_rate == 0.0:
@@ -79,6 +103,14 @@ class LoraWeight(ops.WeightWrapper):
         h_r = self._dropout(x) @ self.a.astype(x.dtype)
         return y + self.scale * (h_r @ self.b.astype(x.dtype))
 
+    def einsum(self, subscripts: str, x: jax.Array) -> jax.Array:
+        y = ops.einsum(subscripts, x, self.base)
+        x_sub, w_in, w_out, out = ops.split_subscripts(subscripts, self.inputs)
+        r = ops.free_letter(subscripts)
+        kept = "".join(c for c in x_sub if c not in w_in)
+        h = jnp.einsum(f"{x_sub},{w_in}{r}->{kept}{r}", self._dropout(x), self.a.astype(x.dtype))
+        return y + self.scale * jnp.einsum(f"{kept}{r},{r}{w_out}->{out}", h, self.b.astype(x.dtype))
+
     def embed(self, ids: jax.Array, dtype) -> jax.Array:
         rows = ops.embed(ids, self.base, dtype)
         delta = jnp.take(self.a, ids, axis=0).astype(dtype) @ self.b.astype(dtype)
@@ -89,11 +121,17 @@ class LoraWeight(ops.WeightWrapper):
         y = ops.attend(x, self.base)
         return y + self.scale * ((x @ self.b.astype(x.dtype).T) @ self.a.astype(x.dtype).T)
 
+    def delta(self) -> jax.Array:
+        """``A @ B`` contracted over the rank, float32, of the weight's shape."""
+        lead, n_in = self.lead, self.inputs
+        n_out = self.b.ndim - lead - 1
+        lead_s, in_s, out_s = _letters(lead), _letters(n_in, lead), _letters(n_out, lead + n_in)
+        return jnp.einsum(f"{lead_s}{in_s}z,{lead_s}z{out_s}->{lead_s}{in_s}{out_s}",
+                          self.a.astype(jnp.float32), self.b.astype(jnp.float32))
+
     def materialize(self, dtype=None) -> jax.Array:
         base = ops.as_array(self.base, jnp.float32)
-        delta = jnp.matmul(self.a.astype(jnp.float32), self.b.astype(jnp.float32))
-        out_dtype = dtype or self.base.dtype  # wrappers report the dtype they stand for
-        return (base + self.scale * delta).astype(out_dtype)
+        return (base + self.scale * self.delta()).astype(dtype or self.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,27 +150,30 @@ class _Settings:
 
 def _check_settings(s: _Settings, where: str) -> None:
     if not isinstance(s.rank, (int, np.integer)) or isinstance(s.rank, bool) or s.rank <= 0:
-        raise ValueError(f"LoRA rank must be a positive integer, got rank={s.rank!r} ({where})")
+        raise SettingError("rank", s.rank, "must be a positive integer", what=f"LoRA ({where})")
     if not s.alpha > 0:
-        raise ValueError(f"LoRA alpha must be > 0, got alpha={s.alpha!r} ({where})")
+        raise SettingError("alpha", s.alpha, "must be > 0", what=f"LoRA ({where})")
     if not 0.0 <= s.dropout < 1.0:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got dropout={s.dropout!r} ({where})")
+        raise SettingError("dropout", s.dropout, "must be in [0, 1)", what=f"LoRA ({where})")
     if s.init not in _INITS:
-        raise ValueError(f"LoRA init must be one of {_INITS}, got init={s.init!r} ({where})")
+        raise SettingError("init", s.init, f"must be one of {_INITS}", what=f"LoRA ({where})")
 
 
-def _is_embedding(path: str) -> bool:
-    return path.rsplit("/", 1)[-1] == "embedding"
+def weight_layouts(params: Any, model: Any = None) -> dict[str, Layout]:
+    """``{path: Layout}`` for every leaf: the model's (from logical axes) or the default for its shape."""
+    return layouts_for(params, model=model)
 
 
-def _in_out(path: str, shape: tuple[int, ...]) -> tuple[tuple[int, ...], int, int]:
-    """Splits a weight shape into (leading batch dims, in, out)."""
-    if len(shape) < 2:
-        raise ValueError(
-            f"LoRA needs a weight of at least 2 dims (in, out), but the target {path!r} has "
-            f"shape {shape}; narrow the target rule to kernels (e.g. '.*/kernel')"
-        )
-    return tuple(shape[:-2]), shape[-2], shape[-1]
+def _factor_shapes(path: str, shape: tuple[int, ...], layout: Layout, rank: int):
+    """``(a_shape, b_shape, is_table)`` for a weight, or a ValueError naming it."""
+    if layout.kind == "vector" or len(shape) < 2:
+        raise ValueError(f"LoRA needs a weight of at least 2 dims (a kernel or an embedding table), but the target "
+                         f"{path!r} has shape {shape}; narrow the target rule to kernels (e.g. '.*/kernel')")
+    lead, d_in, d_out = layout.split(shape)
+    if rank > min(math.prod(d_in), math.prod(d_out)):
+        raise ValueError(f"LoRA rank {rank} is larger than the weight {path!r} of shape {shape} allows "
+                         f"(at most {min(math.prod(d_in), math.prod(d_out))}); lower the rank")
+    return (*lead, *d_in, rank), (*lead, rank, *d_out), layout.kind == "table"
 
 
 def lora(
@@ -142,8 +183,9 @@ def lora(
     *,
     dropout: float = 0.0,
     use_rslora: bool = False,
-    init: str = "kaiming",
+    init: Literal["kaiming", "gaussian"] = "kaiming",
     dtype=jnp.float32,
+    model: Any = None,
 ) -> Method:
     """Builds a LoRA method.
 
@@ -158,6 +200,8 @@ def lora(
         init: ``"kaiming"`` (A ~ U(-1/sqrt(in), 1/sqrt(in)), as PEFT) or
             ``"gaussian"`` (A ~ N(0, 1/r), as PEFT's "gaussian").
         dtype: dtype of the trainable factors.
+        model: the :class:`jpeft.models.Model` whose parameters are adapted: each weight's
+            role (kernel axes, embedding table) comes from its logical axes.
 
     Returns:
         A :class:`jpeft.Method`. The adapter mirrors the targeted paths with
@@ -173,34 +217,23 @@ def lora(
                              f"valid: {list(_SETTINGS)}")
         _check_settings(dataclasses.replace(defaults, **rule.settings), repr(rule))
 
-    def settings_for(rule: tree.Rule) -> _Settings:
-        return dataclasses.replace(defaults, **rule.settings)
-
     def resolve(params) -> dict[str, _Settings]:
-        return {path: settings_for(rule) for path, rule in tree.assign(params, rules).items()}
+        return {path: dataclasses.replace(defaults, **rule.settings) for path, rule in tree.assign(params, rules).items()}
 
     def init_fn(key: jax.Array, params: Any) -> dict:
-        flat = tree.flatten(params)
+        flat, layouts = tree.flatten(params), weight_layouts(params, model)
         adapter = {}
         for i, (path, s) in enumerate(sorted(resolve(params).items())):
-            lead, d_in, d_out = _in_out(path, tuple(flat[path].shape))
-            if s.rank > min(d_in, d_out):
-                raise ValueError(
-                    f"LoRA rank {s.rank} is larger than the weight {path!r} of shape "
-                    f"{tuple(flat[path].shape)} allows (at most {min(d_in, d_out)}); lower the rank"
-                )
+            a_shape, b_shape, is_table = _factor_shapes(path, tuple(flat[path].shape), layouts[path], s.rank)
             key_a, key_b = jax.random.split(jax.random.fold_in(key, i))
-            a_shape, b_shape = (*lead, d_in, s.rank), (*lead, s.rank, d_out)
-            if _is_embedding(path):
-                a = jnp.zeros(a_shape, dtype)
-                b = jax.random.normal(key_b, b_shape, dtype)
+            if is_table:
+                a, b = jnp.zeros(a_shape, dtype), jax.random.normal(key_b, b_shape, dtype)
             elif s.init == "kaiming":
-                bound = 1.0 / math.sqrt(d_in)
-                a = jax.random.uniform(key_a, a_shape, dtype, -bound, bound)
-                b = jnp.zeros(b_shape, dtype)
+                fan_in = math.prod(a_shape[len(a_shape) - 1 - layouts[path].inputs:-1])
+                bound = 1.0 / math.sqrt(fan_in)
+                a, b = jax.random.uniform(key_a, a_shape, dtype, -bound, bound), jnp.zeros(b_shape, dtype)
             else:
-                a = jax.random.normal(key_a, a_shape, dtype) / s.rank
-                b = jnp.zeros(b_shape, dtype)
+                a, b = jax.random.normal(key_a, a_shape, dtype) / s.rank, jnp.zeros(b_shape, dtype)
             adapter[path + "/a"], adapter[path + "/b"] = a, b
         return tree.unflatten(adapter)
 
@@ -222,63 +255,70 @@ def lora(
                 "LoRA adapter does not fit these parameters: "
                 + (f"adapter weights not in the model: {unexpected[:5]}; " if unexpected else "")
                 + (f"targeted weights with no adapter factors: {missing[:5]}; " if missing else "")
-                + "was it made for another model or with other targets?"
-            )
+                + "was it made for another model or with other targets?")
+        layouts = weight_layouts(params, model)
         for path, ab in factors.items():
-            shape = tuple(flat_params[path].shape)
-            lead, d_in, d_out = _in_out(path, shape)
             a, b = ab.get("a"), ab.get("b")
             if a is None or b is None:
                 raise ValueError(f"LoRA adapter for {path!r} lacks factor {'a' if a is None else 'b'}")
-            r = a.shape[-1]
-            if tuple(a.shape) != (*lead, d_in, r) or tuple(b.shape) != (*lead, r, d_out):
-                raise ValueError(
-                    f"LoRA factors for {path!r} have shapes a={tuple(a.shape)}, b={tuple(b.shape)} "
-                    f"but the weight has shape {shape}; the adapter was made for another model"
-                )
-            if r != settings[path].rank:
-                # The factors decide the rank; keep alpha from the rule.
-                settings[path] = dataclasses.replace(settings[path], rank=r)
+            shape, r = tuple(flat_params[path].shape), a.shape[-1] if a.ndim else 0
+            want = _factor_shapes(path, shape, layouts[path], r)[:2] if r else None
+            if (tuple(a.shape), tuple(b.shape)) != want:
+                raise ValueError(f"LoRA factors for {path!r} have shapes a={tuple(a.shape)}, b={tuple(b.shape)} "
+                                 f"but the weight has shape {shape}; the adapter was made for another model")
+            if path in settings and r != settings[path].rank:
+                settings[path] = dataclasses.replace(settings[path], rank=r)  # the factors decide the rank
         return factors, settings
 
-    def apply_fn(params: Any, adapter: Any, *, rng: jax.Array | None = None) -> dict:
+    def apply_fn(params: Any, adapter: Any, *, rng: jax.Array | None = None) -> Any:
         factors, settings = _factors(params, adapter)
-        flat = tree.flatten(params)
+        flat, wrapped = tree.flatten(params), {}
+        layouts = weight_layouts(params, model) if rng is not None else {}
         for i, path in enumerate(sorted(factors)):
-            s = settings[path]
-            key = None
-            if rng is not None and s.dropout > 0:
-                lead = tuple(factors[path]["a"].shape[:-2])
+            s, key = settings[path], None
+            if rng is not None and s.dropout > 0:  # one key per stacked weight, so scan slices them
                 key = jax.random.fold_in(rng, i)
-                if lead:
-                    key = jax.random.split(key, math.prod(lead)).reshape(lead)
-            flat[path] = LoraWeight(
-                base=flat[path], a=factors[path]["a"], b=factors[path]["b"], dropout_key=key,
-                scale=s.scale, dropout_rate=s.dropout, is_embedding=_is_embedding(path),
-            )
-        return tree.unflatten(flat)
+                lead_shape = tuple(flat[path].shape)[:layouts[path].lead]
+                if lead_shape:
+                    key = jax.random.split(key, math.prod(lead_shape)).reshape(lead_shape)
+            wrapped[path] = LoraWeight(base=flat[path], a=factors[path]["a"], b=factors[path]["b"],
+                                       dropout_key=key, scale=s.scale, dropout_rate=s.dropout)
+        return tree.replace(params, wrapped)
 
-    def merge_fn(params: Any, adapter: Any) -> dict:
+    def merge_fn(params: Any, adapter: Any) -> Any:
+        factors, _ = _factors(params, adapter)
         applied = tree.flatten(apply_fn(params, adapter))
-        return tree.unflatten({
-            p: (v.materialize() if isinstance(v, LoraWeight) else v) for p, v in applied.items()
-        })
+        return tree.replace(params, {p: applied[p].materialize() for p in factors})
 
-    return Method("lora", init_fn, apply_fn, merge_fn, logical_axes)
+    def merge_blocker(params: Any) -> str | None:
+        flat = tree.flatten(params)
+        wrapped = sorted(p for p in resolve(params) if ops.is_wrapper(flat[p]))
+        if wrapped:
+            return (f"merging would turn the {type(flat[wrapped[0]]).__name__} base of {wrapped[0]!r} (and "
+                    f"{len(wrapped) - 1} more) into a float weight; run the adapter with apply instead")
+        return None
+
+    label = f"lora r={rank}" + (" rslora" if use_rslora else "")
+    return Method("lora", init_fn, apply_fn, merge_fn, logical_axes, merge_blocker=merge_blocker,
+                  peft=_peft_codec(), label=label)
 
 
 def logical_axes(adapter: Any, param_axes: Any) -> dict:
     """Logical axes of LoRA factors from their weights' axes (the rank axis is ``"lora_rank"``).
 
+    The factor shapes say where the weight's input axes end: ``a`` keeps the weight's
+    leading and input axes, ``b`` its leading and output axes.
+
     Example:
         >>> import jax.numpy as jnp
-        >>> adapter = {"q_proj": {"kernel": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 4))}}}
-        >>> logical_axes(adapter, {"q_proj": {"kernel": ("embed", "q_heads")}})["q_proj"]["kernel"]
-        {'a': ('embed', 'lora_rank'), 'b': ('lora_rank', 'q_heads')}
+        >>> adapter = {"q": {"kernel": {"a": jnp.zeros((8, 2)), "b": jnp.zeros((2, 4, 3))}}}
+        >>> logical_axes(adapter, {"q": {"kernel": ("embed", "heads", "head_dim")}})["q"]["kernel"]
+        {'a': ('embed', 'lora_rank'), 'b': ('lora_rank', 'heads', 'head_dim')}
     """
     weight_axes = flatten_axes(param_axes)
+    flat = tree.flatten(adapter)
     out = {}
-    for path in tree.flatten(adapter):
+    for path, leaf in flat.items():
         weight_path, _, name = path.rpartition("/")
         if name not in ("a", "b"):
             raise ValueError(f"adapter leaf {path!r} is not a LoRA factor (expected .../a or .../b)")
@@ -286,8 +326,19 @@ def logical_axes(adapter: Any, param_axes: Any) -> dict:
             raise ValueError(f"no logical axes for the weight {weight_path!r} of LoRA factor {path!r}; "
                              f"param_axes must cover every adapted weight")
         axes = weight_axes[weight_path]
-        if len(axes) < 2:
-            raise ValueError(f"the weight {weight_path!r} has logical axes {axes}; LoRA needs (..., in, out)")
-        *lead, in_axis, out_axis = axes
-        out[path] = (*lead, in_axis, RANK_AXIS) if name == "a" else (*lead, RANK_AXIS, out_axis)
+        a_ndim, b_ndim = flat[weight_path + "/a"].ndim, flat[weight_path + "/b"].ndim
+        lead = a_ndim + b_ndim - len(axes) - 2
+        cut = a_ndim - 1  # leading + input axes
+        if lead < 0 or cut > len(axes):
+            raise ValueError(f"LoRA factors of {weight_path!r} do not fit its logical axes {axes}")
+        out[path] = (*axes[:cut], RANK_AXIS) if name == "a" else (*axes[:lead], RANK_AXIS, *axes[cut:])
     return tree.unflatten(out)
+
+
+def _peft_codec():
+    from jpeft.methods import lora_peft  # the PEFT format needs LoRA, and LoRA points at its codec
+
+    return lora_peft.CODEC
+
+
+registry.register("lora", lora)

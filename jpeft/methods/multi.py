@@ -11,13 +11,13 @@ Example:
     >>> import jax, jax.numpy as jnp, jpeft
     >>> params = {"embed_tokens": {"embedding": jnp.ones((8, 4))}, "q_proj": {"kernel": jnp.ones((4, 4))}}
     >>> lora = jpeft.lora(rank=2, targets=r"q_proj/kernel")
-    >>> prompt = jpeft.prompt_tuning(3, init="normal")
+    >>> ia3 = jpeft.ia3(targets=r"q_proj/kernel", feedforward=None)
     >>> bank = jpeft.AdapterBank({"a": (lora, lora.init(jax.random.key(0), params)),
-    ...                           "b": (prompt, prompt.init(jax.random.key(1), params))})
+    ...                           "b": (ia3, ia3.init(jax.random.key(1), params))})
     >>> bank.names
     ('a', 'b')
-    >>> bank.apply(params, "b")["prompt"]["embeddings"].shape
-    (3, 4)
+    >>> type(bank.apply(params, "b")["q_proj"]["kernel"]).__name__
+    'Ia3Weight'
     >>> bank.apply(params, "a")["embed_tokens"]["embedding"] is params["embed_tokens"]["embedding"]
     True
 """

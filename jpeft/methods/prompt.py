@@ -1,34 +1,33 @@
 """Prompt tuning and P-tuning: trained virtual tokens in front of the input.
 
-Both methods give the model ``n`` virtual-token embeddings ``(n, D)`` at its
-``prompt/embeddings`` hook (see :mod:`jpeft.models.llama`): the model puts them
-before the input embeddings, extends the attention mask and positions, and returns
-outputs for the real tokens only, so a loss over real tokens needs no change.
+Both methods give the model ``n`` virtual-token embeddings ``(n, D)`` at its ``prompt``
+hook point (a ``tokens`` :class:`~jpeft.models.hooks.HookPoint` the model declares): the
+model puts them before the input embeddings, extends the attention mask and positions,
+and returns outputs for the real tokens only, so a loss over real tokens needs no change.
 
 * Prompt tuning (Lester et al., 2021) trains the embeddings directly. The adapter is
   ``{"prompt": {"embeddings": (n, D)}}``, initialised from the embeddings of a text
-  (token ids, so no tokenizer is needed), of random vocabulary rows, or at random.
+  (``init_text`` with a tokenizer, or its ``init_ids``), of random vocabulary rows, or at random.
 * P-tuning (Liu et al., 2021) trains a prompt encoder, an MLP or a bidirectional LSTM
   followed by an MLP (as Hugging Face PEFT's ``PromptEncoder``), that maps free input
   embeddings to the virtual tokens. The adapter is ``{"prompt_encoder": {...}}``;
-  :func:`fold` turns it into the prompt-tuning form (the encoder is only needed for
-  training), and :func:`p_tuning`'s ``apply`` accepts both forms.
+  :func:`fold` (the method's ``fold``) turns it into the prompt-tuning form (the encoder is
+  only needed for training), and :func:`p_tuning`'s ``apply`` accepts both forms.
 
 A prompt cannot be folded into the base weights: ``merge`` returns the base
-parameters plus ``prompt/embeddings`` as plain arrays, which only models that read
-the hook (jpeft's own) use.
+parameters with the prompt attached, which only models that declare the hook use.
 
 Example:
     >>> import jax, jpeft
     >>> from jpeft.models import llama
-    >>> config = llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-    ...                            num_layers=1, num_heads=4)
-    >>> params = llama.init_params(config, jax.random.key(0))
-    >>> method = jpeft.prompt_tuning(num_virtual_tokens=5, init_ids=[3, 7])
+    >>> model = llama.model(llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...                                       num_layers=1, num_heads=4))
+    >>> params = model.init(jax.random.key(0))
+    >>> method = jpeft.prompt_tuning(num_virtual_tokens=5, init_ids=[3, 7], model=model)
     >>> adapter = method.init(jax.random.key(1), params)
     >>> adapter["prompt"]["embeddings"].shape
     (5, 16)
-    >>> logits, _ = llama.forward(method.apply(params, adapter), config, jax.numpy.ones((2, 4), "int32"))
+    >>> logits, _ = model.forward(method.apply(params, adapter), jax.numpy.ones((2, 4), "int32"))
     >>> logits.shape  # the 5 virtual tokens are not in the output
     (2, 4, 32)
 """
@@ -37,29 +36,41 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 
 from jpeft import ops, tree
-from jpeft.methods.base import Method, tile_ids
+from jpeft.errors import SettingError
+from jpeft.methods import registry
+from jpeft.methods.base import Method, text_ids, tile_ids
+import jpeft.models.hooks as hooks
 
 _INITS = ("vocab", "text", "normal")
 _ENCODERS = ("mlp", "lstm")
-_EMBEDDING = "embed_tokens/embedding"
 
 
 # ----------------------------------------------------------------------------- checks
 
 
-def _token_table(params: Any):
-    """The base model's token embedding table ``(vocab, D)``."""
+def prompt_point(model: Any, method: str) -> hooks.HookPoint:
+    """The model's ``prompt`` hook point (virtual tokens before the input)."""
+    if model is None:
+        raise ValueError(f"{method} feeds the model's 'prompt' hook point: pass model= (a jpeft.models.Model)")
+    point = model.hook("prompt")
+    if point.kind != "tokens" or point.source is None:
+        raise ValueError(f"the {model.name!r} model's 'prompt' hook is not a tokens hook with an embedding table")
+    return point
+
+
+def _token_table(params: Any, point: hooks.HookPoint):
+    """The base model's token embedding table ``(vocab, D)`` the hook point names."""
     flat = tree.flatten(params)
-    if _EMBEDDING not in flat:
-        raise ValueError(f"prompt methods need the model's token embeddings at {_EMBEDDING!r}, which these "
-                         "parameters lack; they work with jpeft's models (see jpeft.models).")
-    return flat[_EMBEDDING]
+    if point.source not in flat:
+        raise ValueError(f"the prompt hook reads the token embeddings at {point.source!r}, which these "
+                         "parameters lack; are they the model's parameters?")
+    return flat[point.source]
 
 
 def _expect_leaves(adapter: Any, expected: set[str], method: str) -> dict:
@@ -72,16 +83,13 @@ def _expect_leaves(adapter: Any, expected: set[str], method: str) -> dict:
     return flat
 
 
-def _with_prompt(params: Any, embeddings_NxD: jax.Array) -> dict:
-    """``params`` plus the ``prompt/embeddings`` hook entry (the base arrays are not copied)."""
-    n_d = tuple(embeddings_NxD.shape)
-    d_model = _token_table(params).shape[-1]
-    if len(n_d) != 2 or n_d[1] != d_model:
-        raise ValueError(f"the prompt has shape {n_d} but this model's embeddings are {d_model} wide; "
-                         "was the adapter made for another model?")
-    if "prompt" in params:
-        raise ValueError("these parameters already carry a prompt (prompt/embeddings); apply one prompt at a time.")
-    return {**params, "prompt": {"embeddings": embeddings_NxD}}
+def _with_prompt(params: Any, point: hooks.HookPoint, embeddings_NxD: jax.Array) -> Any:
+    """``params`` with the prompt attached at its hook point (the base arrays are not copied)."""
+    d_model = _token_table(params, point).shape[-1]
+    if embeddings_NxD.ndim != 2 or embeddings_NxD.shape[-1] != d_model:
+        raise ValueError(f"the prompt has shape {tuple(embeddings_NxD.shape)} but this model's embeddings are "
+                         f"{d_model} wide; was the adapter made for another model?")
+    return hooks.attach(params, point, embeddings_NxD)
 
 
 def _text_embeddings(table, init_ids: Sequence[int], n: int, dtype) -> jax.Array:
@@ -96,7 +104,7 @@ def _text_embeddings(table, init_ids: Sequence[int], n: int, dtype) -> jax.Array
 
 def _check_count(num_virtual_tokens: int) -> None:
     if not isinstance(num_virtual_tokens, int) or isinstance(num_virtual_tokens, bool) or num_virtual_tokens < 1:
-        raise ValueError(f"num_virtual_tokens must be a positive int, got {num_virtual_tokens!r}")
+        raise SettingError("num_virtual_tokens", num_virtual_tokens, "must be a positive int")
 
 
 # ----------------------------------------------------------------------------- prompt tuning
@@ -105,45 +113,48 @@ def _check_count(num_virtual_tokens: int) -> None:
 def prompt_tuning(
     num_virtual_tokens: int = 20,
     *,
-    init: str | None = None,
+    init: Literal["text", "vocab", "normal"] | None = None,
+    init_text: str | None = None,
     init_ids: Sequence[int] | None = None,
     init_std: float = 0.02,
     dtype=jnp.float32,
+    model: Any = None,
+    tokenizer: Any = None,
 ) -> Method:
     """Builds a prompt-tuning method: ``n`` trained virtual-token embeddings.
 
     Args:
         num_virtual_tokens: ``n``, typically 20 to 100.
-        init: ``"text"`` (the embeddings of ``init_ids``, repeated to fill ``n`` as Hugging
-            Face PEFT does), ``"vocab"`` (rows of ``n`` random vocabulary tokens) or
-            ``"normal"`` (``N(0, init_std^2)``, needs only shapes). Default: ``"text"`` when
-            ``init_ids`` is given, else ``"vocab"``.
-        init_ids: token ids of an initialisation text, e.g. the tokenized
-            ``"Write a headline for this article:"``.
+        init: ``"text"`` (the embeddings of a text, repeated to fill ``n`` as Hugging Face
+            PEFT does), ``"vocab"`` (rows of ``n`` random vocabulary tokens) or ``"normal"``
+            (``N(0, init_std^2)``, needs only shapes). Default: ``"text"`` when a text is
+            given, else ``"vocab"``.
+        init_text: the initialisation text, e.g. ``"Write a headline for this article:"``
+            (needs ``tokenizer``); or give its token ids as ``init_ids``.
+        init_ids: token ids of the initialisation text.
         init_std: standard deviation for ``init="normal"``.
         dtype: dtype of the trained embeddings.
+        model: the :class:`jpeft.models.Model` (its ``prompt`` hook point).
+        tokenizer: turns ``init_text`` into ids (a Hugging Face tokenizer or ``text -> ids``).
 
     Returns:
         A :class:`jpeft.Method` whose adapter is ``{"prompt": {"embeddings": (n, D)}}``.
-
-    Example:
-        >>> import jax, jax.numpy as jnp, jpeft
-        >>> params = {"embed_tokens": {"embedding": jnp.arange(12.0).reshape(6, 2)}}
-        >>> adapter = jpeft.prompt_tuning(3, init_ids=[1, 4]).init(jax.random.key(0), params)
-        >>> adapter["prompt"]["embeddings"].tolist()
-        [[2.0, 3.0], [8.0, 9.0], [2.0, 3.0]]
     """
     _check_count(num_virtual_tokens)
-    init = init or ("text" if init_ids is not None else "vocab")
-    if init not in _INITS:
-        raise ValueError(f"prompt init must be one of {_INITS}, got {init!r}")
-    if (init == "text") != (init_ids is not None):
-        raise ValueError("init='text' needs init_ids (token ids of the text), and init_ids needs init='text'")
+    if init not in (None, *_INITS):
+        raise SettingError("init", init, f"must be one of {_INITS}", what="prompt")
+    has_text = init_text is not None or init_ids is not None
+    init = init or ("text" if has_text else "vocab")
+    if (init == "text") != has_text:
+        raise SettingError("init", init, "needs init_text (or its init_ids)" if init == "text" else
+                           "does not read a text; drop init_text/init_ids or use init='text'")
+    init_ids = text_ids(init_text, init_ids, tokenizer, "prompt_tuning")
     if init_ids is not None and len(init_ids) == 0:
-        raise ValueError("init_ids is empty: give the token ids of a non-empty text")
+        raise SettingError("init_ids", init_ids, "is empty: give the token ids of a non-empty text")
+    point = prompt_point(model, "prompt_tuning")
 
     def init_fn(key: jax.Array, params: Any) -> dict:
-        table = _token_table(params)
+        table = _token_table(params, point)
         vocab, d_model = table.shape[-2:]
         if init == "normal":
             embeddings = init_std * jax.random.normal(key, (num_virtual_tokens, d_model), dtype)
@@ -157,12 +168,18 @@ def prompt_tuning(
         ids_N = jax.random.randint(key, (num_virtual_tokens,), 0, vocab)
         return {"prompt": {"embeddings": ops.embed(ids_N, table, jnp.float32).astype(dtype)}}
 
-    def apply_fn(params: Any, adapter: Any, *, rng: jax.Array | None = None) -> dict:
+    def apply_fn(params: Any, adapter: Any, *, rng: jax.Array | None = None) -> Any:
         del rng
         flat = _expect_leaves(adapter, {"prompt/embeddings"}, "prompt_tuning")
-        return _with_prompt(params, flat["prompt/embeddings"])
+        return _with_prompt(params, point, flat["prompt/embeddings"])
 
-    return Method("prompt_tuning", init_fn, apply_fn, apply_fn)
+    label = "prompt_tuning" + {"text": " (text init)", "vocab": "", "normal": " (random init)"}[init]
+    return Method("prompt_tuning", init_fn, apply_fn, apply_fn, merge_blocker=_not_mergeable, label=label)
+
+
+def _not_mergeable(params: Any) -> str:
+    del params
+    return "a prompt is extra input, not a change of weights: run it with apply"
 
 
 # ----------------------------------------------------------------------------- P-tuning
@@ -224,10 +241,8 @@ def encode(adapter: Any) -> jax.Array:
     """The virtual-token embeddings ``(n, D)`` of a P-tuning (or prompt-tuning) adapter.
 
     Example:
-        >>> import jax, jax.numpy as jnp, jpeft
-        >>> params = {"embed_tokens": {"embedding": jnp.zeros((6, 4))}}
-        >>> adapter = jpeft.p_tuning(3, hidden_size=8).init(jax.random.key(0), params)
-        >>> encode(adapter).shape
+        >>> import jax.numpy as jnp
+        >>> encode({"prompt": {"embeddings": jnp.zeros((3, 4))}}).shape
         (3, 4)
     """
     if "prompt" in adapter:
@@ -248,11 +263,10 @@ def fold(adapter: Any) -> dict:
     already folded is returned as it is.
 
     Example:
-        >>> import jax, jax.numpy as jnp, jpeft
-        >>> params = {"embed_tokens": {"embedding": jnp.zeros((6, 4))}}
-        >>> adapter = jpeft.p_tuning(3, hidden_size=8).init(jax.random.key(0), params)
-        >>> list(fold(adapter)), fold(adapter)["prompt"]["embeddings"].shape
-        (['prompt'], (3, 4))
+        >>> import jax, jax.numpy as jnp
+        >>> encoder = {"embedding": jnp.ones((3, 4)), "mlp": {"dense_0": {"kernel": jnp.eye(4), "bias": jnp.zeros(4)}}}
+        >>> fold({"prompt_encoder": encoder})["prompt"]["embeddings"].tolist()[0]
+        [1.0, 1.0, 1.0, 1.0]
     """
     return {"prompt": {"embeddings": encode(adapter)}}
 
@@ -270,12 +284,16 @@ def _encoder_leaves(mlp_layers: int, lstm_layers: int, residual: bool) -> set[st
 def p_tuning(
     num_virtual_tokens: int = 20,
     *,
-    encoder: str = "mlp",
+    encoder: Literal["mlp", "lstm"] = "mlp",
     hidden_size: int | None = None,
     lstm_layers: int = 2,
+    init: Literal["text", "normal"] | None = None,
+    init_text: str | None = None,
     init_ids: Sequence[int] | None = None,
     residual: bool = False,
     dtype=jnp.float32,
+    model: Any = None,
+    tokenizer: Any = None,
 ) -> Method:
     """Builds a P-tuning method: virtual tokens made by a trained prompt encoder.
 
@@ -289,14 +307,19 @@ def p_tuning(
         encoder: ``"mlp"`` or ``"lstm"``.
         hidden_size: ``H``; default the model width ``D``.
         lstm_layers: LSTM depth (``encoder="lstm"`` only).
-        init_ids: token ids of a text whose embeddings (repeated to fill ``n``) the free
-            input embeddings start from, instead of ``N(0, 1)``.
+        init: how the free input embeddings start: ``"text"`` (a text's embeddings) or
+            ``"normal"`` (``N(0, 1)``, PEFT's choice). Default: ``"text"`` when a text is given.
+        init_text: a text whose embeddings (repeated to fill ``n``) the free input
+            embeddings start from, instead of ``N(0, 1)`` (needs ``tokenizer``).
+        init_ids: the token ids of that text, instead of ``init_text``.
         residual: the residual reparameterisation of Razdaibiedina et al. (2023): the
             virtual tokens are ``embedding + encoder(embedding)`` and the encoder's last
             layer starts at zero, so a fresh adapter is exactly the prompt ``embedding``
             (with ``init_ids``: the text). PEFT's P-tuning has no such option; on a short
             SmolLM2 job it trains far better than the plain encoder (see the README).
         dtype: dtype of the encoder's weights.
+        model: the :class:`jpeft.models.Model` (its ``prompt`` hook point).
+        tokenizer: turns ``init_text`` into ids.
 
     Returns:
         A :class:`jpeft.Method` whose adapter is ``{"prompt_encoder": {"embedding", "mlp"
@@ -304,27 +327,37 @@ def p_tuning(
         folded form (see :func:`fold`).
 
     Example:
-        >>> import jax, jax.numpy as jnp, jpeft
-        >>> params = {"embed_tokens": {"embedding": jnp.zeros((6, 4))}}
-        >>> method = jpeft.p_tuning(3, encoder="lstm", hidden_size=8)
-        >>> adapter = method.init(jax.random.key(0), params)
-        >>> method.apply(params, adapter)["prompt"]["embeddings"].shape
+        >>> import jax, jpeft
+        >>> from jpeft.models import llama
+        >>> model = llama.model(llama.LlamaConfig(vocab_size=6, hidden_size=4, intermediate_size=8,
+        ...                                       num_layers=1, num_heads=2))
+        >>> method = jpeft.p_tuning(3, encoder="lstm", hidden_size=8, model=model)
+        >>> adapter = method.init(jax.random.key(0), model.init(jax.random.key(1)))
+        >>> method.fold(adapter)["prompt"]["embeddings"].shape
         (3, 4)
     """
     _check_count(num_virtual_tokens)
+    if init not in (None, "text", "normal"):
+        raise SettingError("init", init, "must be one of ('text', 'normal')", what="P-tuning")
+    if init == "normal" and (init_text is not None or init_ids is not None):
+        raise SettingError("init", init, "does not read a text; drop init_text/init_ids or use init='text'")
+    if init == "text" and init_text is None and init_ids is None:
+        raise SettingError("init", init, "needs init_text (or its init_ids)")
     if encoder not in _ENCODERS:
-        raise ValueError(f"P-tuning encoder must be one of {_ENCODERS}, got {encoder!r}")
+        raise SettingError("encoder", encoder, f"must be one of {_ENCODERS}", what="P-tuning")
     if hidden_size is not None and (not isinstance(hidden_size, int) or hidden_size < 1):
-        raise ValueError(f"hidden_size must be a positive int or None, got {hidden_size!r}")
+        raise SettingError("hidden_size", hidden_size, "must be a positive int or None")
     if encoder == "lstm" and (not isinstance(lstm_layers, int) or lstm_layers < 1):
-        raise ValueError(f"lstm_layers must be a positive int, got {lstm_layers!r}")
+        raise SettingError("lstm_layers", lstm_layers, "must be a positive int")
+    init_ids = text_ids(init_text, init_ids, tokenizer, "p_tuning")
     if init_ids is not None and len(init_ids) == 0:
-        raise ValueError("init_ids is empty: give the token ids of a non-empty text, or None")
+        raise SettingError("init_ids", init_ids, "is empty: give the token ids of a non-empty text, or None")
+    point = prompt_point(model, "p_tuning")
     n_lstm = lstm_layers if encoder == "lstm" else 0
     mlp_name = "residual_mlp" if residual else "mlp"
 
     def init_fn(key: jax.Array, params: Any) -> dict:
-        table = _token_table(params)
+        table = _token_table(params, point)
         d_model = table.shape[-1]
         hidden = hidden_size or d_model
         keys = iter(jax.random.split(key, 4 + 2 * n_lstm))
@@ -349,9 +382,14 @@ def p_tuning(
         del rng
         if "prompt" in adapter:  # folded
             flat = _expect_leaves(adapter, {"prompt/embeddings"}, "p_tuning (folded)")
-            return _with_prompt(params, flat["prompt/embeddings"])
+            return _with_prompt(params, point, flat["prompt/embeddings"])
         _expect_leaves(adapter, _encoder_leaves(3 if encoder == "mlp" else 2, n_lstm, residual),
                        f"p_tuning ({encoder}{', residual' if residual else ''})")
-        return _with_prompt(params, encode(adapter))
+        return _with_prompt(params, point, encode(adapter))
 
-    return Method("p_tuning", init_fn, apply_fn, apply_fn)
+    label = f"p_tuning ({'residual, ' if residual else ''}{'text' if init_ids is not None else 'random'} init)"
+    return Method("p_tuning", init_fn, apply_fn, apply_fn, fold=fold, merge_blocker=_not_mergeable, label=label)
+
+
+registry.register("prompt_tuning", prompt_tuning)
+registry.register("p_tuning", p_tuning)

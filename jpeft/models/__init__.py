@@ -1,29 +1,22 @@
-"""Models whose every weight use goes through :mod:`jpeft.ops` (so PEFT wrappers just work)."""
+"""Model families whose every weight use goes through :mod:`jpeft.ops` (so PEFT wrappers just work).
 
-from jpeft.models import llama
-from jpeft.models.llama import (
-    LlamaConfig,
-    embed_tokens,
-    forward,
-    generate,
-    init_cache,
-    init_params,
-    lm_head,
-    param_axes,
-    stack_layers,
-    unstack_layers,
-)
+A family is one module (``llama``) that registers a :class:`Family`; a :class:`Model`
+binds it to a config and is all that methods, loaders, generation and the trainer use.
+The shared pieces: :mod:`~jpeft.models.spec` (parameter specs and logical axes),
+:mod:`~jpeft.models.hooks` (where input methods feed a model),
+:mod:`~jpeft.models.stack` (stacked layers), :mod:`~jpeft.models.blocks` (norms, RoPE,
+attention), :mod:`~jpeft.models.kv_cache` and :mod:`~jpeft.models.generation`.
 
-__all__ = [
-    "LlamaConfig",
-    "embed_tokens",
-    "forward",
-    "generate",
-    "init_cache",
-    "init_params",
-    "llama",
-    "lm_head",
-    "param_axes",
-    "stack_layers",
-    "unstack_layers",
-]
+Example:
+    >>> from jpeft import models
+    >>> models.registry.names()
+    ['llama']
+"""
+
+from jpeft.models import llama, registry
+from jpeft.models.generation import generate
+from jpeft.models.hooks import HookPoint
+from jpeft.models.model import Family, Model
+from jpeft.models.spec import ParamSpec
+
+__all__ = ["Family", "HookPoint", "Model", "ParamSpec", "generate", "llama", "registry"]

@@ -40,6 +40,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -168,9 +169,40 @@ class QuantizedArray(ops.WeightWrapper):
         """``x @ W``: dequantizes this weight in ``x.dtype``, then multiplies."""
         return _dequantize_matmul(x, self)
 
+    def einsum(self, subscripts: str, x: jax.Array) -> jax.Array:
+        """``einsum(subscripts, x, W)``: dequantizes this weight in ``x.dtype``, then contracts."""
+        return _dequantize_einsum(subscripts, x, self)
+
     def attend(self, x: jax.Array) -> jax.Array:
         """``x @ W.T`` (tied output head): dequantizes in ``x.dtype``, then multiplies."""
         return _dequantize_matmul_t(x, self)
+
+    def partition_specs(self, axes: tuple, spec_for) -> "QuantizedArray":
+        """Specs for the arrays held, derived from the logical weight's ``axes``.
+
+        * codes (packed along the blocked axis) take the weight's axes; the packed
+          dimension must still divide;
+        * per-block scales take the same axes where their (blocked) dimensions divide,
+          else that dimension is replicated;
+        * double-quantized scales are flat per matrix (``(*lead, padded blocks)``): the flat
+          dimension is split over every mesh axis that splits the codes' matrix, when it
+          divides (so they shrink with the mesh like the codes); their per-256 scales and
+          means are tiny and replicated. Leading axes follow the weight.
+        """
+        if len(axes) != self.ndim:
+            raise ValueError(f"logical axes {axes} do not match the quantized weight's shape {self.shape}")
+        packed = f"codes, packed two per byte along axis {self.axis}" if self.fmt.packed else "codes"
+        codes = spec_for(axes, self.codes.shape, packed)
+        if not self.double_quant:
+            return dataclasses.replace(self, codes=codes,
+                                       scales=spec_for(axes, self.scales.shape, "per-block scales", strict=False))
+        lead = tuple(codes)[:-2]
+        matrix_axes = tuple(a for entry in tuple(codes)[-2:] if entry is not None
+                            for a in ((entry,) if isinstance(entry, str) else entry))
+        flat = spec_for.flat_spec(matrix_axes, self.scales.shape[-1])
+        return dataclasses.replace(self, codes=codes, scales=jax.sharding.PartitionSpec(*lead, flat),
+                                   scales_scale=jax.sharding.PartitionSpec(*lead, None),
+                                   scales_mean=jax.sharding.PartitionSpec(*lead))
 
     def embed(self, ids: jax.Array, dtype) -> jax.Array:
         """Rows ``W[ids]`` in ``dtype``; for tables blocked along ``dim`` only those rows are dequantized."""
@@ -193,6 +225,11 @@ def _dequantize_matmul(x: jax.Array, q: QuantizedArray) -> jax.Array:
 @jax.checkpoint
 def _dequantize_matmul_t(x: jax.Array, q: QuantizedArray) -> jax.Array:
     return x @ q.materialize(x.dtype).T
+
+
+@functools.partial(jax.checkpoint, static_argnums=(0,))
+def _dequantize_einsum(subscripts: str, x: jax.Array, q: QuantizedArray) -> jax.Array:
+    return jnp.einsum(subscripts, x, q.materialize(x.dtype))
 
 
 def is_quantized(leaf: Any) -> bool:

@@ -2,8 +2,10 @@
 
 Blockwise absmax quantization (QLoRA, Dettmers et al., 2023): a weight is cut into
 blocks of ``block_size`` (default 64) consecutive values along its contraction axis
-(``in`` of a ``(*lead, in, out)`` kernel; ``dim`` of a ``(vocab, dim)`` embedding
-table, i.e. paths ending in ``embedding``). Each value is divided by its block's
+(the last input axis of a kernel, ``in`` of a ``(*lead, in, out)`` one; ``dim`` of a
+``(vocab, dim)`` embedding table). Which is which comes from the weight's logical axes
+(pass ``model=``; see :mod:`jpeft.layout`); without a model every weight is a kernel
+``(*lead, in, out)``. Each value is divided by its block's
 absmax and replaced by the code of the nearest level of the format's table.
 
 Double quantization (on by default for NF4, as in QLoRA) stores the float32 absmax
@@ -40,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import ops, tree
+from jpeft.layout import Layout, default_layout, flatten_axes, layout_of, layouts_for
+import jpeft.models.stack as stack
 from jpeft.quant import formats, packing
 from jpeft.quant.array import QuantizationError, QuantizedArray, is_quantized, split_blocks
 
@@ -85,12 +89,12 @@ def _check(x, fmt: formats.Format, block_size, axis, name: str) -> None:
     if fmt.packed and block_size % 2:
         raise QuantizationError(f"block_size must be even for the 4-bit format {fmt.name!r}, "
                                 f"got {block_size} (quantizing {name!r})")
-    if axis not in (-1, -2):
-        raise QuantizationError(f"axis must be -2 (kernel 'in') or -1 (table 'dim'), got {axis!r} "
-                                f"(quantizing {name!r})")
     if len(shape) < 2:
         raise QuantizationError(f"cannot quantize {name!r} of shape {shape}: only weights of at least "
                                 f"2 dims (in, out) or (vocab, dim) are quantized; narrow the targets")
+    if not isinstance(axis, (int, np.integer)) or not -len(shape) <= axis < 0:
+        raise QuantizationError(f"axis must be a negative axis of the weight (-2: a kernel's 'in', -1: a table's "
+                                f"'dim'), got {axis!r} for shape {shape} (quantizing {name!r})")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise QuantizationError(f"cannot quantize {name!r}: dtype {x.dtype} is not a float dtype")
     if shape[axis] % block_size:
@@ -108,7 +112,8 @@ def quantize_array(x: jax.Array, format: str = "nf4", *, block_size: int = 64, a
         x: float weight, ``(*lead, in, out)`` (``axis=-2``) or ``(vocab, dim)`` (``axis=-1``).
         format: ``"nf4"``, ``"int4"`` or ``"int8"``.
         block_size: values per absmax block along ``axis``; must divide ``x.shape[axis]``.
-        axis: the blocked (contraction) axis, ``-2`` or ``-1``.
+        axis: the blocked (contraction) axis, counted from the end (``-2``: a kernel's
+            ``in``; ``-1``: a table's ``dim``).
         double_quant: 8-bit absmax constants; default on for NF4 only.
         name: how error messages call the weight (its path).
 
@@ -147,9 +152,31 @@ def dequantize(x: Any, dtype=None) -> Any:
                         x, is_leaf=ops.is_wrapper)
 
 
-def _default_axis(path: str) -> int:
-    """Embedding tables ``(vocab, dim)`` are blocked along ``dim``; kernels along ``in``."""
-    return -1 if path.rsplit("/", 1)[-1] == "embedding" else -2
+def block_axis(layout: Layout, ndim: int) -> int:
+    """The axis a weight is blocked along, counted from the end: a table's row width, a kernel's last input.
+
+    Example:
+        >>> block_axis(Layout("kernel", lead=1, inputs=1), 3), block_axis(Layout("table"), 2)
+        (-2, -1)
+    """
+    if layout.kind == "table":
+        return -1
+    return layout.lead + layout.inputs - 1 - ndim
+
+
+def layer_kernels(layouts: dict[str, Layout] | None = None) -> tree.Predicate:
+    """A target rule: every kernel inside the model's layers (what QLoRA quantizes).
+
+    Embedding tables, norms, biases and kernels outside the layers (an untied output head)
+    stay float, as in QLoRA / bitsandbytes.
+    """
+    def rule(path: str, leaf) -> bool:
+        in_layers = stack.in_stack(path) or stack.stacked_path(path)[1] is not None
+        layout = (layouts or {}).get(path) or default_layout(leaf.shape)
+        return in_layers and layout.kind == "kernel"
+
+    rule.__name__ = "layer_kernels"
+    return rule
 
 
 def _rules(targets: tree.Targets) -> tuple[tree.Rule, ...]:
@@ -162,20 +189,26 @@ def _rules(targets: tree.Targets) -> tuple[tree.Rule, ...]:
     return rules
 
 
-def _quantize_leaf(path: str, leaf, rule: tree.Rule, defaults: dict) -> QuantizedArray:
-    settings = {"axis": _default_axis(path), **defaults, **rule.settings}
+def _quantize_leaf(path: str, leaf, rule: tree.Rule, defaults: dict, layout: Layout | None) -> QuantizedArray:
+    layout = layout or default_layout(leaf.shape)
+    if layout.kind == "vector":
+        raise QuantizationError(f"cannot quantize {path!r} of shape {tuple(leaf.shape)}: only weights of at least 2 "
+                                "dims (kernels, tables) are quantized and this is a vector (a bias or a norm "
+                                "scale); narrow the targets")
+    settings = {"axis": block_axis(layout, len(leaf.shape)), **defaults, **rule.settings}
     return quantize_array(leaf, settings["format"], block_size=settings["block_size"],
                           axis=settings["axis"], double_quant=settings["double_quant"], name=path)
 
 
 def quantize(params: Any, targets: tree.Targets, format: str = "nf4", *, block_size: int = 64,
-             double_quant: bool | None = None) -> dict:
+             double_quant: bool | None = None, model: Any = None, axes: Any = None) -> Any:
     """Replaces the weights that ``targets`` select with :class:`QuantizedArray` leaves.
 
     ``targets`` follow :mod:`jpeft.tree` rules (regex fullmatch, first match wins,
     an unused rule is an error); a :class:`jpeft.Rule` may override ``format``,
-    ``block_size``, ``double_quant`` or ``axis`` for the weights it selects.
-    Works under ``jax.eval_shape`` (abstract params in, abstract quantized tree out).
+    ``block_size``, ``double_quant`` or ``axis`` for the weights it selects. ``model``
+    (or a logical ``axes`` tree) gives each weight's role, hence its blocked axis. Works
+    under ``jax.eval_shape`` (abstract params in, abstract quantized tree out).
 
     Example:
         >>> import jax.numpy as jnp, jpeft
@@ -186,26 +219,27 @@ def quantize(params: Any, targets: tree.Targets, format: str = "nf4", *, block_s
     """
     rules = _rules(targets)
     defaults = {"format": format, "block_size": block_size, "double_quant": double_quant}
-    flat = tree.flatten(params)
-    for path, rule in tree.assign(params, rules).items():
-        flat[path] = _quantize_leaf(path, flat[path], rule, defaults)
-    return tree.unflatten(flat)
+    flat, layouts = tree.flatten(params), layouts_for(params, model=model, axes=axes)
+    return tree.replace(params, {path: _quantize_leaf(path, flat[path], rule, defaults, layouts.get(path))
+                                 for path, rule in tree.assign(params, rules).items()})
 
 
 class QuantizeOnLoad:
     """The per-tensor hook of :func:`quantize_on_load`: ``leaf_fn(path, array) -> leaf``."""
 
-    def __init__(self, targets: tree.Targets, format: str, block_size: int, double_quant: bool | None):
+    def __init__(self, targets: tree.Targets, format: str, block_size: int, double_quant: bool | None,
+                 layouts: dict[str, Layout] | None = None):
         formats.get(format)  # fail early on an unknown format
         self.rules = _rules(targets)
         self.defaults = {"format": format, "block_size": block_size, "double_quant": double_quant}
+        self.layouts = dict(layouts or {})
         self.used = [False] * len(self.rules)
 
     def __call__(self, path: str, array: np.ndarray) -> Any:
         for i, rule in enumerate(self.rules):
             if rule.matches(path, array):
                 self.used[i] = True
-                return _quantize_leaf(path, array, rule, self.defaults)
+                return _quantize_leaf(path, array, rule, self.defaults, self.layouts.get(path))
         return jnp.asarray(array)
 
     def check_all_used(self) -> None:
@@ -216,15 +250,16 @@ class QuantizeOnLoad:
                                  f"no tensor of the checkpoint")
 
 
-def quantize_on_load(targets: tree.Targets, format: str = "nf4", *, block_size: int = 64,
-                     double_quant: bool | None = None) -> QuantizeOnLoad:
+def quantize_on_load(targets: tree.Targets | None = None, format: str = "nf4", *, block_size: int = 64,
+                     double_quant: bool | None = None, model: Any = None, axes: Any = None) -> QuantizeOnLoad:
     """A ``leaf_fn(path, array)`` for checkpoint loaders: quantizes each targeted tensor as it is read.
 
     The loader calls it once per tensor with the tensor's ``/``-joined jpeft path
     and a host array; targeted tensors come back as :class:`QuantizedArray`, the
     others as device arrays. Only one float tensor is alive at a time, so the float
     model is never held whole. After loading, ``leaf_fn.check_all_used()`` reports
-    rules that matched nothing.
+    rules that matched nothing. ``targets=None`` quantizes :func:`layer_kernels`;
+    ``model`` (or a logical ``axes`` tree) gives each weight's role (its blocked axis).
 
     Example:
         >>> import numpy as np
@@ -235,4 +270,9 @@ def quantize_on_load(targets: tree.Targets, format: str = "nf4", *, block_size: 
         (8,)
         >>> leaf_fn.check_all_used()
     """
-    return QuantizeOnLoad(targets, format, block_size, double_quant)
+    layouts = model.layouts() if model is not None else {}
+    if axes is not None:
+        layouts.update({p: layout_of(names) for p, names in flatten_axes(axes)[0].items()})
+    if targets is None:
+        targets = layer_kernels(layouts)
+    return QuantizeOnLoad(targets, format, block_size, double_quant, layouts)

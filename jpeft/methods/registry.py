@@ -1,0 +1,233 @@
+"""Methods by name: a builder registered under a name, its settings read from its signature.
+
+A program that lets users pick a method by name (a YAML run config, a command line)
+asks this registry instead of knowing the methods. A method's settings are its
+builder's keyword arguments; :func:`check_settings` validates a mapping of them
+against the builder's signature (unknown names with a suggestion, types from the
+annotations, choices from ``Literal``), and :func:`build` calls the builder, turning a
+:class:`jpeft.errors.SettingError` into a message that names the setting.
+
+Builder arguments named in :data:`CONTEXT` are not settings: the program passes what
+it has (the :class:`~jpeft.models.Model`, the tokenizer) to builders that ask for them.
+
+Registering a new method is one call::
+
+    def scaled_bias(scale: float = 1.0, *, model=None) -> jpeft.Method: ...
+    registry.register("scaled_bias", scaled_bias)
+
+Example:
+    >>> from jpeft.methods import registry
+    >>> "lora" in registry.names()
+    True
+    >>> registry.check_settings("lora", {"rank": 4, "targets": ".*/q_proj/kernel"})
+    {'rank': 4, 'targets': '.*/q_proj/kernel'}
+    >>> registry.check_settings("lora", {"rnak": 4})
+    Traceback (most recent call last):
+    ...
+    jpeft.methods.registry.SettingsError: unknown setting 'rnak'; did you mean 'rank'? (lora's settings: alpha, dropout, dtype, init, rank, targets, use_rslora)
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import difflib
+import importlib
+import inspect
+import types
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+from jpeft.errors import SettingError
+from jpeft.methods.base import Method
+
+CONTEXT = ("model", "tokenizer")
+"""Builder arguments a program fills from what it has loaded, not from user settings."""
+
+
+class SettingsError(ValueError):
+    """A settings mapping that does not fit a method's builder.
+
+    Attributes:
+        setting: the offending setting's name (``None`` for problems of the whole mapping).
+    """
+
+    def __init__(self, message: str, setting: str | None = None):
+        super().__init__(message)
+        self.setting = setting
+
+
+class Registered(NamedTuple):
+    name: str
+    builder: Callable[..., Method]
+    summary: str
+
+
+_METHODS: dict[str, Registered] = {}
+
+
+def register(name: str, builder: Callable[..., Method], *, summary: str | None = None) -> Callable[..., Method]:
+    """Registers ``builder`` under ``name`` (replacing an earlier one); returns the builder."""
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"a method name must be an identifier, got {name!r}")
+    doc = inspect.getdoc(builder) or ""
+    _METHODS[name] = Registered(name, builder, summary or (doc.splitlines()[0] if doc else name))
+    return builder
+
+
+def _all() -> dict[str, Registered]:
+    importlib.import_module("jpeft.methods")  # registers jpeft's own methods
+    return _METHODS
+
+
+def names() -> list[str]:
+    """The registered method names, sorted."""
+    return sorted(_all())
+
+
+def get(name: str) -> Registered:
+    """The registration of ``name``; an unknown name is a :class:`SettingsError` listing the known ones."""
+    methods = _all()
+    if name not in methods:
+        close = difflib.get_close_matches(str(name), list(methods), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise SettingsError(f"unknown method {name!r}{hint} (registered: {', '.join(sorted(methods))})")
+    return methods[name]
+
+
+def settings(name: str) -> dict[str, inspect.Parameter]:
+    """The builder's settings (its parameters, without :data:`CONTEXT`), by name."""
+    params = inspect.signature(get(name).builder).parameters
+    return {n: p for n, p in params.items()
+            if n not in CONTEXT and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def defaults(name: str) -> dict[str, Any]:
+    """The builder's default for every setting that has one."""
+    return {n: p.default for n, p in settings(name).items() if p.default is not inspect.Parameter.empty}
+
+
+# ----------------------------------------------------------------------------- type checks
+
+
+def _type_name(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
+    """``(fits, value)``: whether ``value`` fits ``hint``, and the value (ints become floats for floats)."""
+    if hint is Any or hint is inspect.Parameter.empty:
+        return True, value
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        for arg in args:
+            fits, out = _coerce(value, arg)
+            if fits:
+                return True, out
+        return False, value
+    if origin is typing.Literal:
+        return value in args, value
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, str):  # YAML reads 1e-3 as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if origin in (list, tuple, collections.abc.Sequence):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            return False, value
+        inner = args[0] if args else Any
+        checked = [_coerce(v, inner) for v in value]
+        return all(ok for ok, _ in checked), [v for _, v in checked]
+    if origin is collections.abc.Callable or hint is collections.abc.Callable:
+        return callable(value), value
+    if isinstance(hint, type):
+        return isinstance(value, hint), value
+    return True, value  # an annotation this checker does not know: the builder checks it
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} is a {type(value).__name__}"
+
+
+def check_settings(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Validates settings against ``name``'s builder signature; returns them (floats coerced).
+
+    Raises:
+        SettingsError: for an unknown setting (with a close match when there is one), a
+            value of the wrong type, or a value outside a ``Literal``'s choices.
+    """
+    builder = get(name).builder
+    params = settings(name)
+    try:
+        hints = typing.get_type_hints(builder)
+    except Exception:  # unresolvable annotations: leave the checks to the builder
+        hints = {}
+    out = {}
+    for key, value in given.items():
+        if key not in params:
+            close = difflib.get_close_matches(str(key), list(params), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise SettingsError(f"unknown setting {key!r}{hint} ({name}'s settings: {', '.join(sorted(params))})",
+                                setting=None)
+        hint = hints.get(key, inspect.Parameter.empty)
+        fits, coerced = _coerce(value, hint)
+        if not fits:
+            if typing.get_origin(hint) is typing.Literal or (
+                    typing.get_origin(hint) in (types.UnionType, typing.Union)
+                    and all(typing.get_origin(a) is typing.Literal or a is type(None) for a in typing.get_args(hint))):
+                raise SettingsError(f"{value!r} must be {_type_name(hint)}", setting=key)
+            raise SettingsError(f"{_describe(value)}, it needs a {_type_name(hint)}", setting=key)
+        out[key] = coerced
+    return out
+
+
+def validate(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`check_settings`, then the builder's own checks of the values, before anything is loaded.
+
+    The builder runs once without context (no model, no tokenizer): a
+    :class:`jpeft.errors.SettingError` it raises is reported here, while errors that only
+    say what context it needs wait for :func:`build`.
+    """
+    checked = check_settings(name, given)
+    try:
+        get(name).builder(**checked)
+    except SettingError as err:
+        raise SettingsError(f"{err.value!r} {err.problem}", setting=err.setting) from None
+    except (ValueError, TypeError):
+        pass  # needs the model or tokenizer: checked again by build()
+    return checked
+
+
+def build(name: str, given: Mapping[str, Any], **context: Any) -> Method:
+    """The method ``name`` built from ``given`` settings plus whatever ``context`` its builder asks for.
+
+    Raises:
+        SettingsError: from :func:`check_settings`, or the builder's own
+            :class:`jpeft.errors.SettingError` / ``ValueError`` about a value.
+    """
+    checked = check_settings(name, given)
+    builder = get(name).builder
+    wanted = inspect.signature(builder).parameters
+    extra = {k: v for k, v in context.items() if k in wanted and k in CONTEXT}
+    try:
+        return builder(**checked, **extra)
+    except SettingError as err:
+        raise SettingsError(f"{err.value!r} {err.problem}", setting=err.setting) from None
+    except (ValueError, TypeError) as err:
+        raise SettingsError(str(err)) from None

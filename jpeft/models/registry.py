@@ -1,0 +1,68 @@
+"""Model families by name, and by the names checkpoint files give them.
+
+Loaders find the family for a file here (a ``config.json``'s ``model_type``, a GGUF
+file's ``general.architecture``), so no loader imports a family. jpeft's own
+families register when :mod:`jpeft.models` is imported; a new family registers itself
+the same way::
+
+    registry.register(MY_FAMILY)
+
+Example:
+    >>> family_for_hf("qwen2").name
+    'llama'
+    >>> family_for_hf("gpt2")
+    Traceback (most recent call last):
+    ...
+    ValueError: Unsupported model_type 'gpt2'; supported: ['llama', 'mistral', 'qwen2'].
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from jpeft.models.model import Family
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Adds (or replaces) a family under ``family.name``; returns it."""
+    _FAMILIES[family.name] = family
+    return family
+
+
+def _builtins() -> dict[str, Family]:
+    importlib.import_module("jpeft.models")  # registers jpeft's own families
+    return _FAMILIES
+
+
+def get(name: str) -> Family:
+    """The family registered as ``name``."""
+    families = _builtins()
+    if name not in families:
+        raise ValueError(f"no model family {name!r}; registered: {sorted(families)}")
+    return families[name]
+
+
+def names() -> list[str]:
+    return sorted(_builtins())
+
+
+def family_for_hf(model_type: str | None) -> Family:
+    """The family that reads Hugging Face ``config.json`` files with this ``model_type``."""
+    families = _builtins().values()
+    for family in families:
+        if family.names is not None and model_type in family.names.hf_model_types:
+            return family
+    known = sorted(t for f in families if f.names is not None for t in f.names.hf_model_types)
+    raise ValueError(f"Unsupported model_type {model_type!r}; supported: {known}.")
+
+
+def family_for_gguf(architecture: str | None) -> Family:
+    """The family that reads GGUF files of this ``general.architecture``."""
+    families = _builtins().values()
+    for family in families:
+        if family.names is not None and architecture in family.names.gguf_architectures:
+            return family
+    known = sorted(a for f in families if f.names is not None for a in f.names.gguf_architectures)
+    raise ValueError(f"GGUF architecture {architecture!r} is not supported; supported: {known}.")

@@ -1,0 +1,105 @@
+"""Stacked and unrolled layers: ``layers_{i}/...`` subtrees and one ``layers/...`` stack.
+
+jpeft's models name the parameters of layer ``i`` ``layers_{i}/...`` (as Flax's
+``nn.scan``-free modules do). With ``scan_layers`` the ``num_layers`` subtrees become
+one ``layers`` subtree whose leaves carry a leading ``(num_layers,)`` axis, which
+``jax.lax.scan`` slices. Checkpoint files and the Hugging Face PEFT format always name
+one layer at a time, so loaders and exporters convert with these functions; the
+convention holds under any prefix (``encoder/layers_3/...`` <-> ``encoder/layers/...``).
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> p = {"layers_0": {"w": jnp.zeros(3)}, "layers_1": {"w": jnp.ones(3)}, "norm": 1}
+    >>> stack_layers(p)["layers"]["w"].shape
+    (2, 3)
+    >>> stacked_path("encoder/layers_4/mlp/kernel")
+    ('encoder/layers/mlp/kernel', 4)
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+STACK = "layers"
+_LAYER_RE = re.compile(r"layers_(\d+)")
+_PATH_RE = re.compile(r"((?:.*/)?)layers_(\d+)/(.*)")
+
+
+def layer_names(node: dict) -> list[str]:
+    """The ``layers_{i}`` keys of a dict, in layer order.
+
+    Example:
+        >>> layer_names({"layers_10": 0, "layers_2": 0, "norm": 0})
+        ['layers_2', 'layers_10']
+    """
+    names = [k for k in node if isinstance(k, str) and _LAYER_RE.fullmatch(k)]
+    return sorted(names, key=lambda k: int(k.split("_")[1]))
+
+
+def stack_layers(params: dict, num_layers: int | None = None) -> dict:
+    """``layers_{i}`` subtrees -> one ``layers`` subtree with a leading layer axis (top level only)."""
+    names = layer_names(params)
+    if num_layers is not None and len(names) != num_layers:
+        raise ValueError(f"expected {num_layers} layers_{{i}} subtrees, found {len(names)}")
+    out = {k: v for k, v in params.items() if k not in names}
+    out[STACK] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])
+    return out
+
+
+def unstack_layers(params: dict, num_layers: int | None = None) -> dict:
+    """Inverse of :func:`stack_layers`; ``num_layers`` defaults to the stack's length.
+
+    Example:
+        >>> unstack_layers({"layers": {"w": jnp.zeros((2, 3))}})["layers_1"]["w"].shape
+        (3,)
+    """
+    if STACK not in params:
+        return params
+    stack = params[STACK]
+    if num_layers is None:
+        num_layers = stack_length(stack)
+    out = {k: v for k, v in params.items() if k != STACK}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x: x[i], stack)
+    return out
+
+
+def stack_length(stack: Any) -> int:
+    """The leading axis length of a stacked subtree."""
+    leaves = jax.tree.leaves(stack, is_leaf=lambda x: hasattr(x, "shape"))
+    if not leaves:
+        raise ValueError("an empty layer stack has no length")
+    return int(leaves[0].shape[0])
+
+
+def stacked_path(path: str) -> tuple[str, int | None]:
+    """``(path in the stacked tree, layer index)`` of an unrolled path; ``(path, None)`` outside layers."""
+    match = _PATH_RE.fullmatch(path)
+    if match is None:
+        return path, None
+    prefix, index, rest = match.groups()
+    return f"{prefix}{STACK}/{rest}", int(index)
+
+
+def unstacked_path(path: str, index: int) -> str:
+    """The path of layer ``index`` for a path inside a ``layers`` stack.
+
+    Example:
+        >>> unstacked_path("layers/self_attn/q_proj/kernel", 2)
+        'layers_2/self_attn/q_proj/kernel'
+    """
+    parts = path.split("/")
+    if STACK not in parts:
+        raise ValueError(f"{path!r} is not inside a {STACK!r} stack")
+    i = parts.index(STACK)
+    parts[i] = f"layers_{index}"
+    return "/".join(parts)
+
+
+def in_stack(path: str) -> bool:
+    """Whether a path lies inside a ``layers`` stack (its leaves have a leading layer axis)."""
+    return STACK in path.split("/")
