@@ -2,6 +2,7 @@
 
 import ast
 import pathlib
+import re
 import subprocess
 import sys
 from typing import Any, NamedTuple
@@ -192,12 +193,12 @@ def norm_tuning(*, targets_axis: str = "norm", model: Any = None) -> jpeft.Metho
     """
     if model is None:
         raise ValueError("norm_tuning needs model=")
-    axes = dict(jpeft.methods.base.flatten_axes(model.param_axes()))
+    axes = jpeft.methods.base.flatten_axes(model.param_axes())
     chosen = sorted(path for path, names in axes.items() if names and names[-1] == targets_axis)
     if not chosen:
         raise jpeft.errors.SettingError("targets_axis", targets_axis, "names no weight's last logical axis")
-    inner = jpeft.full(targets=[jpeft.Rule("|".join(map(__import__("re").escape, chosen)))])
-    return inner._replace(name="norm_tuning", label=f"norm tuning ({len(chosen)} weights)")
+    full = jpeft.full(targets=[jpeft.Rule("|".join(map(re.escape, chosen)))])
+    return full._replace(name="norm_tuning", label=f"norm tuning ({len(chosen)} weights)")
 
 
 def test_a_method_defined_here_trains_through_the_programs_entry_point(tmp_path, tiny_hf_folder, bbc_dir):
