@@ -36,7 +36,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jpeft.errors import CheckpointError
+from jpeft.errors import CheckpointError, CorruptCheckpointError
 
 FORMAT = "jpeft-adapter"
 VERSION = 2
@@ -70,6 +70,12 @@ def check_like(saved: dict[str, dict], like) -> None:
     if problems:
         shown = problems[:8] + ([f"... ({len(problems) - 8} more)"] if len(problems) > 8 else [])
         raise CheckpointError("checkpoint does not match the expected adapter:\n  " + "\n  ".join(shown))
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an error's message, cut to ``limit`` characters (TensorStore errors run long)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return text[:limit] + ("..." if len(text) > limit else "")
 
 
 def _some(items: list[str], limit: int = 6) -> str:
@@ -146,8 +152,8 @@ class Store:
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # orbax raises many types for a damaged or missing record
-            raise CheckpointError(f"corrupt checkpoint {where!r}: its metadata cannot be read "
-                                  f"({type(e).__name__}: {e})") from None
+            raise CorruptCheckpointError(f"corrupt checkpoint {where!r}: its metadata cannot be read "
+                                         f"({type(e).__name__}: {_first_line(e)})") from None
         if not isinstance(meta, dict) or "tree" not in meta or (kind is not None and meta.get("format") != kind):
             raise CheckpointError(f"{where!r} is not a {kind or 'jpeft'} checkpoint")
         return meta
@@ -170,8 +176,8 @@ class Store:
             return self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(_target(like))))["state"]
         except Exception as e:  # orbax raises many types for damaged files
-            raise CheckpointError(f"corrupt checkpoint {where!r}: cannot read its arrays "
-                                  f"({type(e).__name__}: {e})") from e
+            raise CorruptCheckpointError(f"corrupt checkpoint {where!r}: cannot read its arrays "
+                                         f"({type(e).__name__}: {_first_line(e)})") from None
 
     def wait(self) -> None:
         """Block until every started save is on disk."""

@@ -14,6 +14,11 @@ class CheckpointError(ValueError):
     """A checkpoint or adapter does not fit: missing, unexpected or mis-shaped entries, or a bad file."""
 
 
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint whose files cannot be read (truncated, garbled): unlike a checkpoint that does not
+    fit, an older save may still be good."""
+
+
 class SettingError(ValueError):
     """A method or model setting with a bad value; names the setting so a program can name its key.
 

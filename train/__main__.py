@@ -1,7 +1,11 @@
 """Command line: ``python -m train --config configs/<name>.yaml [key=value ...]``.
 
-Exit status 2 (and nothing loaded or written) for a bad config, override or
-model path; the message names the key and the fix.
+Exit status 2 (and nothing written) for anything that can be checked before training:
+a bad config or override, a missing or unreadable model or data file, method settings
+that do not fit the model, a run folder that is not this run's. The message names the
+file or setting and the fix. Exit status 3 when training stops because the loss stopped
+being finite (the checkpoints saved before stay). A run folder written before such an
+error is never left half-way: see :mod:`train.run_folder` and :mod:`jpeft.checkpoint`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,12 @@ import sys
 
 from jpeft.errors import CheckpointError
 from train.config import ConfigError, load_config
+
+# The library's errors about inputs: each names the file or the setting.
+EXPECTED = {
+    ConfigError: "config error",
+    CheckpointError: "checkpoint error",
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -25,11 +35,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _input_errors() -> dict[type, str]:
+    from jpeft.quant import QuantizationError
+    from jpeft.sharding import ShardingError
+    from jpeft.tree import RuleError
+
+    return {**EXPECTED, QuantizationError: "quantization error", RuleError: "target error",
+            ShardingError: "sharding error"}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        from train import distributed, model, run  # heavy imports only once the config is valid
+        from train import distributed, model, run, trainer  # heavy imports only once the config is valid
 
         model.resolve(config.model)
         distributed.initialize(config.distributed)
@@ -38,12 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         if not distributed.is_main():
             sys.stdout = open(os.devnull, "w")  # process 0 prints; errors still reach stderr
         run.run(config)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except tuple(_input_errors()) as e:
+        kind = next(label for cls, label in _input_errors().items() if isinstance(e, cls))
+        print(f"{kind}: {e}", file=sys.stderr)
         return 2
-    except CheckpointError as e:  # a model or checkpoint that does not fit; nothing half-written
-        print(f"checkpoint error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        from train.trainer import TrainingStopped
+
+        if isinstance(e, TrainingStopped):
+            print(f"training stopped: {e}", file=sys.stderr)
+            return 3
+        raise
     return 0
 
 

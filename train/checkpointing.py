@@ -13,17 +13,26 @@ The data order and the dropout keys are pure functions of ``(seed, step)``, so a
 run resumed from step ``k`` computes exactly what an uninterrupted one would.
 Arrays are restored straight onto the shardings of the current mesh, which may
 differ from the mesh they were saved from.
+
+:meth:`Checkpoints.resume_point` picks the checkpoint to resume from: the newest one
+that can be read. A newer one whose files are damaged (a truncated array file, garbled
+metadata) is skipped with a warning naming it, and set aside as ``corrupt-<step>`` when
+the run goes ahead; if none can be read the run is refused. A checkpoint that reads
+fine but belongs to another run (another method, adapter shape, seed, batch size or
+schedule) is never skipped: the resume is refused with the differing values.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from jpeft.checkpoint import CheckpointError, Store, check_like
+from jpeft.errors import CorruptCheckpointError
 
 FORMAT = "jpeft-train-state"
 
@@ -49,7 +58,7 @@ class Checkpoints:
     def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
         self.store = Store(directory, keep=keep, async_save=async_save)
         self.directory = self.store.directory
-        self.every = every
+        self.every, self.keep, self.async_save = every, keep, async_save
 
     def latest_step(self) -> int | None:
         """The step of the newest complete checkpoint (an interrupted save does not count)."""
@@ -60,19 +69,19 @@ class Checkpoints:
         return step == last_step or (self.every > 0 and step % self.every == 0)
 
     def save(self, step: int, adapter, opt_state, rng, *, seed: int, batch_size: int,
-             schedule: dict | None = None) -> None:
+             schedule: dict | None = None, method: str | None = None) -> None:
         """Start saving (returns once the arrays are copied off the devices, when asynchronous).
 
         ``schedule``: the settings that shape the optimizer's course (``train.steps``,
         ``lr``, ...); :meth:`restore` refuses a run whose settings differ.
         """
-        meta = {"step": step, "seed": seed, "batch_size": batch_size,
+        meta = {"step": step, "seed": seed, "batch_size": batch_size, "method": method,
                 "data_position": {"batches": step, "examples": step * batch_size}, "schedule": schedule or {}}
         state = {"adapter": adapter, "opt_state": opt_state, "rng": np.asarray(jax.random.key_data(rng))}
         self.store.save(step, state, meta, kind=FORMAT)
 
     def restore(self, adapter_like, opt_state_like, *, seed: int, batch_size: int,
-                schedule: dict | None = None, step: int | None = None) -> Restored:
+                schedule: dict | None = None, step: int | None = None, method: str | None = None) -> Restored:
         """The state saved at ``step`` (default: the latest), placed as ``*_like`` say.
 
         ``*_like`` are arrays or ``jax.ShapeDtypeStruct`` with shardings (the target
@@ -86,6 +95,9 @@ class Checkpoints:
         where = os.path.join(self.directory, str(step))
         info = self.store.read_meta(step, kind=FORMAT)
         meta = info["metadata"]
+        if method is not None and meta.get("method") not in (None, method):
+            raise CheckpointError(f"{where!r} was saved by a {meta['method']!r} run, this run trains {method!r}; "
+                                  "resume with the same method, or start a new run_dir")
         try:
             check_like(info["tree"]["adapter"], adapter_like)
         except CheckpointError as e:
@@ -104,6 +116,44 @@ class Checkpoints:
         rng_like = jax.ShapeDtypeStruct((2,), np.uint32, sharding=_replicated(adapter_like))
         state = self.store.restore(step, {"adapter": adapter_like, "opt_state": opt_state_like, "rng": rng_like})
         return Restored(step, state["adapter"], state["opt_state"], jax.random.wrap_key_data(state["rng"]), meta)
+
+    def resume_point(self, adapter_like, opt_state_like, **expected) -> tuple[Restored | None, list[int]]:
+        """``(the newest readable checkpoint, restored; the newer steps skipped as corrupt)``.
+
+        ``(None, [])`` when there is no checkpoint. ``expected`` (seed, batch_size, schedule,
+        method) is checked as by :meth:`restore`; a mismatch is raised, not skipped.
+
+        Raises:
+            CheckpointError: when checkpoints exist but none can be read, or the newest
+                readable one belongs to another run.
+        """
+        skipped, reasons = [], []
+        for step in reversed(self.store.steps()):
+            try:
+                restored = self.restore(adapter_like, opt_state_like, step=step, **expected)
+            except CorruptCheckpointError as err:
+                skipped.append(step)
+                reasons.append(str(err))
+                continue
+            if skipped:
+                warnings.warn(f"skipped unreadable checkpoint(s) {skipped} in {self.directory}; resuming from step "
+                              f"{step} ({reasons[0]})", stacklevel=2)
+            return restored, skipped
+        if skipped:
+            raise CheckpointError(f"no checkpoint in {self.directory!r} can be read (steps {skipped}: {reasons[0]}); "
+                                  "start a new run_dir")
+        return None, []
+
+    def set_aside(self, steps: list[int]) -> None:
+        """Rename unreadable saves to ``corrupt-<step>`` (kept for inspection, ignored from now on)."""
+        if not steps:
+            return
+        self.store.close()
+        for step in steps:
+            src = os.path.join(self.directory, str(step))
+            if os.path.isdir(src):
+                os.rename(src, os.path.join(self.directory, f"corrupt-{step}"))
+        self.store = Store(self.directory, keep=self.keep, async_save=self.async_save)
 
     def wait(self) -> None:
         """Block until every started save is on disk."""

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -149,6 +151,7 @@ class TrainConfig:
     eval_every: int = _check(_positive, default=50)
     val_batches: int = _check(_positive, default=4)
     seed: int = 0
+    max_bad_steps: int = _check(_non_negative, default=0)  # steps with a non-finite loss skipped before stopping
 
 
 @dataclass(frozen=True)
@@ -241,6 +244,13 @@ def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
             raw = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} does not exist; pass --config configs/<name>.yaml") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path!r} is a folder; pass a YAML file, e.g. --config "
+                          "configs/smollm2_bbc_lora.yaml") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path!r} is not a text file (not UTF-8); pass a YAML file") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path!r} cannot be read (permission denied)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
     if raw is None:
@@ -358,10 +368,12 @@ def _coerce(key: str, value, kind):
         raise ConfigError(f"bad value for {key!r}: it needs a {base.__name__}, not null")
     if base is float and isinstance(value, str):
         try:
-            return float(value)  # PyYAML reads 1e-3 as a string
+            value = float(value)  # PyYAML reads 1e-3 as a string
         except ValueError:
             pass
-    if base is float and isinstance(value, int) and not isinstance(value, bool):
+    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"bad value for {key!r}: {value!r} is not a finite number")
         return float(value)
     if isinstance(value, base) and not (base is int and isinstance(value, bool)):
         return value
@@ -384,6 +396,16 @@ def _check_whole(config: RunConfig) -> None:
         )
     if config.data.val_fraction + config.data.test_fraction >= 1.0:
         raise ConfigError("'data.val_fraction' + 'data.test_fraction' must be < 1 to leave training articles")
+    if config.data.dir is not None and not os.path.isdir(config.data.dir):
+        raise ConfigError(f"data.dir={config.data.dir!r} is not a folder; point it at the BBC News folder "
+                          "(<category>/<nnn>.txt files), or leave it out for the offline corpus")
+    from jpeft.sharding import ShardingError
+    from train.placement import load_rules
+
+    try:
+        load_rules(config.sharding.rules)
+    except ShardingError as err:
+        raise ConfigError(f"bad value for 'sharding.rules': {err}") from None
 
 
 def _suggest(key: str, options) -> str:

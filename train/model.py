@@ -24,6 +24,9 @@ import jax.numpy as jnp
 from train.config import ConfigError, ModelConfig
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
 class ModelSourceError(ConfigError):
     """The configured model file or folder is not there."""
 
@@ -47,6 +50,10 @@ def resolve(cfg: ModelConfig) -> tuple[str, str]:
                 f"model.hf_folder={cfg.hf_folder!r} is not a Hugging Face model folder (no config.json);"
                 " point it at a folder with config.json, *.safetensors and tokenizer.json"
             )
+        if not any(os.path.isfile(os.path.join(cfg.hf_folder, name)) for name in TOKENIZER_FILES):
+            raise ModelSourceError(
+                f"model.hf_folder={cfg.hf_folder!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                "copy the model's tokenizer files into the folder (tokenizer.save_pretrained(folder))")
         return "hf", cfg.hf_folder
     if cfg.gguf is not None:
         if not os.path.isfile(cfg.gguf):
@@ -87,5 +94,8 @@ def load(cfg: ModelConfig) -> Loaded:
         from jpeft.io.hf import load_hf
 
         model_, params = load_hf(path, **settings)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            raise ModelSourceError(f"model.hf_folder={path!r}: its tokenizer cannot be loaded ({err})") from None
     return Loaded(model_.replace(dtype=dtype.name), params, tokenizer)

@@ -18,7 +18,7 @@ import numpy as np
 import jpeft
 from jpeft.checkpoint import restore_adapter, save_adapter
 from jpeft.methods import registry
-from train import checkpointing, data, distributed, evaluate, model, report, trainer
+from train import checkpointing, data, distributed, evaluate, model, report, run_folder, trainer
 from train.config import ConfigError, RunConfig, describe, to_dict
 
 
@@ -64,21 +64,6 @@ def restore(directory: str, cfg: RunConfig, loaded: model.Loaded):
     return restore_adapter(directory, like=like, method=cfg.method)
 
 
-def make_run_dir(cfg: RunConfig) -> str:
-    """``cfg.run_dir`` or a new ``<out_dir>/<name>-<timestamp>``."""
-    if cfg.run_dir is not None:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        return cfg.run_dir
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = os.path.join(cfg.out_dir, f"{cfg.name}-{stamp}")
-    n = 1
-    while os.path.exists(path):
-        n += 1
-        path = os.path.join(cfg.out_dir, f"{cfg.name}-{stamp}-{n}")
-    os.makedirs(path)
-    return path
-
-
 class Timer:
     """Wall-clock seconds per named phase."""
 
@@ -101,9 +86,13 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
     """Run the job ``cfg`` describes and return its summary (also written to the run folder).
 
     ``loaded``: the model ``cfg.model`` names, already loaded (to share it between runs).
+    Everything that can be checked is checked before the run folder is written: the
+    folder itself, the model files, the data, the method's settings against the model,
+    and, when the folder holds an earlier run's checkpoints, that this run continues it.
     """
     timer = Timer()
-    model.resolve(cfg.model)  # a missing model file fails before anything is written
+    folder = run_folder.plan(run_dir=cfg.run_dir, out_dir=cfg.out_dir, name=cfg.name)
+    model.resolve(cfg.model)  # a missing model file fails before anything is loaded
     with timer("load_model"):
         loaded = model.load(cfg.model) if loaded is None else loaded
     params, model_, tokenizer = loaded.params, loaded.model, loaded.tokenizer
@@ -123,15 +112,16 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
     except ValueError as err:
         raise ConfigError(f"the {cfg.method!r} settings do not fit the model: {err}") from None
     frozen = frozen_part(params, adapter)
+    checkpoints, resumed, corrupt = resume_point(cfg, folder, method, adapter)
 
-    run_dir = make_run_dir(cfg)
+    run_folder.create(folder, method=cfg.method, config_yaml=describe(cfg), main=distributed.is_main())
+    run_dir = folder.path
     print(f"run folder: {run_dir}")
-    if distributed.is_main():  # in a multi-process run, process 0 writes the run outputs
-        with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            f.write(describe(cfg))
-    resume_step = checkpointing.saved_step(run_dir) if cfg.checkpoint.resume else None
+    if checkpoints is None:
+        checkpoints = checkpointing.for_run(run_dir, cfg)
+    checkpoints.set_aside(corrupt)
     metrics_path = os.path.join(run_dir, "metrics.jsonl") if distributed.is_main() else os.devnull
-    log = report.MetricsLog(metrics_path, resume_step=resume_step)
+    log = report.MetricsLog(metrics_path, resume_step=resumed.step if resumed is not None else None)
     counts = jpeft.param_report(params, adapter)
     print(counts)
     log({"kind": "params", "trainable": counts.trainable, "total": counts.total, "percent": counts.percent,
@@ -147,8 +137,8 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
         adapter = trainer.train_loop(
             cfg=cfg.train, method=method, model=model_, adapter=adapter, frozen=frozen,
             batches=task.batches_from, val_batches=task.val_batches, log=log, progress=cfg.progress,
-            mesh=distributed.build_mesh(cfg.mesh), rules=cfg.sharding.rules,
-            checkpoints=checkpointing.for_run(run_dir, cfg), resume=cfg.checkpoint.resume,
+            mesh=distributed.build_mesh(cfg.mesh), rules=cfg.sharding.rules, checkpoints=checkpoints,
+            resumed=resumed,
         )
 
     if cfg.eval.test_articles:  # eval.test_articles=0: no ROUGE
@@ -166,6 +156,38 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
             report.plot_loss(log.records, os.path.join(run_dir, "loss.png"), title=f"{cfg.name} ({cfg.method})")
 
     return finish(run_dir, rows, log, timer)
+
+
+def resume_point(cfg: RunConfig, folder: run_folder.RunFolder, method: jpeft.Method, adapter):
+    """``(checkpoints, resumed state or None, corrupt steps to set aside)`` for this run, checked, nothing written.
+
+    A folder with an earlier run's checkpoints must be continued by the same run: the
+    same method (the folder's marker and the checkpoint's metadata say which), seed,
+    batch size, schedule and adapter shapes, with ``checkpoint.resume`` on. Anything else
+    is refused here, before the folder is touched.
+    """
+    has_saves = folder.existing and checkpointing.saved_step(folder.path) is not None
+    if not has_saves:
+        return None, None, []
+    earlier = run_folder.marker(folder.path).get("method")
+    if earlier not in (None, cfg.method):
+        raise ConfigError(f"{folder.path!r} holds a {earlier!r} run; this config trains {cfg.method!r}. Resume it "
+                          "with its own method, or use a new run_dir")
+    if not cfg.checkpoint.resume:
+        raise ConfigError(f"{folder.path!r} already holds checkpoints (latest step "
+                          f"{checkpointing.saved_step(folder.path)}); set checkpoint.resume=true to continue the run, "
+                          "or use a new run_dir")
+    checkpoints = checkpointing.for_run(folder.path, cfg)
+    optimizer, _ = trainer.make_optimizer(cfg.train, method)
+    like = jax.eval_shape(lambda a: a, adapter)
+    try:
+        resumed, corrupt = checkpoints.resume_point(
+            like, jax.eval_shape(optimizer.init, like), seed=cfg.train.seed, batch_size=cfg.train.batch_size,
+            schedule=trainer.schedule_settings(cfg.train), method=cfg.method)
+    except BaseException:
+        checkpoints.close()
+        raise
+    return checkpoints, resumed, corrupt
 
 
 def finish(run_dir: str, rows: list[dict], log: report.MetricsLog, timer: Timer) -> dict:
@@ -197,16 +219,27 @@ class Task:
             from jpeft import assets
 
             directory = assets.bbc_news_dir()
+        try:
+            articles = data.load_bbc(directory)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"data.dir={str(directory)!r} cannot be read as the BBC News corpus: {err}") from None
         self.split = data.split_articles(
-            data.load_bbc(directory), seed=dc.split_seed, val_fraction=dc.val_fraction, test_fraction=dc.test_fraction
+            articles, seed=dc.split_seed, val_fraction=dc.val_fraction, test_fraction=dc.test_fraction
         )
         self.fmt = data.PromptFormat(
             tokenizer, max_article_tokens=dc.max_article_tokens, max_headline_tokens=dc.max_headline_tokens
         )
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.fmt.eos_id
         train_articles = self.split.train[: dc.max_train_articles]
-        self.train = self.fmt.encode(train_articles)
         bs = cfg.train.batch_size
+        if len(train_articles) < bs:
+            raise ConfigError(f"train.batch_size={bs} is larger than the {len(train_articles)} training articles "
+                              "(data.max_train_articles and the split decide them); lower train.batch_size")
+        if len(self.split.val) < bs:
+            raise ConfigError(f"the validation split has {len(self.split.val)} articles, fewer than one batch of "
+                              f"train.batch_size={bs}: there would be no validation loss. Raise data.val_fraction "
+                              "or lower train.batch_size")
+        self.train = self.fmt.encode(train_articles)
         val = self.fmt.encode(self.split.val[: cfg.train.val_batches * bs])
         shape = dict(pad_id=self.pad_id, bucket_size=dc.bucket_size, max_len=self.fmt.max_len - 1,
                      max_answer=dc.max_headline_tokens + 1)

@@ -29,6 +29,20 @@ from train.config import TrainConfig
 from train.data import TrainBatch
 
 
+class TrainingStopped(RuntimeError):
+    """The loss (or gradients) stopped being finite; the run stops and keeps its good checkpoints."""
+
+    def __init__(self, step: int, loss: float, bad_steps: list[int], last_checkpoint: int | None,
+                 directory: str | None):
+        self.step, self.loss, self.bad_steps, self.last_checkpoint = step, loss, bad_steps, last_checkpoint
+        kept = (f"the last checkpoint, step {last_checkpoint} in {directory}, holds the state before it"
+                if last_checkpoint is not None else "no checkpoint had been saved yet")
+        super().__init__(
+            f"the loss is {loss} at step {step} ({len(bad_steps)} step(s) with a non-finite loss or gradient: "
+            f"{bad_steps[:10]}); training stopped and {kept}. Lower train.lr (or raise train.grad_clip), or allow "
+            f"skipping a few such steps with train.max_bad_steps=N")
+
+
 def make_optimizer(cfg: TrainConfig, method=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with linear warmup then cosine (or linear) decay, after global-norm clipping.
 
@@ -47,7 +61,7 @@ def make_optimizer(cfg: TrainConfig, method=None) -> tuple[optax.GradientTransfo
     return optax.chain(*parts), schedule
 
 
-def _schedule_settings(cfg: TrainConfig) -> dict:
+def schedule_settings(cfg: TrainConfig) -> dict:
     """The settings :func:`make_optimizer` builds from: a resumed run must keep them."""
     return {name: getattr(cfg, name) for name in ("steps", "lr", "schedule", "warmup_steps", "weight_decay",
                                                   "grad_clip")}
@@ -86,16 +100,25 @@ def make_loss_fn(method, model) -> Callable:
 def make_train_step(method, model, optimizer, shardings: dict | None = None) -> Callable:
     """Jitted ``step(adapter, opt_state, frozen, batch, rng) -> (adapter, opt_state, stats)``.
 
-    ``shardings``: ``{"adapter", "opt_state", "frozen", "batch", "rng"}`` sharding
-    trees (see :class:`Placement`) fix where every input and output lives.
+    A step whose loss, gradients or updated adapter are not finite changes nothing: it
+    returns the adapter and optimizer state it was given, and ``stats["finite"]`` is False
+    (the loop decides whether to go on). ``shardings``: ``{"adapter", "opt_state", "frozen",
+    "batch", "rng"}`` sharding trees (see :class:`Placement`) fix where every input and
+    output lives.
     """
     loss_fn = make_loss_fn(method, model)
 
     def step(adapter, opt_state, frozen, batch, rng):
         loss, grads = jax.value_and_grad(loss_fn)(adapter, frozen, batch, rng)
-        updates, opt_state = optimizer.update(grads, opt_state, adapter)
-        adapter = optax.apply_updates(adapter, updates)
-        return adapter, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        updates, new_opt_state = optimizer.update(grads, opt_state, adapter)
+        new_adapter = optax.apply_updates(adapter, updates)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        for leaf in jax.tree.leaves(new_adapter):  # elementwise: a norm of huge finite values overflows
+            finite = finite & jnp.all(jnp.isfinite(leaf))
+        keep = lambda new, old: jnp.where(finite, new, old)
+        adapter, opt_state = jax.tree.map(keep, (new_adapter, new_opt_state), (adapter, opt_state))
+        return adapter, opt_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
     if shardings is None:
         return jax.jit(step, donate_argnames=("adapter", "opt_state"))
@@ -174,14 +197,18 @@ def train_loop(
     mesh=None,
     rules: str = "default",
     checkpoints=None,
-    resume: bool = True,
+    resumed=None,
 ) -> Any:
     """Run ``cfg.steps`` optimizer steps; ``log`` receives one dict per event. Returns the adapter.
 
     ``batches``: ``start -> iterator`` of the training batches from batch ``start`` on
     (a plain iterator cannot resume). ``mesh``/``rules``: where the arrays live (default:
-    one device). ``checkpoints``: a :class:`train.checkpointing.Checkpoints`; with
-    ``resume`` the run continues from its latest checkpoint when there is one.
+    one device). ``checkpoints``: a :class:`train.checkpointing.Checkpoints` to save to;
+    ``resumed``: the state to continue from (from :meth:`Checkpoints.resume_point`).
+
+    Raises:
+        TrainingStopped: when more than ``cfg.max_bad_steps`` steps had a non-finite loss
+            (or gradients); the checkpoints saved before stay, and none holds a bad state.
     """
     from train import distributed
 
@@ -191,22 +218,16 @@ def train_loop(
         mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     place = Placement(mesh, rules, method, model, frozen, adapter, optimizer)
     frozen = place.put(frozen, place.frozen)
-    adapter = place.put(adapter, place.adapter)
-    opt_state = jax.jit(optimizer.init, out_shardings=place.opt_state)(adapter)
-    key = jax.random.key(cfg.seed)
-
-    first = 1
-    latest = checkpoints.latest_step() if checkpoints is not None else None
-    if latest is not None:
-        if not resume:
-            raise ValueError(f"{checkpoints.directory} already holds checkpoints (latest step {latest}); set "
-                             "checkpoint.resume=true to continue the run, or use a new run_dir")
-        restored = checkpoints.restore(adapter, opt_state, seed=cfg.seed, batch_size=cfg.batch_size,
-                                       schedule=_schedule_settings(cfg))
-        adapter, opt_state, key, first = restored.adapter, restored.opt_state, restored.rng, restored.step + 1
-        log({"kind": "resume", "step": restored.step})
+    first, key = 1, jax.random.key(cfg.seed)
+    if resumed is None:
+        adapter = place.put(adapter, place.adapter)
+        opt_state = jax.jit(optimizer.init, out_shardings=place.opt_state)(adapter)
+    else:
+        adapter, opt_state = place.put(resumed.adapter, place.adapter), place.put(resumed.opt_state, place.opt_state)
+        key, first = resumed.rng, resumed.step + 1
+        log({"kind": "resume", "step": resumed.step})
         if main:
-            tqdm.write(f"resumed from {checkpoints.directory} at step {restored.step}")
+            tqdm.write(f"resumed from {checkpoints.directory if checkpoints else 'a checkpoint'} at step {resumed.step}")
     if callable(batches):
         batches = batches(first - 1)
     elif first > 1:
@@ -225,6 +246,7 @@ def train_loop(
         val = validate(0)
         if main:
             tqdm.write(f"step 0: val loss {val:.4f}")
+    bad_steps = []
     bar = tqdm(range(first, cfg.steps + 1), desc="train", disable=not (progress and main), dynamic_ncols=True)
     for step in bar:
         batch = next(batches)
@@ -247,7 +269,16 @@ def train_loop(
             "tokens_per_s": tokens / seconds,
             "seq_len": int(batch.tokens_BxT.shape[1]),
         }
+        if not bool(stats["finite"]):
+            record["skipped"] = True  # a non-finite loss or gradient: the step changed nothing
+            bad_steps.append(step)
         log(record)  # (a run's non-main processes log to os.devnull)
+        if len(bad_steps) > cfg.max_bad_steps:
+            bar.close()
+            if checkpoints is not None:
+                checkpoints.close()
+            raise TrainingStopped(step, loss, bad_steps, checkpoints.latest_step() if checkpoints else None,
+                                  checkpoints.directory if checkpoints else None)
         if main:
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / seconds:,.0f}")
         if step % cfg.eval_every == 0 or step == cfg.steps:
@@ -256,7 +287,7 @@ def train_loop(
                 bar.write(f"step {step}: train loss {loss:.4f}  val loss {val:.4f}")
         if checkpoints is not None and checkpoints.due(step, cfg.steps):  # after the step's records
             checkpoints.save(step, adapter, opt_state, key, seed=cfg.seed, batch_size=cfg.batch_size,
-                             schedule=_schedule_settings(cfg))
+                             schedule=schedule_settings(cfg), method=method.name)
     bar.close()
     if checkpoints is not None:
         checkpoints.close()  # waits for the last asynchronous save

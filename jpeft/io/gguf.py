@@ -54,11 +54,14 @@ def metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
     return {name: field.contents() for name, field in reader.fields.items()}
 
 
-def read_gguf_config(reader: gguf.GGUFReader, **overrides) -> Model:
-    """The :class:`~jpeft.models.Model` an open GGUF file describes."""
+def read_gguf_config(reader: gguf.GGUFReader, source: str = "the GGUF file", **overrides) -> Model:
+    """The :class:`~jpeft.models.Model` an open GGUF file describes (``source`` names it in errors)."""
     meta = metadata(reader)
-    family = family_for_gguf(meta.get("general.architecture"))
-    return Model(family, family.names.from_gguf_metadata(meta, {t.name for t in reader.tensors}, **overrides))
+    try:
+        family = family_for_gguf(meta.get("general.architecture"))
+        return Model(family, family.names.from_gguf_metadata(meta, {t.name for t in reader.tensors}, **overrides))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"the metadata of {source} does not describe a model jpeft can run: {err}") from None
 
 
 def _dequantize(tensor, path) -> np.ndarray:
@@ -87,7 +90,7 @@ def load_gguf(path: str | Path, *, dtype=jnp.float32, quantize=None, **overrides
         QuantizedArray(format='nf4', shape=(576, 192), dtype=float32, block_size=64, axis=-2, double_quant=True)
     """
     reader = open_reader(path)
-    model = read_gguf_config(reader, param_dtype=jnp.dtype(dtype).name, **overrides)
+    model = read_gguf_config(reader, f"GGUF file {path}", param_dtype=jnp.dtype(dtype).name, **overrides)
     table = model.names.gguf
     assembler = ParamAssembler(model, dtype, f"GGUF file {path}", as_leaf_fn(quantize, model))
     tensors = {tensor.name: tensor for tensor in reader.tensors}

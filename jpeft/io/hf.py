@@ -102,12 +102,17 @@ def read_hf_config(folder: str | Path, **overrides) -> Model:
         raise CheckpointError(f"{config_path} is not valid JSON: {err}") from None
     if not isinstance(config_dict, dict):
         raise CheckpointError(f"{config_path} must hold a JSON object, not {type(config_dict).__name__}")
-    family = family_for_hf(config_dict.get("model_type"))
+    try:
+        family = family_for_hf(config_dict.get("model_type"))
+    except ValueError as err:
+        raise CheckpointError(f"{config_path}: {err}") from None
     try:
         return Model(family, family.names.from_hf_config(config_dict, **overrides))
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{config_path} lacks or mistypes a field the {family.name!r} family needs: "
                               f"{err}") from None
+    except ValueError as err:
+        raise CheckpointError(f"{config_path} describes a model jpeft cannot run: {err}") from None
 
 
 def _tensor_files(folder: Path) -> dict[str, Path]:
@@ -158,7 +163,8 @@ def load_hf(folder: str | Path, *, dtype=jnp.float32, quantize=None, **overrides
             for name in assembler.read_order(files, table):
                 assembler.add_named(table, name, opened[files[name]].get_tensor)
         except (SafetensorError, OSError) as err:
-            raise CheckpointError(f"cannot read the tensors of {folder}: {err}") from None
+            raise CheckpointError(f"cannot read the tensors of {folder} (a damaged or truncated .safetensors file?): "
+                                  f"{err}") from None
     return model, assembler.finish()
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -225,24 +226,67 @@ def read_modules(folder: Path, codec: PeftCodec) -> dict[str, dict[str, np.ndarr
     return dict(modules)
 
 
-def load_peft(folder: str | os.PathLike, model, params: Any) -> tuple[Any, dict]:
+def layer_coverage(paths, flat_params: dict) -> list[str]:
+    """Problems: a kind of module adapted in some of the model's layers only (e.g. an adapter for a shallower model).
+
+    Example:
+        >>> import numpy as np
+        >>> params = {f"layers_{i}/q/kernel": np.zeros((2, 2)) for i in range(4)}
+        >>> print(*layer_coverage(["layers_0/q/kernel", "layers_1/q/kernel"], params))
+        layers_*/q/kernel is adapted in layers [0, 1] of the model's 4: layers [2, 3] have no adapter
+    """
+    def by_kind(items):
+        out = collections.defaultdict(set)
+        for path in items:
+            final, index = stack.stacked_path(path)
+            if index is not None:
+                out[final].add(index)
+        return out
+
+    have, model_layers = by_kind(paths), by_kind(flat_params)
+    problems = []
+    for kind, layers in sorted(have.items()):
+        missing = sorted(model_layers.get(kind, set()) - layers)
+        if missing:
+            name = kind.replace(f"{stack.STACK}/", "layers_*/", 1)
+            problems.append(f"{name} is adapted in layers {sorted(layers)} of the model's "
+                            f"{len(model_layers[kind])}: layers {missing} have no adapter")
+    return problems
+
+
+def load_peft(folder: str | os.PathLike, model, params: Any, *, base_model: str | None = None) -> tuple[Any, dict]:
     """Reads a Hugging Face PEFT folder as a jpeft ``(method, adapter)`` for ``model``'s ``params``.
 
     ``params`` (arrays or ``jax.ShapeDtypeStruct``, stacked or not) decide the adapter's
-    layout. Raises :class:`CheckpointError` naming the keys that do not fit.
+    layout. Raises :class:`CheckpointError` naming the keys that do not fit, and when a
+    kind of module is adapted in only some of the model's layers (an adapter saved for a
+    shallower model) unless ``adapter_config.json`` says so (``layers_to_transform``).
+    ``base_model``: the name or path of the base the caller loaded; a different
+    ``base_model_name_or_path`` in the adapter's config is a warning.
     """
     folder = Path(folder)
     config = read_config(folder)
+    saved_base = config.get("base_model_name_or_path")
+    if base_model and saved_base and str(saved_base) != str(base_model):
+        warnings.warn(f"PEFT adapter {folder} was saved for base model {saved_base!r}, and is loaded onto "
+                      f"{base_model!r}; shapes are checked, but the weights may not be the ones it was trained on",
+                      stacklevel=2)
     codec = _codec_for(config["peft_type"])
     modules = read_modules(folder, codec)
     flat_params = unstacked_leaves(params)
+    tied_heads = set(getattr(model, "tied_tables", {}).values())
     by_path, problems = {}, []
     for module, tensors in sorted(modules.items()):
         found = _hf_names(model).to_path(module + ".weight")
+        if found is not None and found[0] in tied_heads:  # a tied head's copy: the codec checks it
+            by_path[found[0]] = tensors
+            continue
         if found is None or found[0] not in flat_params:
             problems.append(f"{module}: no such module in the {model.name!r} model")
             continue
         by_path[found[0]] = tensors
+    if config.get("layers_to_transform") is None:
+        problems.extend(layer_coverage([p for p in by_path if p in flat_params], flat_params))
     method, flat_adapter = codec.load(config, by_path, params, model, problems)
     if problems:
         raise CheckpointError(f"PEFT adapter {folder} does not fit the model ({len(problems)} problems): "

@@ -11,8 +11,11 @@ In training, :class:`LoraWeight` computes ``x @ W + s * ((dropout(x) @ A) @ B)``
 full-size product ``A @ B`` and a gradient for ``W`` are never formed. ``B`` starts at
 zero so a fresh adapter leaves the model unchanged. Embedding tables (``("vocab",
 "embed")`` axes) get ``A: (vocab, r)`` at zero and ``B: (r, dim)`` normal, as Hugging
-Face PEFT does; the delta changes the table's lookups and, with tied embeddings, the
-output head too (``attend``).
+Face PEFT does. With tied embeddings the table is also the output head (``attend``):
+by default the delta changes the input lookups only, as Hugging Face PEFT's default does
+(its ``embed_tokens`` adapter wraps the embedding module, not the tied head);
+``ensure_weight_tying=True`` (PEFT's option of the same name) applies it to the tied
+head too, so input and output stay one matrix.
 
 Scaling ``s`` is ``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora=True``
 (Kalajdzievski, 2023).
@@ -73,6 +76,7 @@ class LoraWeight(ops.WeightWrapper):
     dropout_key: jax.Array | None = None
     scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
     dropout_rate: float = dataclasses.field(default=0.0, metadata=dict(static=True))
+    tie_output: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -117,8 +121,11 @@ class LoraWeight(ops.WeightWrapper):
         return rows + self.scale * delta
 
     def attend(self, x: jax.Array) -> jax.Array:
-        # x @ (W + s A B).T  =  x @ W.T + s (x @ B.T) @ A.T
+        """A table used as the tied output head: the delta only with ``tie_output`` (see the module docstring)."""
         y = ops.attend(x, self.base)
+        if not self.tie_output:
+            return y
+        # x @ (W + s A B).T  =  x @ W.T + s (x @ B.T) @ A.T
         return y + self.scale * ((x @ self.b.astype(x.dtype).T) @ self.a.astype(x.dtype).T)
 
     def delta(self) -> jax.Array:
@@ -184,6 +191,7 @@ def lora(
     dropout: float = 0.0,
     use_rslora: bool = False,
     init: Literal["kaiming", "gaussian"] = "kaiming",
+    ensure_weight_tying: bool = False,
     dtype=jnp.float32,
     model: Any = None,
 ) -> Method:
@@ -199,6 +207,8 @@ def lora(
         use_rslora: rank-stabilized scaling ``alpha / sqrt(r)``.
         init: ``"kaiming"`` (A ~ U(-1/sqrt(in), 1/sqrt(in)), as PEFT) or
             ``"gaussian"`` (A ~ N(0, 1/r), as PEFT's "gaussian").
+        ensure_weight_tying: an adapted embedding table that is also the (tied) output
+            head changes the head too (default: the input lookups only, as PEFT's default).
         dtype: dtype of the trainable factors.
         model: the :class:`jpeft.models.Model` whose parameters are adapted: each weight's
             role (kernel axes, embedding table) comes from its logical axes.
@@ -282,7 +292,8 @@ def lora(
                 if lead_shape:
                     key = jax.random.split(key, math.prod(lead_shape)).reshape(lead_shape)
             wrapped[path] = LoraWeight(base=flat[path], a=factors[path]["a"], b=factors[path]["b"],
-                                       dropout_key=key, scale=s.scale, dropout_rate=s.dropout)
+                                       dropout_key=key, scale=s.scale, dropout_rate=s.dropout,
+                                       tie_output=ensure_weight_tying)
         return tree.replace(params, wrapped)
 
     def merge_fn(params: Any, adapter: Any) -> Any:
@@ -292,10 +303,16 @@ def lora(
 
     def merge_blocker(params: Any) -> str | None:
         flat = tree.flatten(params)
-        wrapped = sorted(p for p in resolve(params) if ops.is_wrapper(flat[p]))
+        resolved = resolve(params)
+        wrapped = sorted(p for p in resolved if ops.is_wrapper(flat[p]))
         if wrapped:
             return (f"merging would turn the {type(flat[wrapped[0]]).__name__} base of {wrapped[0]!r} (and "
                     f"{len(wrapped) - 1} more) into a float weight; run the adapter with apply instead")
+        tied = set(model.tied_tables) if model is not None else set()
+        tables = [p for p in resolved if p in tied]
+        if tables and not ensure_weight_tying:
+            return (f"{tables[0]!r} is adapted for its lookups only; merging it would change the tied output head "
+                    "too: run the adapter with apply (or build it with ensure_weight_tying=True)")
         return None
 
     label = f"lora r={rank}" + (" rslora" if use_rslora else "")

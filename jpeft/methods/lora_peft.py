@@ -8,6 +8,13 @@ Per module PEFT stores ``lora_A.weight`` ``(r, in)`` and ``lora_B.weight`` ``(ou
 trip; ranks and alphas that differ from the most common ones go to ``rank_pattern`` and
 ``alpha_pattern``.
 
+Embeddings of a model with tied input and output embeddings: PEFT's default adapts the
+lookups only, and ``ensure_weight_tying: true`` ties the delta to the output head too;
+jpeft's ``lora(ensure_weight_tying=...)`` means the same and is written and read under
+that key. PEFT may save the base embedding next to its factors
+(``embed_tokens.base_layer.weight``); loading accepts it when it is the model's own
+weight and refuses it (naming it) when it differs.
+
 Example:
     >>> CODEC.peft_type, CODEC.tensor_names[:2]
     ('LORA', ('lora_A.weight', 'lora_B.weight'))
@@ -26,7 +33,7 @@ from jpeft.errors import CheckpointError
 from jpeft.io import peft_format
 import jpeft.models.stack as stack
 
-_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "base_layer.weight")
 _UNSUPPORTED = {
     "use_dora": "DoRA adapters",
     "fan_in_fan_out": "fan_in_fan_out (Conv1D) layers",
@@ -39,8 +46,9 @@ def _export(method, params: Any, adapter: Any, model) -> tuple[dict, dict]:
 
     applied = tree.flatten(method.apply(params, adapter))
     layouts = weight_layouts(params, model)
-    tensors, ranks, alphas = {}, {}, {}
+    tensors, ranks, alphas, tied = {}, {}, {}, False
     for path, weight in sorted((p, w) for p, w in applied.items() if isinstance(w, LoraWeight)):
+        tied = tied or (weight.tie_output and layouts[path].kind == "table")
         a, b = np.asarray(weight.a, np.float32), np.asarray(weight.b, np.float32)
         layers = [(path, a, b)]
         if stack.in_stack(path):
@@ -52,6 +60,10 @@ def _export(method, params: Any, adapter: Any, model) -> tuple[dict, dict]:
             module = peft_format.module_of(model, layer_path)
             if layouts[path].kind == "table":
                 tensors[f"{module}.lora_embedding_A"], tensors[f"{module}.lora_embedding_B"] = a_2d.T, b_2d.T
+                head = model.tied_tables.get(layer_path) if model is not None else None
+                if head is not None and weight.tie_output:  # PEFT writes the tied head's copy too
+                    head_module = peft_format.module_of(model, head)
+                    tensors[f"{head_module}.lora_A.weight"], tensors[f"{head_module}.lora_B.weight"] = b_2d, a_2d
             else:
                 tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"] = a_2d.T, b_2d.T
             ranks[module] = int(a_2d.shape[-1])
@@ -65,6 +77,7 @@ def _export(method, params: Any, adapter: Any, model) -> tuple[dict, dict]:
         "target_modules": sorted(ranks),
         "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
         "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha},
+        "ensure_weight_tying": tied,
     }
     return tensors, config
 
@@ -86,7 +99,20 @@ def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, 
             raise CheckpointError(f"{what} are not supported ({key}={config[key]!r})")
     flat_params = peft_format.unstacked_leaves(params)
     stacked = any(stack.in_stack(p) for p in tree.flatten(params))
+    tied = bool(config.get("ensure_weight_tying", False))
+    heads = {head: table for table, head in (model.tied_tables if model is not None else {}).items()}
     leaves, settings = {}, collections.defaultdict(set)
+    for head, tensors in sorted((p, t) for p, t in modules.items() if p in heads):
+        table = heads.pop(head)
+        copy_of = modules.get(table, {})
+        same = (tied and "lora_embedding_A" in copy_of and "lora_A.weight" in tensors and "lora_B.weight" in tensors
+                and np.allclose(tensors["lora_A.weight"], copy_of["lora_embedding_B"].T)
+                and np.allclose(tensors["lora_B.weight"], copy_of["lora_embedding_A"].T))
+        if not same:
+            problems.append(f"{peft_format.module_of(model, head)}: an adapter for the output head, which this model "
+                            f"ties to {table!r}; jpeft reads it only as the tied copy of that table's adapter "
+                            "(ensure_weight_tying: true)")
+    modules = {p: t for p, t in modules.items() if p in flat_params}
     for path, tensors in sorted(modules.items()):
         module = peft_format.module_of(model, path)
         embedding = "lora_embedding_A" in tensors or "lora_embedding_B" in tensors
@@ -95,6 +121,8 @@ def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, 
         if missing:
             problems.append(f"{module}: {', '.join(missing)} is missing")
             continue
+        tensors = {k: v for k, v in tensors.items() if k != "base_layer.weight" or
+                   _check_base(module, v, flat_params[path], embedding, problems)}
         a, b = tensors[names[0]].T, tensors[names[1]].T
         r, shape = a.shape[1], tuple(flat_params[path].shape)
         if len(shape) != 2 or a.shape != (shape[0], r) or b.shape != (r, shape[1]):
@@ -113,8 +141,29 @@ def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, 
                               "which stacked (scan_layers=True) params cannot hold; load it onto unstacked params")
     rules = [tree.Rule(re.escape(p), rank=r, alpha=a) for p, ((r, a),) in sorted(settings.items())]
     method = lora(rank=int(config.get("r", 8)), alpha=float(config.get("lora_alpha", 8)),
-                  use_rslora=bool(config.get("use_rslora", False)), targets=rules, model=model)
+                  use_rslora=bool(config.get("use_rslora", False)), targets=rules, model=model,
+                  ensure_weight_tying=bool(config.get("ensure_weight_tying", False)))
     return method, leaves
+
+
+def _check_base(module: str, stored: np.ndarray, weight, embedding: bool, problems: list[str]) -> bool:
+    """A base weight PEFT saved next to the factors: fine (False: drop it) if it is the model's own.
+
+    Anything else is appended to ``problems``; the return value is always False (it is never kept).
+    """
+    import jax
+
+    expected = tuple(weight.shape) if embedding else tuple(weight.shape)[::-1]  # Linear weights are (out, in)
+    if tuple(stored.shape) != expected:
+        problems.append(f"{module}: base_layer.weight has shape {tuple(stored.shape)}, the model's weight "
+                        f"{expected}; the adapter was saved with another (resized?) base")
+    elif not (isinstance(weight, jax.ShapeDtypeStruct) or hasattr(weight, "materialize")):
+        ours = np.asarray(weight, np.float32) if embedding else np.asarray(weight, np.float32).T
+        if not np.allclose(ours, stored, rtol=1e-3, atol=1e-3):
+            problems.append(f"{module}: the adapter carries its own base weights (base_layer.weight) that differ from "
+                            "the model's; load the base model it was trained on (jpeft does not replace base weights "
+                            "from an adapter)")
+    return False
 
 
 CODEC = peft_format.register_codec(peft_format.PeftCodec("LORA", _TENSORS, _export, _load, "LoRA factors"))

@@ -24,7 +24,7 @@ Example:
     >>> registry.check_settings("lora", {"rnak": 4})
     Traceback (most recent call last):
     ...
-    jpeft.methods.registry.SettingsError: unknown setting 'rnak'; did you mean 'rank'? (lora's settings: alpha, dropout, dtype, init, rank, targets, use_rslora)
+    jpeft.methods.registry.SettingsError: unknown setting 'rnak'; did you mean 'rank'? (lora's settings: alpha, dropout, dtype, ensure_weight_tying, init, rank, targets, use_rslora)
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import collections.abc
 import difflib
 import importlib
 import inspect
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -143,10 +144,10 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
     if hint is float:
         if isinstance(value, str):  # YAML reads 1e-3 as a string
             try:
-                return True, float(value)
+                value = float(value)
             except ValueError:
                 return False, value
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return ok, float(value) if ok else value
     if origin in (list, tuple, collections.abc.Sequence):
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
@@ -162,6 +163,8 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
 
 
 def _describe(value: Any) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value!r} is not a finite number"
     return f"{value!r} is a {type(value).__name__}"
 
 

@@ -439,6 +439,10 @@ def _unstacked(config: LlamaConfig) -> LlamaConfig:
     return dataclasses.replace(config, scan_layers=False)
 
 
+def _tied_tables(config: LlamaConfig) -> dict[str, str]:
+    return {"embed_tokens/embedding": "lm_head/kernel"} if config.tie_word_embeddings else {}
+
+
 FAMILY = registry.register(Family(
     name="llama", specs=specs, forward=forward, hooks=hook_points, head=lm_head, init_cache=init_cache,
     keys_values_of_text=keys_values_of_text,
@@ -447,7 +451,7 @@ FAMILY = registry.register(Family(
                           gguf=llama_formats.GGUF_NAMES, gguf_architectures=("llama",),
                           from_gguf_metadata=from_gguf_metadata),
     num_layers=operator.attrgetter("num_layers"), unstacked=_unstacked,
-    max_positions=operator.attrgetter("max_position_embeddings"),
+    max_positions=operator.attrgetter("max_position_embeddings"), tied_tables=_tied_tables,
 ))
 
 

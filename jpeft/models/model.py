@@ -60,6 +60,9 @@ class Family(NamedTuple):
         num_layers: ``config -> int``.
         unstacked: ``config -> config`` with unrolled layers (what checkpoint files name).
         max_positions: ``config -> int``, the context length (or None).
+        tied_tables: ``config -> {table path: head path}``: embedding tables that are also the
+            output head, and the path the head would have if it were its own weight (what
+            checkpoint formats name it).
     """
 
     name: str
@@ -73,6 +76,7 @@ class Family(NamedTuple):
     num_layers: Callable[[Any], int] | None = None
     unstacked: Callable[[Any], Any] | None = None
     max_positions: Callable[[Any], int] | None = None
+    tied_tables: Callable[[Any], dict[str, str]] | None = None
 
 
 @jax.tree_util.register_static
@@ -126,6 +130,11 @@ class Model:
         if self.family.init_cache is None:
             raise NotImplementedError(f"the {self.name!r} family has no key/value cache (not a decoder)")
         return self.family.init_cache(self.config, batch, max_len, dtype)
+
+    @property
+    def tied_tables(self) -> dict[str, str]:
+        """``{table path: head path}``: embedding tables the model also uses as its output head (tied embeddings)."""
+        return {} if self.family.tied_tables is None else dict(self.family.tied_tables(self.config))
 
     @property
     def max_positions(self) -> int | None:

@@ -104,6 +104,17 @@ def _check(x, fmt: formats.Format, block_size, axis, name: str) -> None:
             f"not pad; leave this weight out of the targets or pick a block size that divides it")
 
 
+def _check_finite(x, name: str) -> None:
+    """A NaN or inf would poison its block's absmax and, through double quantization, the whole matrix:
+    refuse it (for concrete arrays; shapes under ``eval_shape``/``jit`` cannot be checked)."""
+    if isinstance(x, (jax.core.Tracer, jax.ShapeDtypeStruct)):
+        return
+    bad = int(jnp.size(x) - jnp.sum(jnp.isfinite(x)))
+    if bad:
+        raise QuantizationError(f"cannot quantize {name!r}: it holds {bad} non-finite values (NaN or inf); the "
+                                "checkpoint is damaged or the weight diverged. Reload a good copy of the weights")
+
+
 def quantize_array(x: jax.Array, format: str = "nf4", *, block_size: int = 64, axis: int = -2,
                    double_quant: bool | None = None, name: str = "array") -> QuantizedArray:
     """Quantizes one weight.
@@ -135,6 +146,7 @@ def quantize_array(x: jax.Array, format: str = "nf4", *, block_size: int = 64, a
         raise QuantizationError(f"{name!r} is already a {type(x).__name__}; quantize plain float weights, "
                                 f"before applying adapters")
     _check(x, fmt, block_size, axis, name)
+    _check_finite(x, name)
     if double_quant is None:
         double_quant = fmt is formats.NF4
     codes, scales, scales_scale, scales_mean = _quantize(
