@@ -5,10 +5,20 @@ any test module. A device count already in ``XLA_FLAGS`` is respected.
 """
 
 import os
+import tempfile
 
 _DEVICES_FLAG = "--xla_force_host_platform_device_count"
 if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICES_FLAG}=8".strip()
+
+# One XLA compilation cache for this test session, its xdist workers and the programs the tests
+# start: many tests compile the same tiny train step, and on 2 CPU cores compiling is most of a
+# test's time. A fresh folder per session, so no result depends on an earlier run.
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jpeft-tests-xla-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
 
@@ -60,6 +70,14 @@ def mixing_hf_folder(tmp_path_factory, tokenizer):
     """The tiny Llama with weights 5x the init's 0.02 std: layers that mix tokens enough for a prompt or
     prefix to steer the output (at 0.02 each position's output is mostly its own token's embedding)."""
     return _tiny_folder(tmp_path_factory.mktemp("mixing_llama"), tokenizer, scale=5.0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session that made the compilation cache removes it (xdist workers leave it to the controller)."""
+    if _OWN_CACHE and not hasattr(session.config, "workerinput"):
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

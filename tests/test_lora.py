@@ -246,10 +246,13 @@ def test_matches_peft_forward_merge_and_counts(use_rslora):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_tied_head_through_a_lora_embedding_matches_materialized():
+def test_tied_head_through_a_lora_embedding_follows_the_tying_setting():
     params = tiny_params()
-    method = jpeft.lora(rank=3, targets=r"embed/embedding")
-    adapter = randomize(method.init(jax.random.key(0), params))
-    table = method.apply(params, adapter)["embed"]["embedding"]
     x = jax.random.normal(jax.random.key(5), (2, D))
-    np.testing.assert_allclose(ops.attend(x, table), x @ table.materialize().T, rtol=1e-5, atol=1e-5)
+    for tie in (False, True):
+        method = jpeft.lora(rank=3, targets=r"embed/embedding", ensure_weight_tying=tie)
+        adapter = randomize(method.init(jax.random.key(0), params))
+        table = method.apply(params, adapter)["embed"]["embedding"]
+        head = table.materialize() if tie else params["embed"]["embedding"]  # untied: the lookups change only
+        np.testing.assert_allclose(ops.attend(x, table), x @ head.T, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ops.embed(IDS, table), table.materialize()[IDS], rtol=1e-5, atol=1e-5)

