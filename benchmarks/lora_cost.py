@@ -32,9 +32,9 @@ TARGETS = {
 }
 
 
-def loss_for(method, config):
+def loss_for(method, model):
     def loss(adapter, frozen, tokens_BxT):
-        logits_BxTxV, _ = llama.forward(method.apply(frozen, adapter), config, tokens_BxT)
+        logits_BxTxV, _ = model.forward(method.apply(frozen, adapter), tokens_BxT)
         return optax.softmax_cross_entropy_with_integer_labels(
             logits_BxTxV[:, :-1], tokens_BxT[:, 1:]).mean()
     return loss
@@ -47,14 +47,14 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=8)
     args = parser.parse_args()
 
-    config = SMOLLM2_135M
-    params = jax.eval_shape(llama.init_params, config, jax.random.key(0))
+    model = llama.model(SMOLLM2_135M)
+    params = model.abstract_params()
     tokens = jax.ShapeDtypeStruct((args.batch, args.seq), jnp.int32)
     key = jax.random.key(0)
 
     full = jpeft.full()
     full_adapter = jax.eval_shape(full.init, key, params)
-    full_cost = grad_step_cost(loss_for(full, config), full_adapter,
+    full_cost = grad_step_cost(loss_for(full, model), full_adapter,
                                jpeft.tree.without(params, full_adapter), tokens)
     print(f"SmolLM2-135M shapes, batch {args.batch} x seq {args.seq}")
     print(f"{'method':<24}{'trainable':>14}{'GFLOPs/step':>14}{'vs full':>10}")
@@ -62,9 +62,9 @@ def main() -> None:
           f"{full_cost.flops / 1e9:>14.1f}{1.0:>10.3f}")
     ratio = None
     for name, targets in TARGETS.items():
-        lora = jpeft.lora(rank=args.rank, targets=targets)
+        lora = jpeft.lora(rank=args.rank, targets=targets, model=model)
         adapter = jax.eval_shape(lora.init, key, params)
-        cost = grad_step_cost(loss_for(lora, config), adapter, params, tokens)
+        cost = grad_step_cost(loss_for(lora, model), adapter, params, tokens)
         ratio = cost.flops / full_cost.flops
         label = f"lora r={args.rank} {name}"
         print(f"{label:<24}{jpeft.param_report(params, adapter).trainable:>14,}"

@@ -33,6 +33,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import jax
+
+from jpeft import tree
+
 STACK_AXES = ("layers",)
 """Logical names of leading axes that stack independent weights (scanned layers)."""
 
@@ -120,22 +124,21 @@ def layouts_for(params, *, model=None, axes=None) -> dict[str, Layout]:
         >>> layouts_for(params, axes={"embed": {"embedding": ("vocab", "embed")}})["embed/embedding"].kind
         'table'
     """
-    from jpeft import tree  # jpeft.tree imports nothing from here; keep this module import-light
-
     known: dict[str, Layout] = {}
     if model is not None:
         known.update(model.layouts())
     if axes is not None:
-        flat_axes, _ = flatten_axes(axes)
+        flat_axes = flatten_axes(axes)
         known.update({path: layout_of(names) for path, names in flat_axes.items()})
     return {path: known.get(path) or default_layout(leaf.shape) for path, leaf in tree.flatten(params).items()}
 
 
-def flatten_axes(axes):
-    """``({path: axis names}, treedef)`` of a logical-axes tree (tuples are leaves)."""
-    import jax
+def flatten_axes(axes) -> dict[str, tuple]:
+    """``{path: axis names}`` for a tree of logical-axes tuples (tuples are leaves here).
 
-    from jpeft import tree
-
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))
-    return {tree.path_to_str(keypath): tuple(names) for keypath, names in leaves}, treedef
+    Example:
+        >>> flatten_axes({"dense": {"kernel": ("embed", "mlp"), "bias": ("mlp",)}})
+        {'dense/bias': ('mlp',), 'dense/kernel': ('embed', 'mlp')}
+    """
+    leaves, _ = jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))
+    return {tree.path_to_str(keypath): tuple(names) for keypath, names in leaves}

@@ -109,7 +109,7 @@ def save_and_restore(adapter, adapter_sh, path: pathlib.Path):
 def main(process_id: int, num_processes: int, port: int, workdir: pathlib.Path) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
-                               process_id=process_id, initialization_timeout=60)
+                               process_id=process_id, initialization_timeout=600)
     assert jax.process_count() == num_processes and jax.local_device_count() * num_processes == jax.device_count()
     losses = train(MESH, workdir / "checkpoints")
     (workdir / f"losses_{process_id}.json").write_text(json.dumps(losses))

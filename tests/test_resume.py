@@ -69,11 +69,11 @@ def test_killed_run_resumes_bit_identical(tmp_path, tiny_hf_folder):
     checkpoints = tmp_path / "killed" / "checkpoints"
     proc = subprocess.Popen([sys.executable, "-m", "train", "--config", str(config_path)], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 900  # a safety net for a hung run, not a time limit
     try:
         while not any(s >= kill_after for s in saved_steps(checkpoints)):
             assert proc.poll() is None, f"the run ended before it was killed:\n{proc.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            assert time.monotonic() < deadline, "no checkpoint within 900 s"
             time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
@@ -198,7 +198,7 @@ def test_bad_mesh_is_a_config_error_before_loading(tmp_path, tiny_hf_folder):
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(tiny_config(tiny_hf_folder, tmp_path / "run")))
     proc = subprocess.run([sys.executable, "-m", "train", "--config", str(config_path), "mesh.fsdp=3"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2, proc.stderr
     assert "bad 'mesh'" in proc.stderr and "8 devices" in proc.stderr
     assert not (tmp_path / "run").exists()
@@ -226,7 +226,7 @@ def test_two_process_run_matches_one_device(tmp_path, tiny_hf_folder):
                                f"distributed.process_id={i}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
-        outputs = [p.communicate(timeout=240)[0] for p in procs]
+        outputs = [p.communicate(timeout=900)[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:

@@ -101,7 +101,7 @@ def test_cli_exits_2_and_writes_nothing(tmp_path, yaml_text, overrides, message)
     out_dir = tmp_path / "runs"
     proc = subprocess.run(
         [sys.executable, "-m", "train", "--config", path, f"out_dir={out_dir}", *overrides],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr

@@ -127,7 +127,7 @@ def test_cli_exits_2_on_a_bad_method_section(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "train", "--config", str(REPO / "configs" / "smollm2_bbc_bottleneck.yaml"),
          f"out_dir={out_dir}", "bottleneck.placement=middle"],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO, capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 2, proc.stderr
     assert "'bottleneck.placement': 'middle' must be one of 'pfeiffer', 'houlsby'" in proc.stderr

@@ -45,6 +45,7 @@ from typing import Any, NamedTuple
 import jax
 
 from jpeft import tree
+from jpeft.layout import flatten_axes  # noqa: F401  (re-exported: methods derive their axes with it)
 from jpeft.errors import SettingError
 
 Axes = tuple[str | None, ...]
@@ -91,17 +92,6 @@ def for_inference(method: Method, params: Any, adapter: Any) -> Any:
     """
     blocked = method.merge_blocker(params) if method.merge_blocker is not None else None
     return method.apply(params, adapter) if blocked else method.merge(params, adapter)
-
-
-def flatten_axes(axes: Any) -> dict[str, Axes]:
-    """``{path: axis names}`` for a tree of logical-axes tuples (tuples are leaves here).
-
-    Example:
-        >>> flatten_axes({"dense": {"kernel": ("embed", "mlp"), "bias": ("mlp",)}})
-        {'dense/bias': ('mlp',), 'dense/kernel': ('embed', 'mlp')}
-    """
-    leaves, _ = jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))
-    return {tree.path_to_str(keypath): tuple(names) for keypath, names in leaves}
 
 
 def inherited_axes(adapter: Any, param_axes: Any) -> dict:

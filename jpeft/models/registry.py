@@ -48,21 +48,22 @@ def names() -> list[str]:
     return sorted(_builtins())
 
 
+def _family_for(field: str, value: str | None, what: str) -> Family:
+    """The family whose checkpoint names list ``value`` in ``field``, or a ValueError listing the known ones."""
+    families = [f for f in _builtins().values() if f.names is not None]
+    for family in families:
+        if value in getattr(family.names, field):
+            return family
+    known = sorted(v for f in families for v in getattr(f.names, field))
+    raise ValueError(what.format(value=value, known=known))
+
+
 def family_for_hf(model_type: str | None) -> Family:
     """The family that reads Hugging Face ``config.json`` files with this ``model_type``."""
-    families = _builtins().values()
-    for family in families:
-        if family.names is not None and model_type in family.names.hf_model_types:
-            return family
-    known = sorted(t for f in families if f.names is not None for t in f.names.hf_model_types)
-    raise ValueError(f"Unsupported model_type {model_type!r}; supported: {known}.")
+    return _family_for("hf_model_types", model_type, "Unsupported model_type {value!r}; supported: {known}.")
 
 
 def family_for_gguf(architecture: str | None) -> Family:
     """The family that reads GGUF files of this ``general.architecture``."""
-    families = _builtins().values()
-    for family in families:
-        if family.names is not None and architecture in family.names.gguf_architectures:
-            return family
-    known = sorted(a for f in families if f.names is not None for a in f.names.gguf_architectures)
-    raise ValueError(f"GGUF architecture {architecture!r} is not supported; supported: {known}.")
+    return _family_for("gguf_architectures", architecture,
+                       "GGUF architecture {value!r} is not supported; supported: {known}.")

@@ -284,7 +284,7 @@ def quantize_on_load(targets: tree.Targets | None = None, format: str = "nf4", *
     """
     layouts = model.layouts() if model is not None else {}
     if axes is not None:
-        layouts.update({p: layout_of(names) for p, names in flatten_axes(axes)[0].items()})
+        layouts.update({p: layout_of(names) for p, names in flatten_axes(axes).items()})
     if targets is None:
         targets = layer_kernels(layouts)
     return QuantizeOnLoad(targets, format, block_size, double_quant, layouts)
