@@ -16,6 +16,7 @@ from jpeft.methods.bottleneck import BottleneckAdapter, bottleneck
 from jpeft.methods.full import full
 from jpeft.methods.ia3 import Ia3Weight, ia3
 from jpeft.methods.lora import LoraWeight, lora
+from jpeft.methods.mixed import MixedAdapters
 from jpeft.methods.multi import AdapterBank
 from jpeft.methods.prefix import fold as fold_prefix
 from jpeft.methods.prefix import prefix_tuning
@@ -30,6 +31,7 @@ __all__ = [
     "Ia3Weight",
     "LoraWeight",
     "Method",
+    "MixedAdapters",
     "ParamReport",
     "Rule",
     "RuleError",

@@ -62,6 +62,10 @@ class WeightWrapper(abc.ABC):
         """``x @ W.T`` for an embedding table used as a tied output projection."""
         return x @ self.materialize(x.dtype).T
 
+    def add_bias(self, y: jax.Array) -> jax.Array:
+        """``y + b`` for a bias ``b`` this wrapper stands for (a per-row bias overrides it)."""
+        return y + self.materialize(y.dtype)
+
     def partition_specs(self, axes: tuple, spec_for) -> Any:
         """This wrapper with a ``PartitionSpec`` in place of each array it holds.
 
@@ -89,8 +93,10 @@ def linear(x: jax.Array, kernel, bias=None) -> jax.Array:
         y = kernel.linear(x)
     else:
         y = x @ kernel.astype(x.dtype)
-    if bias is not None:
-        y = y + as_array(bias, x.dtype)
+    if is_wrapper(bias):
+        y = bias.add_bias(y)
+    elif bias is not None:
+        y = y + bias.astype(x.dtype)
     return y
 
 

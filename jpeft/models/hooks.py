@@ -18,7 +18,10 @@ parameters through ``jit``, ``scan`` over stacked layers and sharding:
 
 Kinds of hook point and the value each takes:
 
-* ``"tokens"``: ``(n, width)`` virtual-token embeddings placed before the input;
+* ``"tokens"``: ``(n, width)`` virtual-token embeddings placed before the input, or a
+  per-row value ``{"embeddings": (B, n, width), "mask": (B, n)}`` (:func:`row_tokens`)
+  where each batch row has its own virtual tokens, ``mask`` False on a row's unused
+  slots (several prompt adapters in one batch, :mod:`jpeft.methods.mixed`);
 * ``"kv"``: ``{"key": (L, n, width), "value": (L, n, width)}`` rows every attention
   layer attends to besides the input's own keys and values;
 * ``"block"``: a pytree callable ``h -> h`` (leaves with a leading ``L`` axis) applied to
@@ -108,6 +111,8 @@ def check_value(point: HookPoint, value: Any) -> int:
         ValueError: naming the point and the shape it needs.
     """
     if point.kind == "tokens":
+        if isinstance(value, dict):
+            return _check_row_tokens(point, value)
         shape = tuple(value.shape)
         if len(shape) != 2 or shape[1] != point.width:
             raise ValueError(f"the {point.name!r} value has shape {shape}, but this model needs (n, {point.width}): "
@@ -124,6 +129,51 @@ def check_value(point: HookPoint, value: Any) -> int:
             raise ValueError(f"the {point.name!r} key and value shapes differ: {shapes}")
         return shapes["key"][1]
     return 0
+
+
+def _check_row_tokens(point: HookPoint, value: dict) -> int:
+    if set(value) != {"embeddings", "mask"}:
+        raise ValueError(f"a per-row {point.name!r} value is {{'embeddings', 'mask'}}, got keys {sorted(value)}")
+    shape, mask = tuple(value["embeddings"].shape), tuple(value["mask"].shape)
+    if len(shape) != 3 or shape[2] != point.width or mask != shape[:2]:
+        raise ValueError(f"the per-row {point.name!r} value has embeddings {shape} and mask {mask}, but this model "
+                         f"needs (B, n, {point.width}) and (B, n). Was the adapter made for another model?")
+    return shape[1]
+
+
+def row_tokens(embeddings_BxNxD: jax.Array, mask_BxN: jax.Array) -> dict:
+    """A per-row ``tokens`` value: row ``b`` puts ``embeddings[b][mask[b]]`` before its input.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> value = row_tokens(jnp.ones((2, 3, 4)), jnp.array([[True] * 3, [False, True, True]]))
+        >>> check_value(HookPoint("prompt", "tokens", 4), value)
+        3
+    """
+    return {"embeddings": embeddings_BxNxD, "mask": jax.numpy.asarray(mask_BxN, bool)}
+
+
+def tokens_for_rows(value: Any, batch: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """``(embeddings (B, n, D), mask (B, n))`` of a ``tokens`` value for a batch of ``batch`` rows.
+
+    A shared ``(n, D)`` value is the same for every row (mask all True); a per-row value
+    (:func:`row_tokens`) must have ``batch`` rows. Models call this where they put virtual
+    tokens before the input, so both kinds of value work unchanged.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> embeddings, mask = tokens_for_rows(jnp.ones((3, 4)), 2, jnp.float32)
+        >>> embeddings.shape, mask.tolist()
+        ((2, 3, 4), [[True, True, True], [True, True, True]])
+    """
+    if isinstance(value, dict):
+        embeddings, mask = value["embeddings"], value["mask"]
+        if embeddings.shape[0] != batch:
+            raise ValueError(f"the per-row virtual tokens are for {embeddings.shape[0]} rows, but the batch has "
+                             f"{batch}; make the rows for this batch")
+        return embeddings.astype(dtype), mask.astype(bool)
+    n = value.shape[0]
+    return jax.numpy.broadcast_to(value.astype(dtype), (batch, *value.shape)), jax.numpy.ones((batch, n), bool)
 
 
 def _layer_length(point: HookPoint, value: Any) -> int | None:

@@ -374,13 +374,16 @@ def forward(params: dict, config: LlamaConfig, tokens_BxT: jax.Array | None = No
     virtual = n_prompt + n_prefix
     if virtual:
         kv_cache.check_room(config.max_position_embeddings, virtual, t, cache)
-        mask_BxT = jnp.concatenate([jnp.ones((b, virtual), bool), mask_BxT], axis=1)
-        if positions_BxT is not None:
-            virtual_BxN = jnp.broadcast_to(jnp.arange(virtual, dtype=jnp.int32), (b, virtual))
-            positions_BxT = jnp.concatenate([virtual_BxN, positions_BxT.astype(jnp.int32) + virtual], axis=1)
-    if n_prompt:
-        prompt_NxD = hooks.read(params, points["prompt"]).astype(x_BxTxD.dtype)
-        x_BxTxD = jnp.concatenate([jnp.broadcast_to(prompt_NxD, (b, *prompt_NxD.shape)), x_BxTxD], axis=1)
+        if n_prompt:  # a prompt may differ per row (several prompt adapters in one batch): a mask says whose slots
+            prompt_BxNxD, virtual_BxN = hooks.tokens_for_rows(hooks.read(params, points["prompt"]), b, x_BxTxD.dtype)
+            x_BxTxD = jnp.concatenate([prompt_BxNxD, x_BxTxD], axis=1)
+        else:
+            virtual_BxN = jnp.ones((b, virtual), bool)
+        mask_BxT = jnp.concatenate([virtual_BxN, mask_BxT], axis=1)
+        if positions_BxT is not None:  # virtual tokens count from 0, real ones after each row's virtual tokens
+            count_BxN = jnp.cumsum(virtual_BxN.astype(jnp.int32), axis=1)
+            positions_BxT = jnp.concatenate([jnp.maximum(count_BxN - 1, 0),
+                                             positions_BxT.astype(jnp.int32) + count_BxN[:, -1:]], axis=1)
     if positions_BxT is None:
         positions_BxT = kv_cache.default_positions(mask_BxT, cache)
     allowed_BxTxS, meta = kv_cache.causal_mask(mask_BxT, positions_BxT, cache, config.sliding_window)
