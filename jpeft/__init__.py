@@ -13,6 +13,7 @@ from jpeft import layout, ops, tree
 from jpeft.methods import registry
 from jpeft.methods.base import Method, for_inference
 from jpeft.methods.bottleneck import BottleneckAdapter, bottleneck
+from jpeft.methods.combine import combine_adapters
 from jpeft.methods.full import full
 from jpeft.methods.ia3 import Ia3Weight, ia3
 from jpeft.methods.lora import LoraWeight, lora
@@ -36,6 +37,7 @@ __all__ = [
     "Rule",
     "RuleError",
     "bottleneck",
+    "combine_adapters",
     "fold_prefix",
     "fold_prompt",
     "for_inference",

@@ -90,6 +90,19 @@ class AdapterBank:
             method = self[name][0]
         return AdapterBank({**self._entries, name: (method, adapter)})
 
+    def add_weighted(self, params: Any, name: str, adapters: list[str], weights: list[float],
+                     combination_type: str = "svd", **options) -> "AdapterBank":
+        """A new bank with ``name``: LoRA adapters combined as PEFT's ``add_weighted_adapter`` does.
+
+        ``options`` are :func:`jpeft.methods.combine.combine_adapters`'s (``svd_rank``,
+        ``density``, ``majority_sign_method``, ``key``, ``model``, ...).
+        """
+        from jpeft.methods.combine import combine_adapters
+
+        method, adapter = combine_adapters(params, {n: self[n] for n in adapters}, weights, combination_type,
+                                           **options)
+        return self.replace(name, adapter, method)
+
     def check(self, params: Any) -> None:
         """Raises ``ValueError`` naming the first adapter that does not fit ``params``.
 
