@@ -1,0 +1,134 @@
+"""``python -m train.generate``: a tiny model, a jpeft and a PEFT adapter, rows checked against generate per row."""
+
+import io
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import jpeft
+from jpeft.checkpoint import save_adapter
+from jpeft.io.peft_format import save_peft
+from jpeft.models import generation, llama
+from train import generate as cli
+from train import model as train_model
+from train.config import ModelConfig
+
+MAX_NEW = 6
+
+
+def randomized(adapter, seed, std=0.5):
+    leaves, treedef = jax.tree.flatten(adapter)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return treedef.unflatten([std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+@pytest.fixture(scope="module")
+def saved(mixing_hf_folder, tmp_path_factory):
+    """The tiny model as the program loads it, a prompt-tuning adapter saved as ``python -m train`` saves one,
+    and a LoRA adapter saved as a PEFT folder."""
+    loaded = train_model.load(ModelConfig(hf_folder=str(mixing_hf_folder)))
+    model, params = loaded.model, loaded.params
+    settings = {"num_virtual_tokens": 4, "init": "normal", "init_std": 0.5}
+    prompt = jpeft.prompt_tuning(**settings, model=model)
+    prompt_adapter = prompt.init(jax.random.key(1), params)
+    tone = tmp_path_factory.mktemp("runs") / "tone" / "adapter"
+    save_adapter(tone, prompt.saved_form(prompt_adapter),
+                 metadata={"method": "prompt_tuning", **settings, "steps": 0, "model": {"hf_folder": "elsewhere"}})
+    lora = jpeft.lora(rank=4, alpha=8, targets=r".*/(q|v|down)_proj/kernel", model=model)
+    lora_adapter = randomized(lora.init(jax.random.key(2), params), 3, std=0.1)
+    news = tmp_path_factory.mktemp("news")
+    save_peft(news, model, lora, params, lora_adapter)
+    return {"loaded": loaded, "folder": str(mixing_hf_folder), "tone": str(tone), "news": str(news),
+            "adapters": {"tone": (prompt, prompt_adapter), "news": (lora, lora_adapter)}}
+
+
+def run(argv):
+    out = io.StringIO()
+    code = cli.main(argv, out=out)
+    return code, out.getvalue()
+
+
+def test_rows_equal_generate_with_each_adapter_alone(saved, capsys):
+    prompts = [("Write a headline: rail strike ends", "news"), ("Say hello.", "tone"), ("Say hello.", "base"),
+               ("Another article about the markets", "tone")]
+    argv = [f"model.hf_folder={saved['folder']}", "--load", f"tone={saved['tone']}", "--load",
+            f"news={saved['news']}", "--max-new-tokens", str(MAX_NEW), "--jsonl"]
+    for text, name in prompts:
+        argv += ["--prompt", text, "--adapter", name]
+    code, out = run(argv)
+    assert code == 0, capsys.readouterr().err
+    assert "adapter 'tone' was trained on model {'hf_folder': 'elsewhere'}" in capsys.readouterr().err
+    records = [json.loads(line) for line in out.splitlines()]
+    finals = {r["row"]: r for r in records if "completion" in r}
+    assert sorted(finals) == [0, 1, 2, 3]
+    loaded = saved["loaded"]
+    tok = loaded.tokenizer
+    for row, (text, name) in enumerate(prompts):
+        streamed = "".join(r["text"] for r in records if r["row"] == row and "text" in r)
+        assert finals[row]["completion"] == streamed and finals[row]["adapter"] == name
+        ids = np.asarray([cli.encode(tok, text, raw=False)], np.int32)
+        params = loaded.params
+        if name != "base":
+            method, adapter = saved["adapters"][name]
+            params = method.apply(params, adapter)
+        want = [int(t) for t in generation.generate(loaded.model, params, ids, max_new_tokens=MAX_NEW,
+                                                     eos_id=tok.eos_token_id)[0]]
+        if tok.eos_token_id in want:
+            want = want[:want.index(tok.eos_token_id)]
+        assert finals[row]["tokens"] == want, f"row {row} ({name})"
+        assert finals[row]["completion"] == tok.decode(want, skip_special_tokens=True)
+    # The adapters change what the rows say (rows 1 and 2 have the same prompt).
+    assert finals[1]["tokens"] != finals[2]["tokens"]
+
+
+def test_one_row_streams_plain_text(saved, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "Say hello.", "adapter": "news"}) + "\n")
+    code, out = run([f"model.hf_folder={saved['folder']}", "--load", f"news={saved['news']}", "--prompts", str(rows),
+                     "--max-new-tokens", str(MAX_NEW)])
+    assert code == 0
+    loaded = saved["loaded"]
+    method, adapter = saved["adapters"]["news"]
+    ids = np.asarray([cli.encode(loaded.tokenizer, "Say hello.", raw=False)], np.int32)
+    want = generation.generate(loaded.model, method.apply(loaded.params, adapter), ids, max_new_tokens=MAX_NEW,
+                               eos_id=loaded.tokenizer.eos_token_id)[0]
+    assert out == loaded.tokenizer.decode([int(t) for t in want], skip_special_tokens=True) + "\n"
+
+
+def test_bad_input_exits_2_with_one_message(saved, tmp_path, capsys):
+    model_arg = f"model.hf_folder={saved['folder']}"
+
+    def fails(argv, *needles):
+        code, out = run(argv)
+        err = capsys.readouterr().err
+        assert code == 2 and out == "", err
+        for needle in needles:
+            assert needle in err, err
+
+    fails([model_arg, "--load", f"news={saved['news']}", "--prompt", "Hi", "--adapter", "sport"],
+          "config error: a row names the adapter 'sport', which is not loaded; loaded: ['news']", "--load sport=")
+    fails([model_arg, "--load", saved["news"], "--prompt", "Hi"], "is not NAME=FOLDER")
+    fails([model_arg, "--load", f"x={tmp_path / 'missing'}", "--prompt", "Hi"], "checkpoint error", "no such folder")
+    ia3 = tmp_path / "ia3"
+    ia3.mkdir()
+    (ia3 / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    fails([model_arg, "--load", f"x={ia3}", "--prompt", "Hi", "--adapter", "x"],
+          "PEFT adapters of type 'IA3' are not supported; jpeft reads only LORA")
+    fails([model_arg, "--load", f"x={tmp_path}", "--prompt", "Hi"], "is neither a jpeft adapter folder")
+    # Adapters made for another model: a PEFT LoRA and a jpeft prompt of another width.
+    other = llama.model(llama.LlamaConfig(vocab_size=saved["loaded"].model.config.vocab_size, hidden_size=32,
+                                          intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2))
+    other_params = other.init(jax.random.key(0))
+    lora = jpeft.lora(rank=2, model=other)
+    save_peft(tmp_path / "peft_other", other, lora, other_params, lora.init(jax.random.key(0), other_params))
+    fails([model_arg, "--load", f"x={tmp_path / 'peft_other'}", "--prompt", "Hi"], "--load x=", "does not fit")
+    prompt = jpeft.prompt_tuning(3, init="normal", model=other)
+    save_adapter(tmp_path / "jpeft_other", prompt.init(jax.random.key(0), other_params),
+                 metadata={"method": "prompt_tuning", "num_virtual_tokens": 3, "init": "normal"})
+    fails([model_arg, "--load", f"x={tmp_path / 'jpeft_other'}", "--prompt", "Hi"], "does not fit this base model",
+          "shape mismatch")
+    fails([model_arg, "train.steps=3", "--prompt", "Hi"], "is not a model setting")
+    fails([model_arg, "--prompt", "a", "--prompt", "b", "--adapter", "x", "--adapter", "y", "--adapter", "z"],
+          "3 --adapter for 2 --prompt")
