@@ -29,13 +29,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jpeft import ops, tree
-from jpeft.methods import registry
+from jpeft.methods import registry, rows
 from jpeft.methods.base import Method
 from jpeft.methods.lora import weight_layouts
 
@@ -202,6 +203,97 @@ def ia3(
         return None
 
     return Method("ia3", init_fn, apply_fn, merge_fn, merge_blocker=merge_blocker, label="ia3")
+
+
+# ----------------------------------------------------------------------------- many adapters in one batch
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Ia3Rows(ops.WeightWrapper):
+    """A weight (or bias) scaled by a different IA3 vector in every batch row (:class:`jpeft.MixedAdapters`).
+
+    ``scale (*lead, S, *vec)``: a vector per slot (ones in an empty one); ``rows (*lead, B)``:
+    a slot per row, ``-1`` for none (scale one). ``on_input`` and ``outputs`` mean what
+    they mean for :class:`Ia3Weight`.
+    """
+
+    base: Any
+    scale: jax.Array
+    rows: jax.Array
+    on_input: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    outputs: int = dataclasses.field(default=1, metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape)
+
+    @property
+    def dtype(self):
+        return getattr(self.base, "dtype", jnp.float32)
+
+    def _scales(self, batch: int, ndim: int, dtype) -> jax.Array:
+        """Each row's vector, shaped to broadcast against an ``ndim``-axis input or output."""
+        rows.check_rows(self.rows, batch, self.rows.ndim - 1, "IA3 weight")
+        idx, valid = rows.rows_and_valid(self.rows)
+        s = jnp.take(self.scale, idx, axis=0)
+        s = jnp.where(rows.per_row(valid, s.ndim), s, 1).astype(dtype)
+        return s.reshape(s.shape[0], *(1,) * (ndim - s.ndim), *s.shape[1:])
+
+    def linear(self, x: jax.Array) -> jax.Array:
+        if self.on_input:
+            return ops.linear(x * self._scales(x.shape[0], x.ndim, x.dtype), self.base)
+        y = ops.linear(x, self.base)
+        return y * self._scales(y.shape[0], y.ndim, y.dtype)
+
+    def einsum(self, subscripts: str, x: jax.Array) -> jax.Array:
+        if self.on_input:
+            return ops.einsum(subscripts, x * self._scales(x.shape[0], x.ndim, x.dtype), self.base)
+        y = ops.einsum(subscripts, x, self.base)
+        return y * self._scales(y.shape[0], y.ndim, y.dtype)
+
+    def add_bias(self, y: jax.Array) -> jax.Array:
+        return y + ops.as_array(self.base, y.dtype) * self._scales(y.shape[0], y.ndim, y.dtype)
+
+    materialize = rows.no_single_array
+
+
+class _RowsPlan(NamedTuple):
+    vector: tuple[int, ...]
+    on_input: bool
+    outputs: int
+    dtype: str
+
+
+def _rows_plan(leaves: list[Ia3Weight], lead: int, limits: dict) -> _RowsPlan:
+    del limits
+    kinds = {(tuple(x.scale.shape[lead:]), x.on_input, x.outputs) for x in leaves}
+    if len(kinds) != 1:
+        raise ValueError("IA3 adapters scale this weight in different ways (its inputs in one, its outputs in "
+                         f"another: {sorted(kinds)}), which one batch cannot hold")
+    (vector, on_input, outputs), = kinds
+    return _RowsPlan(vector, on_input, outputs, jnp.dtype(jnp.result_type(*[x.scale.dtype for x in leaves])).name)
+
+
+def _rows_stack(plan: _RowsPlan, leaves: list[Ia3Weight | None], lead_shape: tuple[int, ...]) -> dict:
+    """The slots' vectors (host arrays: stacking compiles nothing); ones in an empty slot."""
+    vectors, dtype = [], jnp.dtype(plan.dtype)
+    for x in leaves:
+        if x is None:
+            vectors.append(np.ones((*lead_shape, *plan.vector), dtype))
+            continue
+        if (tuple(x.scale.shape[len(lead_shape):]), x.on_input, x.outputs) != plan[:3]:
+            raise ValueError(f"its IA3 vector {tuple(x.scale.shape)} (on_input={x.on_input}) does not fit the slots' "
+                             f"{plan.vector} (on_input={plan.on_input})")
+        vectors.append(np.asarray(x.scale, dtype))
+    return {"scale": np.stack(vectors, axis=len(lead_shape))}
+
+
+def _rows_run(base, state: dict, plan: _RowsPlan, rows_: jax.Array) -> Ia3Rows:
+    return Ia3Rows(base, state["scale"], rows_, on_input=plan.on_input, outputs=plan.outputs)
+
+
+rows.register(Ia3Weight, rows.RowKind("ia3", _rows_plan, _rows_stack, _rows_run))
 
 
 registry.register("ia3", ia3)

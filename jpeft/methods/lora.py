@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +49,7 @@ import numpy as np
 from jpeft import ops, tree
 from jpeft.errors import SettingError
 from jpeft.layout import Layout, layouts_for
-from jpeft.methods import registry
+from jpeft.methods import registry, rows
 from jpeft.methods.base import Method, flatten_axes
 
 RANK_AXIS = "lora_rank"
@@ -356,6 +356,185 @@ def _peft_codec():
     from jpeft.methods import lora_peft  # the PEFT format needs LoRA, and LoRA points at its codec
 
     return lora_peft.CODEC
+
+
+# ----------------------------------------------------------------------------- many adapters in one batch
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LoraRows(ops.WeightWrapper):
+    """A weight with a different LoRA update in every batch row (:class:`jpeft.MixedAdapters`).
+
+    ``a (*lead, S, *in, R)``, ``b (*lead, S, R, *out)``: ``S`` slots of factors zero-padded
+    to one rank ``R`` (the padded columns of ``A`` and rows of ``B`` add exactly nothing);
+    ``scale (*lead, S)``; ``rows (*lead, B)``: a slot per batch row, ``-1`` for none;
+    ``head_scale``: the scale on a tied output head (zero for slots that adapt an
+    embedding's lookups only). The first axis of an op's input is the batch row; ``base``
+    may be a wrapper (a 4-bit weight stays 4-bit: its matmul is shared by all rows).
+
+    Row ``b`` computes ``x @ W + s[rows[b]] * (x @ A[rows[b]]) @ B[rows[b]]``, one of two ways
+    (``strategy``; ``"auto"`` picks by shape, both exact):
+
+    * ``"dense"``: ``x`` times every slot's ``A`` at once (one matmul over ``S * R``
+      columns), each row's columns of other slots zeroed, then one matmul with every
+      ``B``: reads each slot's factors once, no gather. Best while ``S <= B``.
+    * ``"gather"``: each row's own factors gathered (``B`` copies), then a batched matmul:
+      reads only the slots that rows use. Best for many slots and few rows.
+    """
+
+    base: Any
+    a: jax.Array
+    b: jax.Array
+    scale: jax.Array
+    head_scale: jax.Array
+    rows: jax.Array
+    tie_output: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    strategy: str = dataclasses.field(default="auto", metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape)
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    @property
+    def lead(self) -> int:
+        return self.a.ndim + self.b.ndim - len(self.shape) - 4
+
+    def _dense(self, batch: int) -> bool:
+        rows.check_rows(self.rows, batch, self.lead, "LoRA weight")
+        return self.strategy == "dense" or (self.strategy == "auto" and self.a.shape[0] <= batch)
+
+    def _slot_weights(self, scale: jax.Array, ndim: int, dtype) -> jax.Array:
+        """``(B, 1, ..., 1, S, 1)``: each row's scale on each slot (zero but on its own), for ``ndim``-axis ``h``."""
+        own_BxS = self.rows[:, None] == jnp.arange(self.a.shape[0])[None, :]  # a base row (-1) owns none
+        w_BxS = jnp.where(own_BxS, scale[None, :], 0)
+        return w_BxS.reshape(w_BxS.shape[0], *(1,) * (ndim - 3), w_BxS.shape[1], 1)
+
+    def _gathered(self, dtype, scale: jax.Array):
+        """Each row's ``a (B, *in, R)``, ``b (B, R, *out)`` and scale ``(B,)`` (zero for base rows)."""
+        idx, valid = rows.rows_and_valid(self.rows)
+        a = jnp.take(self.a, idx, axis=0).astype(dtype)
+        b = jnp.take(self.b, idx, axis=0).astype(dtype)
+        return a, b, jnp.where(valid, jnp.take(scale, idx), 0).astype(dtype)
+
+    def linear(self, x: jax.Array) -> jax.Array:
+        y = ops.linear(x, self.base)
+        if self._dense(x.shape[0]):
+            h = jnp.einsum("b...i,sir->b...sr", x, self.a.astype(x.dtype))
+            h = h * self._slot_weights(self.scale, h.ndim, x.dtype).astype(x.dtype)
+            return y + jnp.einsum("b...sr,sro->b...o", h, self.b.astype(x.dtype))
+        a, b, s = self._gathered(x.dtype, self.scale)
+        h = jnp.einsum("b...i,bir->b...r", x, a)
+        return y + rows.per_row(s, y.ndim) * jnp.einsum("b...r,bro->b...o", h, b)
+
+    def einsum(self, subscripts: str, x: jax.Array) -> jax.Array:
+        y = ops.einsum(subscripts, x, self.base)
+        x_sub, w_in, w_out, out = ops.split_subscripts(subscripts, self.a.ndim - 2)
+        row = x_sub[0]
+        if row in w_in or row not in out:
+            raise ValueError(f"einsum {subscripts!r}: a per-row weight needs the input's first axis (the batch row) "
+                             "kept in the output")
+        r = ops.free_letter(subscripts)
+        kept = "".join(c for c in x_sub if c not in w_in)
+        if self._dense(x.shape[0]):
+            s = ops.free_letter(subscripts, r)
+            h = jnp.einsum(f"{x_sub},{s}{w_in}{r}->{kept}{s}{r}", x, self.a.astype(x.dtype))
+            h = h * self._slot_weights(self.scale, h.ndim, x.dtype).astype(x.dtype)
+            return y + jnp.einsum(f"{kept}{s}{r},{s}{r}{w_out}->{out}", h, self.b.astype(x.dtype))
+        a, b, s = self._gathered(x.dtype, self.scale)
+        h = jnp.einsum(f"{x_sub},{row}{w_in}{r}->{kept}{r}", x, a)
+        return y + rows.per_row(s, y.ndim) * jnp.einsum(f"{kept}{r},{row}{r}{w_out}->{out}", h, b)
+
+    def embed(self, ids: jax.Array, dtype) -> jax.Array:
+        out = ops.embed(ids, self.base, dtype)
+        rows.check_rows(self.rows, ids.shape[0], self.lead, "LoRA table")
+        idx, valid = rows.rows_and_valid(self.rows)
+        a_rows = self.a[idx.reshape(-1, *(1,) * (ids.ndim - 1)), ids].astype(dtype)  # (B, ..., R): looked-up rows only
+        b = jnp.take(self.b, idx, axis=0).astype(dtype)
+        s = jnp.where(valid, jnp.take(self.scale, idx), 0).astype(dtype)
+        return out + rows.per_row(s, out.ndim) * jnp.einsum("b...r,brd->b...d", a_rows, b)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        y = ops.attend(x, self.base)
+        if not self.tie_output:
+            return y
+        # x @ (W + s A B).T  =  x @ W.T + s (x @ B.T) @ A.T, per row
+        if self._dense(x.shape[0]):
+            h = jnp.einsum("b...d,srd->b...sr", x, self.b.astype(x.dtype))
+            h = h * self._slot_weights(self.head_scale, h.ndim, x.dtype).astype(x.dtype)
+            return y + jnp.einsum("b...sr,svr->b...v", h, self.a.astype(x.dtype))
+        a, b, s = self._gathered(x.dtype, self.head_scale)
+        h = jnp.einsum("b...d,brd->b...r", x, b)
+        return y + rows.per_row(s, y.ndim) * jnp.einsum("b...r,bvr->b...v", h, a)
+
+    materialize = rows.no_single_array
+
+
+class _RowsPlan(NamedTuple):
+    inputs: tuple[int, ...]
+    outputs: tuple[int, ...]
+    rank: int
+    tie: bool
+    dtype: str
+    strategy: str
+
+
+def _rows_plan(leaves: list[LoraWeight], lead: int, limits: dict) -> _RowsPlan:
+    shapes = {(tuple(x.a.shape[lead:-1]), tuple(x.b.shape[lead + 1:])) for x in leaves}
+    if len(shapes) != 1:
+        raise ValueError(f"LoRA factors of one weight have different input/output shapes {sorted(shapes)}")
+    rank = max(int(x.a.shape[-1]) for x in leaves)
+    max_rank = limits.get("max_rank")
+    if max_rank is not None:
+        if rank > max_rank:
+            raise ValueError(f"an adapter has rank {rank}, more than max_rank={max_rank}; raise max_rank")
+        rank = max_rank
+    strategy = limits.get("strategy") or "auto"  # MixedAdapters checked it
+    (inputs, outputs), = shapes
+    dtype = jnp.result_type(*[x.a.dtype for x in leaves], *[x.b.dtype for x in leaves])
+    return _RowsPlan(inputs, outputs, rank, any(x.tie_output for x in leaves), jnp.dtype(dtype).name, strategy)
+
+
+def _rows_stack(plan: _RowsPlan, leaves: list[LoraWeight | None], lead_shape: tuple[int, ...]) -> dict:
+    """The slots' factors, zero-padded to the plan's rank (host arrays: stacking compiles nothing)."""
+    lead, big, dtype = len(lead_shape), plan.rank, jnp.dtype(plan.dtype)
+    a_list, b_list, scales, head_scales = [], [], [], []
+    for x in leaves:
+        if x is None:
+            a_list.append(np.zeros((*lead_shape, *plan.inputs, big), dtype))
+            b_list.append(np.zeros((*lead_shape, big, *plan.outputs), dtype))
+            scales.append(0.0)
+            head_scales.append(0.0)
+            continue
+        r = int(x.a.shape[-1])
+        if r > big:
+            raise ValueError(f"rank {r} is more than the slots' rank {big}")
+        if (tuple(x.a.shape[lead:-1]), tuple(x.b.shape[lead + 1:])) != (plan.inputs, plan.outputs):
+            raise ValueError(f"factors {tuple(x.a.shape)} and {tuple(x.b.shape)} do not fit the slots' "
+                             f"(*, {plan.inputs}, r) and (*, r, {plan.outputs})")
+        if x.tie_output and not plan.tie:
+            raise ValueError("it ties its embedding delta to the output head, which these slots do not")
+        pad_a = [(0, 0)] * (x.a.ndim - 1) + [(0, big - r)]                          # extra columns of A: zeros
+        pad_b = [(0, 0)] * lead + [(0, big - r)] + [(0, 0)] * (x.b.ndim - lead - 1)  # extra rows of B: zeros
+        a_list.append(np.pad(np.asarray(x.a, dtype), pad_a))
+        b_list.append(np.pad(np.asarray(x.b, dtype), pad_b))
+        scales.append(float(x.scale))
+        head_scales.append(float(x.scale) if x.tie_output else 0.0)
+    per_slot = lambda v: np.broadcast_to(np.asarray(v, np.float32), (*lead_shape, len(v)))
+    return {"a": np.stack(a_list, axis=lead), "b": np.stack(b_list, axis=lead),
+            "scale": per_slot(scales), "head_scale": per_slot(head_scales)}
+
+
+def _rows_run(base, state: dict, plan: _RowsPlan, rows_: jax.Array) -> LoraRows:
+    return LoraRows(base, state["a"], state["b"], state["scale"], state["head_scale"], rows_, tie_output=plan.tie,
+                    strategy=plan.strategy)
+
+
+rows.register(LoraWeight, rows.RowKind("lora", _rows_plan, _rows_stack, _rows_run))
 
 
 registry.register("lora", lora)

@@ -5,12 +5,18 @@ of a batch names a slot (``-1``: the base alone), and one forward pass or one
 generation call runs every row with its own adapter, as serving systems do for many
 LoRA adapters at once (Punica, S-LoRA):
 
-* **LoRA**: the slots' factors are stacked, zero-padded to one rank ``R``:
-  ``A (S, *in, R)``, ``B (S, R, *out)`` and a scale per slot. :class:`LoraRows` gathers
-  each row's factors and computes ``x @ W + s_row * ((x @ A_row) @ B_row)``: the
-  base matmul is shared by all rows (a 4-bit base stays 4-bit). Padding is exact:
-  the padded columns of ``A`` and rows of ``B`` are zeros, which add exactly nothing.
-* **IA3**: :class:`Ia3Rows` scales each row by its slot's vectors (ones for the base).
+What a row runs comes from the adapters' own kinds, not from a list of methods here: a
+method's weight wrapper registers how it differs per row (:mod:`jpeft.methods.rows`),
+and a method that feeds the model's ``tokens`` hook (virtual tokens) mixes through the
+model. Built in:
+
+* **LoRA** (:class:`jpeft.methods.lora.LoraRows`): the slots' factors are stacked,
+  zero-padded to one rank ``R``: ``A (S, *in, R)``, ``B (S, R, *out)`` and a scale per
+  slot; row ``b`` computes ``x @ W + s_b * ((x @ A_b) @ B_b)``. The base matmul is shared
+  by all rows (a 4-bit base stays 4-bit). Padding is exact: the padded columns of ``A``
+  and rows of ``B`` are zeros, which add exactly nothing.
+* **IA3** (:class:`jpeft.methods.ia3.Ia3Rows`): each row is scaled by its slot's vectors
+  (ones for the base).
 * **Prompt tuning / P-tuning**: each row gets its slot's virtual tokens, left-padded to the
   longest slot's and masked (the model's ``prompt`` hook takes a per-row value,
   :func:`jpeft.models.hooks.row_tokens`), so a row with fewer or no virtual tokens runs as
@@ -44,302 +50,27 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+import functools
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import ops, tree
+from jpeft import tree
+from jpeft.layout import layouts_for
+from jpeft.methods import rows as row_kinds
 from jpeft.methods.base import Method
-from jpeft.methods.ia3 import Ia3Weight
-from jpeft.methods.lora import LoraWeight, weight_layouts
 from jpeft.models import hooks
 
 BASE = "base"
 """The row name (besides ``None``) of a row that runs the base model alone."""
+STRATEGIES = ("auto", "dense", "gather")
+"""How per-row LoRA weights compute (``MixedAdapters(strategy=...)``)."""
 
 
-# ----------------------------------------------------------------------------- per-row weights
-
-
-def _rows_and_valid(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``(safe slot index, valid)`` per row: a base row (``-1``) reads slot 0 and is masked out."""
-    valid = rows >= 0
-    return jnp.where(valid, rows, 0), valid
-
-
-def _per_row(v_B: jax.Array, ndim: int) -> jax.Array:
-    """``(B,)`` -> ``(B, 1, ..., 1)`` of ``ndim`` axes, to broadcast against a row's values."""
-    return v_B.reshape(v_B.shape[0], *(1,) * (ndim - 1))
-
-
-def _check_rows(rows: jax.Array, batch: int, lead: int, what: str) -> None:
-    if lead:
-        raise ValueError(f"a per-row {what} with {lead} stack axes is used outside a scan over them; models use "
-                         "stacked layers one layer at a time (jax.lax.scan)")
-    if rows.shape[-1] != batch:
-        raise ValueError(f"the batch has {batch} rows but the adapters were assigned to {rows.shape[-1]} rows; "
-                         "give one slot (or -1 for the base) per row of this batch")
-
-
-def _no_single_array(self, dtype=None) -> jax.Array:
-    del dtype
-    raise TypeError(f"a {type(self).__name__} runs a different adapter in every row, so it has no single weight "
-                    "array: run it through jpeft.ops (jpeft's models do), or merge one adapter with method.merge")
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class LoraRows(ops.WeightWrapper):
-    """A weight with a different LoRA update in every batch row (see the module docstring).
-
-    ``a (*lead, S, *in, R)``, ``b (*lead, S, R, *out)``, ``scale (*lead, S)``, ``rows (*lead, B)``
-    (slot per row, ``-1``: none); ``head_scale`` is the scale on a tied output head (zero for
-    slots that adapt an embedding's lookups only). The first axis of an op's input is the
-    batch row. ``base`` may be a wrapper (a 4-bit weight, or another per-row wrapper).
-    """
-
-    base: Any
-    a: jax.Array
-    b: jax.Array
-    scale: jax.Array
-    head_scale: jax.Array
-    rows: jax.Array
-    tie_output: bool = dataclasses.field(default=False, metadata=dict(static=True))
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.base.shape)
-
-    @property
-    def dtype(self):
-        return self.base.dtype
-
-    @property
-    def lead(self) -> int:
-        return self.a.ndim + self.b.ndim - len(self.shape) - 4
-
-    def _factors(self, batch: int, dtype, scale: jax.Array):
-        _check_rows(self.rows, batch, self.lead, "LoRA weight")
-        idx, valid = _rows_and_valid(self.rows)
-        a = jnp.take(self.a, idx, axis=0).astype(dtype)
-        b = jnp.take(self.b, idx, axis=0).astype(dtype)
-        return a, b, jnp.where(valid, jnp.take(scale, idx), 0).astype(dtype)
-
-    def linear(self, x: jax.Array) -> jax.Array:
-        y = ops.linear(x, self.base)
-        a, b, s = self._factors(x.shape[0], x.dtype, self.scale)
-        h = jnp.einsum("b...i,bir->b...r", x, a)
-        return y + _per_row(s, y.ndim) * jnp.einsum("b...r,bro->b...o", h, b)
-
-    def einsum(self, subscripts: str, x: jax.Array) -> jax.Array:
-        y = ops.einsum(subscripts, x, self.base)
-        a, b, s = self._factors(x.shape[0], x.dtype, self.scale)
-        x_sub, w_in, w_out, out = ops.split_subscripts(subscripts, a.ndim - 2)
-        row = x_sub[0]
-        if row in w_in or row not in out:
-            raise ValueError(f"einsum {subscripts!r}: a per-row weight needs the input's first axis (the batch row) "
-                             "kept in the output")
-        r = ops.free_letter(subscripts)
-        kept = "".join(c for c in x_sub if c not in w_in)
-        h = jnp.einsum(f"{x_sub},{row}{w_in}{r}->{kept}{r}", x, a)
-        return y + _per_row(s, y.ndim) * jnp.einsum(f"{kept}{r},{row}{r}{w_out}->{out}", h, b)
-
-    def embed(self, ids: jax.Array, dtype) -> jax.Array:
-        rows_out = ops.embed(ids, self.base, dtype)
-        _check_rows(self.rows, ids.shape[0], self.lead, "LoRA table")
-        idx, valid = _rows_and_valid(self.rows)
-        a_rows = self.a[idx.reshape(-1, *(1,) * (ids.ndim - 1)), ids].astype(dtype)  # (B, ..., R)
-        b = jnp.take(self.b, idx, axis=0).astype(dtype)
-        s = jnp.where(valid, jnp.take(self.scale, idx), 0).astype(dtype)
-        return rows_out + _per_row(s, rows_out.ndim) * jnp.einsum("b...r,brd->b...d", a_rows, b)
-
-    def attend(self, x: jax.Array) -> jax.Array:
-        y = ops.attend(x, self.base)
-        if not self.tie_output:
-            return y
-        a, b, s = self._factors(x.shape[0], x.dtype, self.head_scale)
-        h = jnp.einsum("b...d,brd->b...r", x, b)
-        return y + _per_row(s, y.ndim) * jnp.einsum("b...r,bvr->b...v", h, a)
-
-    materialize = _no_single_array
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Ia3Rows(ops.WeightWrapper):
-    """A weight (or bias) whose outputs, or inputs, are scaled by a different IA3 vector in every row.
-
-    ``scale (*lead, S, *vec)``, ``rows (*lead, B)`` (``-1``: scale one). ``on_input`` and
-    ``outputs`` mean what they mean for :class:`jpeft.Ia3Weight`.
-    """
-
-    base: Any
-    scale: jax.Array
-    rows: jax.Array
-    on_input: bool = dataclasses.field(default=False, metadata=dict(static=True))
-    outputs: int = dataclasses.field(default=1, metadata=dict(static=True))
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.base.shape)
-
-    @property
-    def dtype(self):
-        return getattr(self.base, "dtype", jnp.float32)
-
-    def _scales(self, batch: int, ndim: int, dtype) -> jax.Array:
-        """Each row's vector, shaped to broadcast against an ``ndim``-axis input or output."""
-        _check_rows(self.rows, batch, self.rows.ndim - 1, "IA3 weight")
-        idx, valid = _rows_and_valid(self.rows)
-        s = jnp.take(self.scale, idx, axis=0)
-        s = jnp.where(_per_row(valid, s.ndim), s, 1).astype(dtype)
-        return s.reshape(s.shape[0], *(1,) * (ndim - s.ndim), *s.shape[1:])
-
-    def linear(self, x: jax.Array) -> jax.Array:
-        if self.on_input:
-            return ops.linear(x * self._scales(x.shape[0], x.ndim, x.dtype), self.base)
-        y = ops.linear(x, self.base)
-        return y * self._scales(y.shape[0], y.ndim, y.dtype)
-
-    def einsum(self, subscripts: str, x: jax.Array) -> jax.Array:
-        if self.on_input:
-            return ops.einsum(subscripts, x * self._scales(x.shape[0], x.ndim, x.dtype), self.base)
-        y = ops.einsum(subscripts, x, self.base)
-        return y * self._scales(y.shape[0], y.ndim, y.dtype)
-
-    def add_bias(self, y: jax.Array) -> jax.Array:
-        return y + ops.as_array(self.base, y.dtype) * self._scales(y.shape[0], y.ndim, y.dtype)
-
-    materialize = _no_single_array
-
-
-# ----------------------------------------------------------------------------- kinds of per-row leaves
-
-
-class RowKind(NamedTuple):
-    """How single-adapter leaves of one type stack into slots and run per row.
-
-    Attributes:
-        name: the kind's name (``"lora"``).
-        plan: ``(leaves, lead, limits) -> plan``: the hashable layout of the stacked slots that
-            fits every leaf (e.g. the largest rank); ``limits`` are :class:`MixedAdapters`'s
-            ``max_rank``/``max_virtual_tokens`` (a ValueError when a leaf exceeds them).
-        stack: ``(plan, leaves or None per slot, lead_shape) -> {name: array}`` with the slot
-            axis after the ``lead_shape`` axes; a ValueError names a leaf that does not fit.
-        run: ``(base, state, plan, rows) -> leaf``: the per-row leaf the model runs.
-    """
-
-    name: str
-    plan: Callable[..., Any]
-    stack: Callable[..., dict]
-    run: Callable[..., Any]
-
-
-_KINDS: dict[type, RowKind] = {}
-
-
-def register_rows(leaf_type: type, kind: RowKind) -> RowKind:
-    """Lets leaves of ``leaf_type`` (a method's wrapper) differ per row in a :class:`MixedAdapters`."""
-    _KINDS[leaf_type] = kind
-    return kind
-
-
-class _LoraPlan(NamedTuple):
-    inputs: tuple[int, ...]
-    outputs: tuple[int, ...]
-    rank: int
-    tie: bool
-    dtype: str
-
-
-def _lora_plan(leaves: list[LoraWeight], lead: int, limits: dict) -> _LoraPlan:
-    shapes = {(tuple(x.a.shape[lead:-1]), tuple(x.b.shape[lead + 1:])) for x in leaves}
-    if len(shapes) != 1:
-        raise ValueError(f"LoRA factors of one weight have different input/output shapes {sorted(shapes)}")
-    rank = max(int(x.a.shape[-1]) for x in leaves)
-    max_rank = limits.get("max_rank")
-    if max_rank is not None:
-        if rank > max_rank:
-            raise ValueError(f"an adapter has rank {rank}, more than max_rank={max_rank}; raise max_rank")
-        rank = max_rank
-    (inputs, outputs), = shapes
-    dtype = jnp.result_type(*[x.a.dtype for x in leaves], *[x.b.dtype for x in leaves])
-    return _LoraPlan(inputs, outputs, rank, any(x.tie_output for x in leaves), jnp.dtype(dtype).name)
-
-
-def _lora_stack(plan: _LoraPlan, leaves: list[LoraWeight | None], lead_shape: tuple[int, ...]) -> dict:
-    lead, big = len(lead_shape), plan.rank
-    a_list, b_list, scales, head_scales = [], [], [], []
-    for x in leaves:
-        if x is None:
-            a_list.append(jnp.zeros((*lead_shape, *plan.inputs, big), plan.dtype))
-            b_list.append(jnp.zeros((*lead_shape, big, *plan.outputs), plan.dtype))
-            scales.append(0.0)
-            head_scales.append(0.0)
-            continue
-        r = int(x.a.shape[-1])
-        if r > big:
-            raise ValueError(f"rank {r} is more than the slots' rank {big}")
-        if (tuple(x.a.shape[lead:-1]), tuple(x.b.shape[lead + 1:])) != (plan.inputs, plan.outputs):
-            raise ValueError(f"factors {tuple(x.a.shape)} and {tuple(x.b.shape)} do not fit the slots' "
-                             f"(*, {plan.inputs}, r) and (*, r, {plan.outputs})")
-        if x.tie_output and not plan.tie:
-            raise ValueError("it ties its embedding delta to the output head, which these slots do not")
-        pad_a = [(0, 0)] * (x.a.ndim - 1) + [(0, big - r)]                     # extra columns of A: zeros
-        pad_b = [(0, 0)] * lead + [(0, big - r)] + [(0, 0)] * (x.b.ndim - lead - 1)  # extra rows of B: zeros
-        a_list.append(jnp.pad(jnp.asarray(x.a, plan.dtype), pad_a))
-        b_list.append(jnp.pad(jnp.asarray(x.b, plan.dtype), pad_b))
-        scales.append(float(x.scale))
-        head_scales.append(float(x.scale) if x.tie_output else 0.0)
-    per_slot = lambda v: jnp.broadcast_to(jnp.asarray(v, jnp.float32), (*lead_shape, len(v)))
-    return {"a": jnp.stack(a_list, axis=lead), "b": jnp.stack(b_list, axis=lead),
-            "scale": per_slot(scales), "head_scale": per_slot(head_scales)}
-
-
-def _lora_run(base, state: dict, plan: _LoraPlan, rows: jax.Array) -> LoraRows:
-    return LoraRows(base, state["a"], state["b"], state["scale"], state["head_scale"], rows, tie_output=plan.tie)
-
-
-class _Ia3Plan(NamedTuple):
-    vector: tuple[int, ...]
-    on_input: bool
-    outputs: int
-    dtype: str
-
-
-def _ia3_plan(leaves: list[Ia3Weight], lead: int, limits: dict) -> _Ia3Plan:
-    del limits
-    kinds = {(tuple(x.scale.shape[lead:]), x.on_input, x.outputs) for x in leaves}
-    if len(kinds) != 1:
-        raise ValueError("IA3 adapters scale this weight in different ways (its inputs in one, its outputs in "
-                         f"another: {sorted(kinds)}), which one batch cannot hold")
-    (vector, on_input, outputs), = kinds
-    return _Ia3Plan(vector, on_input, outputs, jnp.dtype(jnp.result_type(*[x.scale.dtype for x in leaves])).name)
-
-
-def _ia3_stack(plan: _Ia3Plan, leaves: list[Ia3Weight | None], lead_shape: tuple[int, ...]) -> dict:
-    vectors = []
-    for x in leaves:
-        if x is None:
-            vectors.append(jnp.ones((*lead_shape, *plan.vector), plan.dtype))
-            continue
-        if (tuple(x.scale.shape[len(lead_shape):]), x.on_input, x.outputs) != plan[:3]:
-            raise ValueError(f"its IA3 vector {tuple(x.scale.shape)} (on_input={x.on_input}) does not fit the slots' "
-                             f"{plan.vector} (on_input={plan.on_input})")
-        vectors.append(jnp.asarray(x.scale, plan.dtype))
-    return {"scale": jnp.stack(vectors, axis=len(lead_shape))}
-
-
-def _ia3_run(base, state: dict, plan: _Ia3Plan, rows: jax.Array) -> Ia3Rows:
-    return Ia3Rows(base, state["scale"], rows, on_input=plan.on_input, outputs=plan.outputs)
-
-
-LORA = register_rows(LoraWeight, RowKind("lora", _lora_plan, _lora_stack, _lora_run))
-IA3 = register_rows(Ia3Weight, RowKind("ia3", _ia3_plan, _ia3_stack, _ia3_run))
+# ----------------------------------------------------------------------------- per-row virtual tokens
 
 
 class _TokensPlan(NamedTuple):
@@ -359,16 +90,16 @@ def _tokens_plan(values: list[jax.Array], point: hooks.HookPoint, limits: dict) 
 
 
 def _tokens_stack(plan: _TokensPlan, values: list[jax.Array | None]) -> dict:
-    """Virtual tokens left-padded to ``plan.length``, with a mask of each slot's real ones."""
-    embeddings, masks = [], []
+    """Virtual tokens left-padded to ``plan.length``, with a mask of each slot's real ones (host arrays)."""
+    embeddings, masks, dtype = [], [], jnp.dtype(plan.dtype)
     for v in values:
         n = 0 if v is None else int(v.shape[0])
         if n > plan.length:
             raise ValueError(f"{n} virtual tokens are more than the slots' {plan.length}")
-        pad = jnp.zeros((plan.length - n, plan.point.width), plan.dtype)
-        embeddings.append(pad if v is None else jnp.concatenate([pad, jnp.asarray(v, plan.dtype)]))
+        pad = np.zeros((plan.length - n, plan.point.width), dtype)
+        embeddings.append(pad if v is None else np.concatenate([pad, np.asarray(v, dtype)]))
         masks.append(np.arange(plan.length) >= plan.length - n)
-    return {"embeddings": jnp.stack(embeddings), "mask": jnp.asarray(np.stack(masks))}
+    return {"embeddings": np.stack(embeddings), "mask": np.stack(masks)}
 
 
 # ----------------------------------------------------------------------------- the stacked slots
@@ -413,11 +144,10 @@ class Slots:
                              f"{rows.dtype}{tuple(rows.shape)}; MixedAdapters.rows turns names into one")
         rows = rows.astype(jnp.int32)
         flat = tree.flatten(params)
-        kinds = {k.name: k for k in _KINDS.values()}
         new, hook_values = {}, []
         for entry, state in zip(self.entries, self.states):
             if entry.kind == "tokens":
-                idx, valid = _rows_and_valid(rows)
+                idx, valid = row_kinds.rows_and_valid(rows)
                 mask = jnp.take(state["mask"], idx, axis=0) & valid[:, None]
                 hook_values.append((entry.plan.point, hooks.row_tokens(jnp.take(state["embeddings"], idx, axis=0),
                                                                          mask)))
@@ -428,7 +158,7 @@ class Slots:
             base = new.get(entry.where, flat[entry.where])
             lead_shape = tuple(flat[entry.where].shape)[:entry.lead]
             row_ids = jnp.broadcast_to(rows, (*lead_shape, rows.shape[0]))
-            new[entry.where] = kinds[entry.kind].run(base, state, entry.plan, row_ids)
+            new[entry.where] = row_kinds.kind_named(entry.kind).run(base, state, entry.plan, row_ids)
         out = tree.replace(params, new) if new else params
         for point, value in hook_values:
             out = hooks.attach(out, point, value)
@@ -467,11 +197,11 @@ def _changes(like: Any, name: str, method: Method, adapter: Any, model: Any) -> 
             continue
         if path in flat_like and leaf is flat_like[path]:
             continue
-        kind = _KINDS.get(type(leaf))
+        kind = row_kinds.kind_of(leaf)
         if kind is None or path not in flat_like or getattr(leaf, "base", None) is not flat_like[path]:
             raise ValueError(
                 f"adapter {name!r} ({method.name}) turns {path!r} into a {type(leaf).__name__}, which cannot differ "
-                f"per row (per-row kinds: {', '.join(t.__name__ for t in _KINDS)}, and virtual tokens); run it on "
+                f"per row (per-row kinds: {', '.join(row_kinds.registered())}, and virtual tokens); run it on "
                 "its own (jpeft.AdapterBank) or merge it into the base")
         out[(path, kind.name)] = leaf
     return out
@@ -494,10 +224,15 @@ class MixedAdapters:
         max_rank: the LoRA rank of the slots (default: the largest adapter's); loading an
             adapter of a higher rank then needs a new mix.
         max_virtual_tokens: the same for prompt adapters' virtual tokens.
+        strategy: how per-row LoRA runs (:class:`jpeft.methods.lora.LoraRows`): ``"dense"``
+            (every slot's factors at once, other slots' masked off per row), ``"gather"``
+            (each row's own factors), or ``"auto"``: dense while there are no more slots
+            than batch rows. The results are the same; the speed is not.
     """
 
     def __init__(self, params: Any, adapters: Mapping[str, tuple[Method, Any]] | Any, *, model: Any = None,
-                 slots: int | None = None, max_rank: int | None = None, max_virtual_tokens: int | None = None):
+                 slots: int | None = None, max_rank: int | None = None, max_virtual_tokens: int | None = None,
+                 strategy: str = "auto"):
         adapters = {name: adapters[name] for name in adapters.names} if hasattr(adapters, "names") else adapters
         names = [_check_name(n) for n in adapters]
         if not names:
@@ -509,7 +244,9 @@ class MixedAdapters:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{setting} must be a positive int or None, got {value!r}")
         self._like, self._model = _abstract(params), model
-        self._limits = {"max_rank": max_rank, "max_virtual_tokens": max_virtual_tokens}
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy={strategy!r} must be one of {STRATEGIES}")
+        self._limits = {"max_rank": max_rank, "max_virtual_tokens": max_virtual_tokens, "strategy": strategy}
         changes = {}
         for name in names:
             entry = adapters[name]
@@ -518,9 +255,8 @@ class MixedAdapters:
             changes[name] = _changes(self._like, name, *entry, model)
         slot_changes = [changes[n] for n in names] + [{}] * (count - len(names))
         keys = sorted({key for c in slot_changes for key in c})
-        layouts = weight_layouts(self._like, model)
+        layouts = layouts_for(self._like, model=model)
         flat = tree.flatten(self._like)
-        kinds = {k.name: k for k in _KINDS.values()}
         entries, states = [], []
         for where, kind in keys:
             per_slot = [c.get((where, kind)) for c in slot_changes]
@@ -529,12 +265,13 @@ class MixedAdapters:
                 if kind == "tokens":
                     plan = _tokens_plan(present, model.hook(where), self._limits)
                     entries.append(_Entry(where, kind, 0, plan))
-                    states.append(_tokens_stack(plan, per_slot))
+                    states.append(_on_device(_tokens_stack(plan, per_slot)))
                     continue
                 lead = layouts[where].lead
-                plan = kinds[kind].plan(present, lead, self._limits)
+                plan = row_kinds.kind_named(kind).plan(present, lead, self._limits)
                 entries.append(_Entry(where, kind, lead, plan))
-                states.append(kinds[kind].stack(plan, per_slot, tuple(flat[where].shape)[:lead]))
+                states.append(_on_device(row_kinds.kind_named(kind).stack(plan, per_slot,
+                                                                          tuple(flat[where].shape)[:lead])))
             except ValueError as err:
                 raise ValueError(f"the adapters at {where!r} cannot share a batch: {err}") from None
         self._slots = Slots(entries, states, count)
@@ -611,7 +348,8 @@ class MixedAdapters:
         extra = sorted(set(changes) - known)
         if extra:
             raise ValueError(f"adapter {name!r} ({method.name}) adapts {extra[0][0]!r} ({extra[0][1]}), which no slot "
-                             "of this mix holds; build a MixedAdapters that includes such an adapter (compiles once more)")
+                             "of this mix holds; build a MixedAdapters that includes such an adapter (compiles once "
+                             "more)")
         out = self._with_slot(slot, changes, f"adapter {name!r} ({method.name})")
         out._names = self._names[:slot] + (name,) + self._names[slot + 1:]
         out._methods = {**{n: m for n, m in self._methods.items() if n in out._names}, name: method}
@@ -626,23 +364,36 @@ class MixedAdapters:
         return out
 
     def _with_slot(self, slot: int, changes: dict, what: str) -> "MixedAdapters":
-        kinds = {k.name: k for k in _KINDS.values()}
         flat = tree.flatten(self._like)
-        states = []
-        for entry, state in zip(self._slots.entries, self._slots.states):
+        ones = []
+        for entry in self._slots.entries:
             leaf = changes.get((entry.where, entry.kind))
             try:
                 if entry.kind == "tokens":
-                    one = _tokens_stack(entry.plan, [leaf])
+                    ones.append(_tokens_stack(entry.plan, [leaf]))
                 else:
                     lead_shape = tuple(flat[entry.where].shape)[:entry.lead]
-                    one = kinds[entry.kind].stack(entry.plan, [leaf], lead_shape)
+                    ones.append(row_kinds.kind_named(entry.kind).stack(entry.plan, [leaf], lead_shape))
             except ValueError as err:
                 raise ValueError(f"{what} does not fit the slots at {entry.where!r}: {err}; build a new "
                                  "MixedAdapters for it (compiles once more)") from None
-            lead = (slice(None),) * entry.lead  # the slot axis comes after the stack axes
-            states.append({k: v.at[(*lead, slot)].set(one[k][(*lead, 0)]) for k, v in state.items()})
+        leads = tuple(entry.lead for entry in self._slots.entries)
+        states = _put_slot(self._slots.states, ones, jnp.int32(slot), leads=leads)
         out = object.__new__(MixedAdapters)
         out.__dict__.update(self.__dict__)
         out._slots = Slots(self._slots.entries, states, self._slots.count)
         return out
+
+
+def _on_device(state: dict) -> dict:
+    return {k: jnp.asarray(v) for k, v in state.items()}
+
+
+@functools.partial(jax.jit, static_argnames=("leads",))
+def _put_slot(states: list[dict], ones: list[dict], slot: jax.Array, *, leads: tuple[int, ...]) -> list[dict]:
+    """``states`` with slot ``slot`` (the axis after each entry's ``lead`` stack axes) set to ``ones``' only slot.
+
+    One compiled update per layout of the slots, whichever slot and adapter: hot-swapping compiles once.
+    """
+    return [{k: jax.lax.dynamic_update_index_in_dim(v, jnp.asarray(one[k], v.dtype), slot, axis=lead)
+             for k, v in state.items()} for state, one, lead in zip(states, ones, leads)]
