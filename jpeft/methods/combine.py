@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -71,6 +72,30 @@ def _magnitude_prune(t: jax.Array, density: float) -> jax.Array:
     return (t.reshape(-1) * jnp.zeros(t.size, t.dtype).at[keep].set(1)).reshape(t.shape)
 
 
+def _merge(stacked: jax.Array, weights: jax.Array, key: jax.Array, masks: jax.Array | None, *, combination: str,
+           density: float | None, sign_method: str) -> jax.Array:
+    """:func:`merge_tensors` on ``stacked (n, *shape)``: traced inside the jitted combinations."""
+    w = weights.reshape(-1, *(1,) * (stacked.ndim - 1))
+    if combination != "linear" and density is not None and density < 1:
+        if combination.startswith("dare"):
+            if masks is None:
+                keys = jax.random.split(key, stacked.shape[0])
+                masks = jax.vmap(lambda k: jax.random.bernoulli(k, density, stacked.shape[1:]))(keys)
+            stacked = stacked * masks.astype(jnp.float32) / density
+        else:
+            stacked = jax.vmap(lambda t: _magnitude_prune(t, density))(stacked)
+    if combination in ("ties", "dare_ties"):
+        signs = jnp.sign(stacked)
+        magnitude = stacked.sum(0) if sign_method == "total" else signs.sum(0)
+        agree = signs == jnp.where(magnitude >= 0, 1.0, -1.0)
+        return (stacked * w * agree).sum(0) / jnp.maximum(agree.sum(0), 1.0)
+    return (stacked * w).sum(0)
+
+
+_OPTIONS = ("combination", "density", "sign_method")
+_merge_jit = jax.jit(_merge, static_argnames=_OPTIONS)
+
+
 def merge_tensors(tensors: Sequence[jax.Array], weights: Sequence[float], combination: str = "linear", *,
                   density: float | None = None, majority_sign_method: str = "total", key: jax.Array | None = None,
                   masks: Sequence[jax.Array] | None = None) -> jax.Array:
@@ -90,24 +115,13 @@ def merge_tensors(tensors: Sequence[jax.Array], weights: Sequence[float], combin
     """
     if combination not in TASK_ARITHMETIC:
         raise ValueError(f"combination {combination!r} must be one of {TASK_ARITHMETIC}")
+    random = combination.startswith("dare") and density is not None and density < 1
+    if random and masks is None and key is None:
+        raise ValueError(f"{combination!r} prunes at random: give key= (a jax.random key)")
     stacked = jnp.stack([jnp.asarray(t, jnp.float32) for t in tensors])
-    w = jnp.asarray(weights, jnp.float32).reshape(-1, *(1,) * (stacked.ndim - 1))
-    if combination != "linear" and density is not None and density < 1:
-        if combination.startswith("dare"):
-            if masks is None:
-                if key is None:
-                    raise ValueError(f"{combination!r} prunes at random: give key= (a jax.random key)")
-                masks = [jax.random.bernoulli(k, density, stacked.shape[1:])
-                         for k in jax.random.split(key, stacked.shape[0])]
-            stacked = stacked * jnp.stack([jnp.asarray(m, jnp.float32) for m in masks]) / density
-        else:
-            stacked = jnp.stack([_magnitude_prune(t, density) for t in stacked])
-    if combination in ("ties", "dare_ties"):
-        signs = jnp.sign(stacked)
-        magnitude = stacked.sum(0) if majority_sign_method == "total" else signs.sum(0)
-        agree = signs == jnp.where(magnitude >= 0, 1.0, -1.0)
-        return (stacked * w * agree).sum(0) / jnp.maximum(agree.sum(0), 1.0)
-    return (stacked * w).sum(0)
+    masks = None if masks is None or not random else jnp.stack([jnp.asarray(m, bool) for m in masks])
+    return _merge_jit(stacked, jnp.asarray(weights, jnp.float32), jax.random.key(0) if key is None else key, masks,
+                      combination=combination, density=density, sign_method=majority_sign_method)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -169,14 +183,11 @@ def _lora_leaves(params: Any, entries: list[tuple[str, Method, Any]]) -> list[di
 # ----------------------------------------------------------------------------- one weight
 
 
-def _as_matrices(leaf: LoraWeight) -> tuple[jax.Array, jax.Array]:
-    """``a (L, in, r)`` and ``b (L, r, out)``: stack axes flattened to one, input and output axes to one each."""
-    lead_shape = tuple(leaf.shape)[:leaf.lead]
-    n_lead = math.prod(lead_shape)
-    r = leaf.a.shape[-1]
-    a = jnp.asarray(leaf.a, jnp.float32).reshape(n_lead, -1, r)
-    b = jnp.asarray(leaf.b, jnp.float32).reshape(n_lead, r, -1)
-    return a, b
+def _as_layout(a: jax.Array, b: jax.Array, like_a: jax.Array, like_b: jax.Array, lead: int):
+    """Combined ``a (L, in, r)``, ``b (L, r, out)`` back in the weight's factor layout (that of ``like_a/b``)."""
+    r = a.shape[-1]
+    return (a.reshape(*like_a.shape[:-1], r),
+            b.reshape(*like_b.shape[:lead], r, *like_b.shape[lead + 1:]))
 
 
 def _svd_factors(delta: jax.Array, rank: int, clamp: float | None) -> tuple[jax.Array, jax.Array]:
@@ -189,53 +200,71 @@ def _svd_factors(delta: jax.Array, rank: int, clamp: float | None) -> tuple[jax.
     return vh.T, u.T  # a (in, rank), b (rank, out)
 
 
+def _per_layer(stacked_NxL: jax.Array, weights: jax.Array, key: jax.Array, **options) -> jax.Array:
+    """``(L, *shape)``: layer ``l`` merges ``stacked_NxL[:, l]`` with its own DARE key, as PEFT merges each module."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(stacked_NxL.shape[1]))
+    return jax.vmap(lambda t, k: _merge(t, weights, k, None, **options), in_axes=(1, 0))(stacked_NxL, keys)
+
+
+# Each takes every adapter's factors as matrices, a (L, in, r) and b (L, r, out) (stack axes flattened to L,
+# input and output axes to one each): one compilation serves every weight of those matrix shapes.
+
+
+@jax.jit
+def _cat(a_list, b_list, scales):
+    a = jnp.concatenate([a * s for a, s in zip(a_list, scales)], axis=-1)
+    return a, jnp.concatenate(b_list, axis=-2)
+
+
+@functools.partial(jax.jit, static_argnames=_OPTIONS)
+def _task_arithmetic(a_list, b_list, scales, key, **options):
+    """The factors merged separately, with weights ``sign(s) sqrt|s|`` for ``A`` and ``sqrt|s|`` for ``B``."""
+    key_a, key_b = jax.random.split(key)
+    a = _per_layer(jnp.stack(a_list), jnp.sign(scales) * jnp.sqrt(jnp.abs(scales)), key_a, **options)
+    return a, _per_layer(jnp.stack(b_list), jnp.sqrt(jnp.abs(scales)), key_b, **options)
+
+
+@functools.partial(jax.jit, static_argnames=(*_OPTIONS, "rank", "clamp"))
+def _svd(a_list, b_list, scales, weights, key, *, rank, clamp, **options):
+    """Each layer's deltas ``s_i A_i B_i`` merged with ``weights``, then truncated to ``rank`` by an SVD."""
+    deltas = jnp.stack([s * jnp.einsum("lir,lro->lio", a, b) for a, b, s in zip(a_list, b_list, scales)])
+    merged = _per_layer(deltas, weights, key, **options)
+    return jax.vmap(lambda d: _svd_factors(d, rank, clamp))(merged)
+
+
 def _combine_weight(path: str, index: int, leaves: list[LoraWeight | None], weights: Sequence[float],
                     combination_type: str, rank: int | None, density, sign_method, svd_clamp, key):
-    """``(a, b)`` of the combined adapter at one weight, in that weight's factor layout."""
+    """``(a, b)`` of the combined adapter at one weight, in that weight's factor layout (one compiled call)."""
     present = [(leaf, float(w)) for leaf, w in zip(leaves, weights) if leaf is not None]
     first = present[0][0]
     lead, shape = first.lead, tuple(first.shape)
-    mats = [_as_matrices(leaf) for leaf, _ in present]
-    scales = [leaf.scale * w for leaf, w in present]
+    n_lead, d_in = math.prod(shape[:lead]), math.prod(first.a.shape[lead:-1])
+    d_out = math.prod(first.b.shape[lead + 1:])
+    a_list = [jnp.asarray(leaf.a, jnp.float32).reshape(n_lead, d_in, -1) for leaf, _ in present]
+    b_list = [jnp.asarray(leaf.b, jnp.float32).reshape(n_lead, -1, d_out) for leaf, _ in present]
+    in_layout = lambda ab: _as_layout(*ab, first.a, first.b, lead)
+    scales = jnp.asarray([leaf.scale * w for leaf, w in present], jnp.float32)
+    key = jax.random.fold_in(jax.random.key(0) if key is None else key, index)  # unused unless DARE prunes
     if combination_type == "cat":
-        a = jnp.concatenate([a * s for (a, _), s in zip(mats, scales)], axis=-1)
-        b = jnp.concatenate([b for _, b in mats], axis=-2)
-        if a.shape[-1] > min(a.shape[-2], b.shape[-1]):
-            raise ValueError(f"'cat' makes rank {a.shape[-1]} at {path!r}, more than its shape {shape} allows (at "
-                             f"most {min(a.shape[-2], b.shape[-1])}); use 'svd' (exact up to that rank)")
-    elif combination_type in TASK_ARITHMETIC:
-        ranks = sorted({int(a.shape[-1]) for a, _ in mats})
+        total = sum(int(a.shape[-1]) for a in a_list)
+        if total > min(d_in, d_out):
+            raise ValueError(f"'cat' makes rank {total} at {path!r}, more than its shape {shape} allows (at "
+                             f"most {min(d_in, d_out)}); use 'svd' (exact up to that rank)")
+        return in_layout(_cat(a_list, b_list, scales))
+    options = dict(density=density, sign_method=sign_method)
+    if combination_type in TASK_ARITHMETIC:
+        ranks = sorted({int(a.shape[-1]) for a in a_list})
         if len(ranks) > 1:
             raise ValueError(f"the adapters have ranks {ranks} at {path!r}; {combination_type!r} merges the factors "
                              "entry by entry, so it needs equal ranks (as in PEFT): use 'cat' or 'svd'")
-        w_a = [math.copysign(math.sqrt(abs(s)), s) for s in scales]
-        w_b = [math.sqrt(abs(s)) for s in scales]
-        keys = [None, None] if key is None else jax.random.split(jax.random.fold_in(key, index))
-        merge = lambda ts, w, k, n: jnp.stack([
-            merge_tensors([t[i] for t in ts], w, combination_type, density=density, majority_sign_method=sign_method,
-                          key=None if k is None else jax.random.fold_in(k, i)) for i in range(n)])
-        n_lead = mats[0][0].shape[0]
-        a = merge([a for a, _ in mats], w_a, keys[0], n_lead)
-        b = merge([b for _, b in mats], w_b, keys[1], n_lead)
-    else:
-        deltas = [s * jnp.einsum("lir,lro->lio", a, b) for (a, b), s in zip(mats, [leaf.scale for leaf, _ in present])]
-        base_type = combination_type.removesuffix("_svd")
-        base_type = "linear" if base_type == "svd" else base_type
-        n_lead, d_in, d_out = deltas[0].shape
-        if rank > min(d_in, d_out):
-            raise ValueError(f"svd_rank {rank} is larger than the weight {path!r} of shape {shape} allows (at most "
-                             f"{min(d_in, d_out)}); lower svd_rank")
-        factors = []
-        for i in range(n_lead):
-            k = None if key is None else jax.random.fold_in(jax.random.fold_in(key, index), i)
-            merged = merge_tensors([d[i] for d in deltas], [w for _, w in present], base_type, density=density,
-                                   majority_sign_method=sign_method, key=k)
-            factors.append(_svd_factors(merged, rank, svd_clamp))
-        a, b = jnp.stack([f[0] for f in factors]), jnp.stack([f[1] for f in factors])
-    r = int(a.shape[-1])
-    d_in = first.a.shape[lead:-1]
-    d_out = first.b.shape[lead + 1:]
-    return a.reshape(*shape[:lead], *d_in, r), b.reshape(*shape[:lead], r, *d_out)
+        return in_layout(_task_arithmetic(a_list, b_list, scales, key, combination=combination_type, **options))
+    if rank > min(d_in, d_out):
+        raise ValueError(f"svd_rank {rank} is larger than the weight {path!r} of shape {shape} allows (at most "
+                         f"{min(d_in, d_out)}); lower svd_rank")
+    base_type = combination_type.removesuffix("_svd")
+    return in_layout(_svd(a_list, b_list, jnp.asarray([leaf.scale for leaf, _ in present], jnp.float32),
+                          jnp.asarray([w for _, w in present], jnp.float32), key, rank=rank, clamp=svd_clamp,
+                          combination="linear" if base_type == "svd" else base_type, **options))
 
 
 # ----------------------------------------------------------------------------- the combination
