@@ -4,6 +4,7 @@ import io
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -11,6 +12,7 @@ import jpeft
 from jpeft.checkpoint import save_adapter
 from jpeft.io.peft_format import save_peft
 from jpeft.models import generation, llama
+from train import data
 from train import generate as cli
 from train import model as train_model
 from train.config import ModelConfig
@@ -18,10 +20,11 @@ from train.config import ModelConfig
 MAX_NEW = 6
 
 
-def randomized(adapter, seed, std=0.5):
-    leaves, treedef = jax.tree.flatten(adapter)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return treedef.unflatten([std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+def random_adapter(method, params, seed, std):
+    """An adapter with every leaf random (numpy: no random-number program to compile)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(method.init, jax.random.key(0), params)
+    return jax.tree.map(lambda x: jnp.asarray(std * rng.normal(size=x.shape), x.dtype), shapes)
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +35,22 @@ def saved(mixing_hf_folder, tmp_path_factory):
     model, params = loaded.model, loaded.params
     settings = {"num_virtual_tokens": 4, "init": "normal", "init_std": 0.5}
     prompt = jpeft.prompt_tuning(**settings, model=model)
-    prompt_adapter = prompt.init(jax.random.key(1), params)
+    prompt_adapter = random_adapter(prompt, params, 1, std=0.5)
     tone = tmp_path_factory.mktemp("runs") / "tone" / "adapter"
     save_adapter(tone, prompt.saved_form(prompt_adapter),
                  metadata={"method": "prompt_tuning", **settings, "steps": 0, "model": {"hf_folder": "elsewhere"}})
     lora = jpeft.lora(rank=4, alpha=8, targets=r".*/(q|v|down)_proj/kernel", model=model)
-    lora_adapter = randomized(lora.init(jax.random.key(2), params), 3, std=0.1)
+    lora_adapter = random_adapter(lora, params, 3, std=0.1)
     news = tmp_path_factory.mktemp("news")
     save_peft(news, model, lora, params, lora_adapter)
     return {"loaded": loaded, "folder": str(mixing_hf_folder), "tone": str(tone), "news": str(news),
             "adapters": {"tone": (prompt, prompt_adapter), "news": (lora, lora_adapter)}}
+
+
+@pytest.fixture
+def loaded_once(saved, monkeypatch):
+    """The program's model load answered with the fixture's model (the first test loads it for real)."""
+    monkeypatch.setattr(train_model, "load", lambda cfg: saved["loaded"])
 
 
 def run(argv):
@@ -50,7 +59,26 @@ def run(argv):
     return code, out.getvalue()
 
 
+def alone(saved, text, name) -> list[int]:
+    """The tokens ``generation.generate`` makes for one prompt with one adapter (merged, for LoRA), up to EOS.
+
+    Left-padded to 64 tokens, which padding does not change, so every reference compiles once per adapter kind.
+    """
+    loaded = saved["loaded"]
+    tok = loaded.tokenizer
+    ids = cli.encode(tok, text, raw=False)
+    batch = data.prompt_batch([ids], pad_id=0, bucket_size=64, max_len=64)
+    params = loaded.params
+    if name != "base":
+        method, adapter = saved["adapters"][name]
+        params = jpeft.for_inference(method, params, adapter)
+    out = [int(t) for t in generation.generate(loaded.model, params, batch.prompt_BxT, batch.prompt_mask_BxT,
+                                               max_new_tokens=MAX_NEW, eos_id=tok.eos_token_id)[0]]
+    return out[:out.index(tok.eos_token_id)] if tok.eos_token_id in out else out
+
+
 def test_rows_equal_generate_with_each_adapter_alone(saved, capsys):
+    """Rows with a PEFT LoRA, a jpeft prompt adapter and the base in one batch, streamed as JSON lines."""
     prompts = [("Write a headline: rail strike ends", "news"), ("Say hello.", "tone"), ("Say hello.", "base"),
                ("Another article about the markets", "tone")]
     argv = [f"model.hf_folder={saved['folder']}", "--load", f"tone={saved['tone']}", "--load",
@@ -63,41 +91,40 @@ def test_rows_equal_generate_with_each_adapter_alone(saved, capsys):
     records = [json.loads(line) for line in out.splitlines()]
     finals = {r["row"]: r for r in records if "completion" in r}
     assert sorted(finals) == [0, 1, 2, 3]
-    loaded = saved["loaded"]
-    tok = loaded.tokenizer
+    assert records.index(finals[0]) > [i for i, r in enumerate(records) if "text" in r][-1]  # pieces came first
+    tok = saved["loaded"].tokenizer
     for row, (text, name) in enumerate(prompts):
         streamed = "".join(r["text"] for r in records if r["row"] == row and "text" in r)
         assert finals[row]["completion"] == streamed and finals[row]["adapter"] == name
-        ids = np.asarray([cli.encode(tok, text, raw=False)], np.int32)
-        params = loaded.params
-        if name != "base":
-            method, adapter = saved["adapters"][name]
-            params = method.apply(params, adapter)
-        want = [int(t) for t in generation.generate(loaded.model, params, ids, max_new_tokens=MAX_NEW,
-                                                     eos_id=tok.eos_token_id)[0]]
-        if tok.eos_token_id in want:
-            want = want[:want.index(tok.eos_token_id)]
+        want = alone(saved, text, name)
         assert finals[row]["tokens"] == want, f"row {row} ({name})"
         assert finals[row]["completion"] == tok.decode(want, skip_special_tokens=True)
     # The adapters change what the rows say (rows 1 and 2 have the same prompt).
     assert finals[1]["tokens"] != finals[2]["tokens"]
 
 
-def test_one_row_streams_plain_text(saved, tmp_path):
+def test_one_row_streams_plain_text(saved, loaded_once, tmp_path, monkeypatch):
+    """One row prints its text as it is decoded: the output grows while the decoder is still stepping."""
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"prompt": "Say hello.", "adapter": "news"}) + "\n")
-    code, out = run([f"model.hf_folder={saved['folder']}", "--load", f"news={saved['news']}", "--prompts", str(rows),
-                     "--max-new-tokens", str(MAX_NEW)])
+    out, printed = io.StringIO(), []
+    real_stream = generation.stream
+
+    def watched(*args, **kwargs):
+        for step in real_stream(*args, **kwargs):
+            yield step
+            printed.append(len(out.getvalue()))  # after the program has handled this step
+
+    monkeypatch.setattr(generation, "stream", watched)
+    code = cli.main([f"model.hf_folder={saved['folder']}", "--load", f"news={saved['news']}", "--prompts",
+                     str(rows), "--max-new-tokens", str(MAX_NEW)], out=out)
     assert code == 0
-    loaded = saved["loaded"]
-    method, adapter = saved["adapters"]["news"]
-    ids = np.asarray([cli.encode(loaded.tokenizer, "Say hello.", raw=False)], np.int32)
-    want = generation.generate(loaded.model, method.apply(loaded.params, adapter), ids, max_new_tokens=MAX_NEW,
-                               eos_id=loaded.tokenizer.eos_token_id)[0]
-    assert out == loaded.tokenizer.decode([int(t) for t in want], skip_special_tokens=True) + "\n"
+    want = saved["loaded"].tokenizer.decode(alone(saved, "Say hello.", "news"), skip_special_tokens=True)
+    assert out.getvalue() == want + "\n"
+    assert len(printed) >= 2 and 0 < printed[0] < printed[-1] <= len(want), printed
 
 
-def test_bad_input_exits_2_with_one_message(saved, tmp_path, capsys):
+def test_bad_input_exits_2_with_one_message(saved, loaded_once, tmp_path, capsys):
     model_arg = f"model.hf_folder={saved['folder']}"
 
     def fails(argv, *needles):
@@ -120,12 +147,12 @@ def test_bad_input_exits_2_with_one_message(saved, tmp_path, capsys):
     # Adapters made for another model: a PEFT LoRA and a jpeft prompt of another width.
     other = llama.model(llama.LlamaConfig(vocab_size=saved["loaded"].model.config.vocab_size, hidden_size=32,
                                           intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2))
-    other_params = other.init(jax.random.key(0))
+    other_params = jax.eval_shape(other.init, jax.random.key(0))
     lora = jpeft.lora(rank=2, model=other)
-    save_peft(tmp_path / "peft_other", other, lora, other_params, lora.init(jax.random.key(0), other_params))
+    save_peft(tmp_path / "peft_other", other, lora, other_params, random_adapter(lora, other_params, 0, std=0.1))
     fails([model_arg, "--load", f"x={tmp_path / 'peft_other'}", "--prompt", "Hi"], "--load x=", "does not fit")
     prompt = jpeft.prompt_tuning(3, init="normal", model=other)
-    save_adapter(tmp_path / "jpeft_other", prompt.init(jax.random.key(0), other_params),
+    save_adapter(tmp_path / "jpeft_other", random_adapter(prompt, other_params, 0, std=0.5),
                  metadata={"method": "prompt_tuning", "num_virtual_tokens": 3, "init": "normal"})
     fails([model_arg, "--load", f"x={tmp_path / 'jpeft_other'}", "--prompt", "Hi"], "does not fit this base model",
           "shape mismatch")

@@ -146,6 +146,21 @@ def parse_loads(loads: list[str]) -> dict[str, str]:
     return out
 
 
+def adapter_format(name: str, folder: str) -> str:
+    """``"peft"`` or ``"jpeft"``: what kind of adapter folder ``folder`` is (checked before the model loads)."""
+    where = f"--load {name}={folder}"
+    path = Path(folder)
+    if not path.is_dir():
+        raise CheckpointError(f"{where}: no such folder; give a jpeft adapter folder (python -m train writes "
+                              "run_dir/adapter) or a PEFT folder (adapter_config.json)")
+    if (path / PEFT_CONFIG).is_file():
+        return "peft"
+    if not any(p.name.isdigit() for p in path.iterdir()):
+        raise CheckpointError(f"{where} is neither a jpeft adapter folder (python -m train writes run_dir/adapter) "
+                              f"nor a PEFT folder ({PEFT_CONFIG})")
+    return "jpeft"
+
+
 def load_adapter(name: str, folder: str, loaded, base_model: dict | None = None) -> tuple[Any, Any]:
     """``(method, adapter)`` from a jpeft adapter folder or a PEFT folder, for ``loaded``'s model.
 
@@ -160,17 +175,11 @@ def load_adapter(name: str, folder: str, loaded, base_model: dict | None = None)
 
     where = f"--load {name}={folder}"
     path = Path(folder)
-    if not path.is_dir():
-        raise CheckpointError(f"{where}: no such folder; give a jpeft adapter folder (python -m train writes "
-                              "run_dir/adapter) or a PEFT folder (adapter_config.json)")
-    if (path / PEFT_CONFIG).is_file():
+    if adapter_format(name, folder) == "peft":
         try:
             return load_peft(path, loaded.model, loaded.params)
         except CheckpointError as err:
             raise CheckpointError(f"{where}: {err}") from None
-    if not any(p.name.isdigit() for p in path.iterdir()):
-        raise CheckpointError(f"{where} is neither a jpeft adapter folder (python -m train writes run_dir/adapter) "
-                              f"nor a PEFT folder ({PEFT_CONFIG})")
     try:
         metadata = checkpoint.read_metadata(path)["metadata"]
     except CheckpointError as err:
@@ -301,6 +310,8 @@ def generate(args: argparse.Namespace, out: TextIO = sys.stdout) -> None:
                           f"{sorted(folders) or 'none'} (and {BASE!r} for the base model). Load it with "
                           f"--load {unknown[0]}=FOLDER")
     cfg = model_config(args)
+    for name, folder in folders.items():  # what can be checked without the model, before the slow load
+        adapter_format(name, folder)
     model.resolve(cfg)
     loaded = model.load(cfg)
     adapters = {name: load_adapter(name, folder, loaded, dataclasses.asdict(cfg)) for name, folder in folders.items()}
