@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import tree
+from jpeft.errors import SettingError
 from jpeft.methods.base import Method
 from jpeft.methods.lora import LoraWeight, lora
 
@@ -127,9 +128,12 @@ def merge_tensors(tensors: Sequence[jax.Array], weights: Sequence[float], combin
 # ----------------------------------------------------------------------------- checks
 
 
+_WHAT = "combine_adapters:"
+
+
 def _check(combination_type, weights, n, density, majority_sign_method, svd_rank, svd_clamp) -> None:
     if combination_type not in COMBINATION_TYPES:
-        raise ValueError(f"combination_type {combination_type!r} must be one of {COMBINATION_TYPES}")
+        raise SettingError("combination_type", combination_type, f"must be one of {COMBINATION_TYPES}", what=_WHAT)
     if len(weights) != n:
         raise ValueError(f"{len(weights)} weights for {n} adapters: give one weight per adapter")
     bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float, np.floating, np.integer))
@@ -145,16 +149,16 @@ def _check(combination_type, weights, n, density, majority_sign_method, svd_rank
             raise ValueError(f"density applies to {', '.join(_DENSITY)} (and their _svd forms), not to "
                              f"{combination_type!r}; drop it")
         if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
-            raise ValueError(f"density must be in (0, 1] (the fraction of entries kept), got {density!r}")
+            raise SettingError("density", density, "must be in (0, 1] (the fraction of entries kept)", what=_WHAT)
     if majority_sign_method not in _SIGN_METHODS:
-        raise ValueError(f"majority_sign_method must be one of {_SIGN_METHODS}, got {majority_sign_method!r}")
+        raise SettingError("majority_sign_method", majority_sign_method, f"must be one of {_SIGN_METHODS}", what=_WHAT)
     if not combination_type.endswith("svd") and (svd_rank is not None or svd_clamp is not None):
         raise ValueError(f"svd_rank and svd_clamp apply to the svd combination types, not to {combination_type!r}")
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
-        raise ValueError(f"svd_rank must be a positive int, got {svd_rank!r}")
+        raise SettingError("svd_rank", svd_rank, "must be a positive int", what=_WHAT)
     if svd_clamp is not None and (isinstance(svd_clamp, bool) or not isinstance(svd_clamp, (int, float))
                                   or not 0 < svd_clamp <= 1):
-        raise ValueError(f"svd_clamp must be a quantile in (0, 1], got {svd_clamp!r}")
+        raise SettingError("svd_clamp", svd_clamp, "must be a quantile in (0, 1]", what=_WHAT)
 
 
 def _lora_leaves(params: Any, entries: list[tuple[str, Method, Any]]) -> list[dict[str, LoraWeight]]:

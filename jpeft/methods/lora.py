@@ -366,7 +366,7 @@ def _peft_codec():
 class LoraRows(ops.WeightWrapper):
     """A weight with a different LoRA update in every batch row (:class:`jpeft.MixedAdapters`).
 
-    ``a (*lead, S, *in, R)``, ``b (*lead, S, R, *out)``: ``S`` slots of factors zero-padded
+    ``a (*lead, *in, S, R)``, ``b (*lead, S, R, *out)``: ``S`` slots of factors zero-padded
     to one rank ``R`` (the padded columns of ``A`` and rows of ``B`` add exactly nothing);
     ``scale (*lead, S)``; ``rows (*lead, B)``: a slot per batch row, ``-1`` for none;
     ``head_scale``: the scale on a tied output head (zero for slots that adapt an
@@ -376,9 +376,10 @@ class LoraRows(ops.WeightWrapper):
     Row ``b`` computes ``x @ W + s[rows[b]] * (x @ A[rows[b]]) @ B[rows[b]]``, one of two ways
     (``strategy``; ``"auto"`` picks by shape, both exact):
 
-    * ``"dense"``: ``x`` times every slot's ``A`` at once (one matmul over ``S * R``
-      columns), each row's columns of other slots zeroed, then one matmul with every
-      ``B``: reads each slot's factors once, no gather. Best while ``S <= B``.
+    * ``"dense"``: ``x`` times every slot's ``A`` at once (``A`` is laid out ``(in, S * R)``
+      for that: one plain matmul), each row's columns of other slots zeroed, then one
+      matmul with every ``B`` ``(S * R, out)``: each slot's factors are read once, nothing
+      is gathered or copied. Best while ``S <= B``.
     * ``"gather"``: each row's own factors gathered (``B`` copies), then a batched matmul:
       reads only the slots that rows use. Best for many slots and few rows.
     """
@@ -406,29 +407,35 @@ class LoraRows(ops.WeightWrapper):
 
     def _dense(self, batch: int) -> bool:
         rows.check_rows(self.rows, batch, self.lead, "LoRA weight")
-        return self.strategy == "dense" or (self.strategy == "auto" and self.a.shape[0] <= batch)
+        return self.strategy == "dense" or (self.strategy == "auto" and self.a.shape[-2] <= batch)
 
-    def _slot_weights(self, scale: jax.Array, ndim: int, dtype) -> jax.Array:
-        """``(B, 1, ..., 1, S, 1)``: each row's scale on each slot (zero but on its own), for ``ndim``-axis ``h``."""
-        own_BxS = self.rows[:, None] == jnp.arange(self.a.shape[0])[None, :]  # a base row (-1) owns none
-        w_BxS = jnp.where(own_BxS, scale[None, :], 0)
-        return w_BxS.reshape(w_BxS.shape[0], *(1,) * (ndim - 3), w_BxS.shape[1], 1)
+    def _flat(self, dtype) -> tuple[jax.Array, jax.Array]:
+        """``a (*in, S * R)`` and ``b (S * R, *out)``: every slot's factors as one (free reshapes)."""
+        a = self.a.reshape(*self.a.shape[:-2], -1).astype(dtype)
+        return a, self.b.reshape(-1, *self.b.shape[2:]).astype(dtype)
+
+    def _own_slots(self, h: jax.Array, scale: jax.Array) -> jax.Array:
+        """``h (B, ..., S * R)`` with each row's columns of other slots zeroed and its own scaled."""
+        slots, r = self.a.shape[-2:]
+        own_BxS = self.rows[:, None] == jnp.arange(slots)[None, :]  # a base row (-1) owns none
+        w = jnp.where(own_BxS, scale[None, :], 0).astype(h.dtype)
+        w = w.reshape(w.shape[0], *(1,) * (h.ndim - 2), slots, 1)
+        return (h.reshape(*h.shape[:-1], slots, r) * w).reshape(h.shape)
 
     def _gathered(self, dtype, scale: jax.Array):
-        """Each row's ``a (B, *in, R)``, ``b (B, R, *out)`` and scale ``(B,)`` (zero for base rows)."""
+        """Each row's ``a (*in, B, R)``, ``b (B, R, *out)`` and scale ``(B,)`` (zero for base rows)."""
         idx, valid = rows.rows_and_valid(self.rows)
-        a = jnp.take(self.a, idx, axis=0).astype(dtype)
+        a = jnp.take(self.a, idx, axis=self.a.ndim - 2).astype(dtype)
         b = jnp.take(self.b, idx, axis=0).astype(dtype)
         return a, b, jnp.where(valid, jnp.take(scale, idx), 0).astype(dtype)
 
     def linear(self, x: jax.Array) -> jax.Array:
         y = ops.linear(x, self.base)
         if self._dense(x.shape[0]):
-            h = jnp.einsum("b...i,sir->b...sr", x, self.a.astype(x.dtype))
-            h = h * self._slot_weights(self.scale, h.ndim, x.dtype).astype(x.dtype)
-            return y + jnp.einsum("b...sr,sro->b...o", h, self.b.astype(x.dtype))
+            a, b = self._flat(x.dtype)
+            return y + self._own_slots(x @ a, self.scale) @ b
         a, b, s = self._gathered(x.dtype, self.scale)
-        h = jnp.einsum("b...i,bir->b...r", x, a)
+        h = jnp.einsum("b...i,ibr->b...r", x, a)
         return y + rows.per_row(s, y.ndim) * jnp.einsum("b...r,bro->b...o", h, b)
 
     def einsum(self, subscripts: str, x: jax.Array) -> jax.Array:
@@ -441,19 +448,18 @@ class LoraRows(ops.WeightWrapper):
         r = ops.free_letter(subscripts)
         kept = "".join(c for c in x_sub if c not in w_in)
         if self._dense(x.shape[0]):
-            s = ops.free_letter(subscripts, r)
-            h = jnp.einsum(f"{x_sub},{s}{w_in}{r}->{kept}{s}{r}", x, self.a.astype(x.dtype))
-            h = h * self._slot_weights(self.scale, h.ndim, x.dtype).astype(x.dtype)
-            return y + jnp.einsum(f"{kept}{s}{r},{s}{r}{w_out}->{out}", h, self.b.astype(x.dtype))
+            a, b = self._flat(x.dtype)  # r: the S * R columns of every slot
+            h = self._own_slots(jnp.einsum(f"{x_sub},{w_in}{r}->{kept}{r}", x, a), self.scale)
+            return y + jnp.einsum(f"{kept}{r},{r}{w_out}->{out}", h, b)
         a, b, s = self._gathered(x.dtype, self.scale)
-        h = jnp.einsum(f"{x_sub},{row}{w_in}{r}->{kept}{r}", x, a)
+        h = jnp.einsum(f"{x_sub},{w_in}{row}{r}->{kept}{r}", x, a)
         return y + rows.per_row(s, y.ndim) * jnp.einsum(f"{kept}{r},{row}{r}{w_out}->{out}", h, b)
 
     def embed(self, ids: jax.Array, dtype) -> jax.Array:
         out = ops.embed(ids, self.base, dtype)
         rows.check_rows(self.rows, ids.shape[0], self.lead, "LoRA table")
         idx, valid = rows.rows_and_valid(self.rows)
-        a_rows = self.a[idx.reshape(-1, *(1,) * (ids.ndim - 1)), ids].astype(dtype)  # (B, ..., R): looked-up rows only
+        a_rows = self.a[ids, idx.reshape(-1, *(1,) * (ids.ndim - 1))].astype(dtype)  # (B, ..., R): looked-up rows
         b = jnp.take(self.b, idx, axis=0).astype(dtype)
         s = jnp.where(valid, jnp.take(self.scale, idx), 0).astype(dtype)
         return out + rows.per_row(s, out.ndim) * jnp.einsum("b...r,brd->b...d", a_rows, b)
@@ -464,12 +470,11 @@ class LoraRows(ops.WeightWrapper):
             return y
         # x @ (W + s A B).T  =  x @ W.T + s (x @ B.T) @ A.T, per row
         if self._dense(x.shape[0]):
-            h = jnp.einsum("b...d,srd->b...sr", x, self.b.astype(x.dtype))
-            h = h * self._slot_weights(self.head_scale, h.ndim, x.dtype).astype(x.dtype)
-            return y + jnp.einsum("b...sr,svr->b...v", h, self.a.astype(x.dtype))
+            a, b = self._flat(x.dtype)  # a (vocab, S * R), b (S * R, dim)
+            return y + self._own_slots(x @ b.T, self.head_scale) @ a.T
         a, b, s = self._gathered(x.dtype, self.head_scale)
         h = jnp.einsum("b...d,brd->b...r", x, b)
-        return y + rows.per_row(s, y.ndim) * jnp.einsum("b...r,bvr->b...v", h, a)
+        return y + rows.per_row(s, y.ndim) * jnp.einsum("b...r,vbr->b...v", h, a)
 
     materialize = rows.no_single_array
 
@@ -525,8 +530,12 @@ def _rows_stack(plan: _RowsPlan, leaves: list[LoraWeight | None], lead_shape: tu
         scales.append(float(x.scale))
         head_scales.append(float(x.scale) if x.tie_output else 0.0)
     per_slot = lambda v: np.broadcast_to(np.asarray(v, np.float32), (*lead_shape, len(v)))
-    return {"a": np.stack(a_list, axis=lead), "b": np.stack(b_list, axis=lead),
+    return {"a": np.stack(a_list, axis=-2), "b": np.stack(b_list, axis=lead),  # a (*lead, *in, S, R)
             "scale": per_slot(scales), "head_scale": per_slot(head_scales)}
+
+
+def _rows_slot_axes(plan: _RowsPlan, lead: int) -> dict[str, int]:
+    return {"a": lead + len(plan.inputs), "b": lead, "scale": lead, "head_scale": lead}
 
 
 def _rows_run(base, state: dict, plan: _RowsPlan, rows_: jax.Array) -> LoraRows:
@@ -534,7 +543,7 @@ def _rows_run(base, state: dict, plan: _RowsPlan, rows_: jax.Array) -> LoraRows:
                     strategy=plan.strategy)
 
 
-rows.register(LoraWeight, rows.RowKind("lora", _rows_plan, _rows_stack, _rows_run))
+rows.register(LoraWeight, rows.RowKind("lora", _rows_plan, _rows_stack, _rows_run, _rows_slot_axes))
 
 
 registry.register("lora", lora)

@@ -11,7 +11,7 @@ and a method that feeds the model's ``tokens`` hook (virtual tokens) mixes throu
 model. Built in:
 
 * **LoRA** (:class:`jpeft.methods.lora.LoraRows`): the slots' factors are stacked,
-  zero-padded to one rank ``R``: ``A (S, *in, R)``, ``B (S, R, *out)`` and a scale per
+  zero-padded to one rank ``R``: ``A (*in, S, R)``, ``B (S, R, *out)`` and a scale per
   slot; row ``b`` computes ``x @ W + s_b * ((x @ A_b) @ B_b)``. The base matmul is shared
   by all rows (a 4-bit base stays 4-bit). Padding is exact: the padded columns of ``A``
   and rows of ``B`` are zeros, which add exactly nothing.
@@ -59,6 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import tree
+from jpeft.errors import SettingError
 from jpeft.layout import layouts_for
 from jpeft.methods import rows as row_kinds
 from jpeft.methods.base import Method
@@ -238,14 +239,15 @@ class MixedAdapters:
         if not names:
             raise ValueError("MixedAdapters needs at least one adapter")
         count = len(names) if slots is None else slots
-        if not isinstance(count, int) or count < len(names):
-            raise ValueError(f"slots={slots!r} cannot hold the {len(names)} adapters given; give at least that many")
+        if not isinstance(count, int) or isinstance(count, bool) or count < len(names):
+            raise SettingError("slots", slots, f"cannot hold the {len(names)} adapters given; give at least that many",
+                               what="MixedAdapters:")
         for setting, value in (("max_rank", max_rank), ("max_virtual_tokens", max_virtual_tokens)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{setting} must be a positive int or None, got {value!r}")
-        self._like, self._model = _abstract(params), model
+                raise SettingError(setting, value, "must be a positive int or None", what="MixedAdapters:")
         if strategy not in STRATEGIES:
-            raise ValueError(f"strategy={strategy!r} must be one of {STRATEGIES}")
+            raise SettingError("strategy", strategy, f"must be one of {STRATEGIES}", what="MixedAdapters:")
+        self._like, self._model = _abstract(params), model
         self._limits = {"max_rank": max_rank, "max_virtual_tokens": max_virtual_tokens, "strategy": strategy}
         changes = {}
         for name in names:
@@ -377,8 +379,9 @@ class MixedAdapters:
             except ValueError as err:
                 raise ValueError(f"{what} does not fit the slots at {entry.where!r}: {err}; build a new "
                                  "MixedAdapters for it (compiles once more)") from None
-        leads = tuple(entry.lead for entry in self._slots.entries)
-        states = _put_slot(self._slots.states, ones, jnp.int32(slot), leads=leads)
+        axes = tuple(tuple(sorted(_slot_axes(entry, state).items()))
+                     for entry, state in zip(self._slots.entries, self._slots.states))
+        states = _put_slot(self._slots.states, ones, jnp.int32(slot), axes=axes)
         out = object.__new__(MixedAdapters)
         out.__dict__.update(self.__dict__)
         out._slots = Slots(self._slots.entries, states, self._slots.count)
@@ -389,11 +392,17 @@ def _on_device(state: dict) -> dict:
     return {k: jnp.asarray(v) for k, v in state.items()}
 
 
-@functools.partial(jax.jit, static_argnames=("leads",))
-def _put_slot(states: list[dict], ones: list[dict], slot: jax.Array, *, leads: tuple[int, ...]) -> list[dict]:
-    """``states`` with slot ``slot`` (the axis after each entry's ``lead`` stack axes) set to ``ones``' only slot.
+def _slot_axes(entry: _Entry, state: dict) -> dict[str, int]:
+    if entry.kind == "tokens":
+        return {name: 0 for name in state}
+    return row_kinds.slot_axes(row_kinds.kind_named(entry.kind), entry.plan, entry.lead, state)
+
+
+@functools.partial(jax.jit, static_argnames=("axes",))
+def _put_slot(states: list[dict], ones: list[dict], slot: jax.Array, *, axes: tuple) -> list[dict]:
+    """``states`` with slot ``slot`` set to ``ones``' only slot (``axes``: each array's slot axis).
 
     One compiled update per layout of the slots, whichever slot and adapter: hot-swapping compiles once.
     """
-    return [{k: jax.lax.dynamic_update_index_in_dim(v, jnp.asarray(one[k], v.dtype), slot, axis=lead)
-             for k, v in state.items()} for state, one, lead in zip(states, ones, leads)]
+    return [{k: jax.lax.dynamic_update_index_in_dim(v, jnp.asarray(one[k], v.dtype), slot, axis=dict(entry)[k])
+             for k, v in state.items()} for state, one, entry in zip(states, ones, axes)]

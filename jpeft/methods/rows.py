@@ -37,17 +37,21 @@ class RowKind(NamedTuple):
             stack axes (scanned layers); ``limits`` holds :class:`jpeft.MixedAdapters`'s
             settings (``max_rank``, ``strategy``, ...); a ValueError names a leaf that
             exceeds them.
-        stack: ``(plan, leaves or None per slot, lead_shape) -> {name: array}`` with the
-            slot axis right after the ``lead_shape`` axes (``None``: an empty slot, which
-            changes nothing); a ValueError names a leaf that does not fit the plan.
+        stack: ``(plan, leaves or None per slot, lead_shape) -> {name: array}``, each with a
+            slot axis (see ``slot_axes``; ``None``: an empty slot, which changes nothing); a
+            ValueError names a leaf that does not fit the plan.
         run: ``(base, state, plan, rows) -> leaf``: the per-row leaf the model runs;
             ``rows`` is ``(*lead, B)`` int32, a slot per batch row, ``-1`` for none.
+        slot_axes: ``(plan, lead) -> {name: axis}`` where ``stack``'s arrays have their slot
+            axis, for a layout that suits the computation (LoRA's ``A`` keeps it next to the
+            rank); ``None``: right after the ``lead`` axes, for every array.
     """
 
     name: str
     plan: Callable[..., Any]
     stack: Callable[..., dict]
     run: Callable[..., Any]
+    slot_axes: Callable[..., dict] | None = None
 
 
 _KINDS: dict[type, RowKind] = {}
@@ -71,6 +75,11 @@ def kind_of(leaf_or_type: Any) -> RowKind | None:
 def kind_named(name: str) -> RowKind:
     """The registered :class:`RowKind` called ``name``."""
     return next(k for k in _KINDS.values() if k.name == name)
+
+
+def slot_axes(kind: RowKind, plan: Any, lead: int, names) -> dict[str, int]:
+    """``{name: slot axis}`` of a kind's stacked arrays (see :attr:`RowKind.slot_axes`)."""
+    return kind.slot_axes(plan, lead) if kind.slot_axes is not None else {name: lead for name in names}
 
 
 def registered() -> tuple[str, ...]:
