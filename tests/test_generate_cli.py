@@ -78,20 +78,24 @@ def alone(saved, text, name) -> list[int]:
 
 
 def test_rows_equal_generate_with_each_adapter_alone(saved, capsys):
-    """Rows with a PEFT LoRA, a jpeft prompt adapter and the base in one batch, streamed as JSON lines."""
+    """Rows with a PEFT LoRA, a jpeft prompt adapter and the base in mixed batches, streamed as JSON lines."""
     prompts = [("Write a headline: rail strike ends", "news"), ("Say hello.", "tone"), ("Say hello.", "base"),
                ("Another article about the markets", "tone")]
     argv = [f"model.hf_folder={saved['folder']}", "--load", f"tone={saved['tone']}", "--load",
-            f"news={saved['news']}", "--max-new-tokens", str(MAX_NEW), "--jsonl"]
+            f"news={saved['news']}", "--max-new-tokens", str(MAX_NEW), "--jsonl", "--batch-size", "3"]
     for text, name in prompts:
         argv += ["--prompt", text, "--adapter", name]
+    compiled = generation._step_jit._cache_size()
     code, out = run(argv)
     assert code == 0, capsys.readouterr().err
+    assert generation._step_jit._cache_size() == compiled + 1  # two batches (3 rows, then 1 padded to 3), one mix
     assert "adapter 'tone' was trained on model {'hf_folder': 'elsewhere'}" in capsys.readouterr().err
     records = [json.loads(line) for line in out.splitlines()]
     finals = {r["row"]: r for r in records if "completion" in r}
     assert sorted(finals) == [0, 1, 2, 3]
-    assert records.index(finals[0]) > [i for i, r in enumerate(records) if "text" in r][-1]  # pieces came first
+    for row in finals:  # each row's pieces are printed before its final record
+        assert records.index(finals[row]) > max((i for i, r in enumerate(records) if r["row"] == row and "text" in r),
+                                                default=-1)
     tok = saved["loaded"].tokenizer
     for row, (text, name) in enumerate(prompts):
         streamed = "".join(r["text"] for r in records if r["row"] == row and "text" in r)

@@ -273,21 +273,23 @@ class Printer:
 
 
 def run_params(params, rows: list[Row], adapters: dict[str, tuple[Any, Any]], model):
-    """The parameters one batch runs with: one adapter for all rows, or each row its own (mixed)."""
+    """``chunk of rows -> the parameters it runs with``: one adapter for every row (merged where that is
+    exact), or one mix of every adapter the rows name, shared by all chunks so the decoder compiles once."""
     import jpeft
 
     used = sorted({r.adapter for r in rows} - {BASE})
     if not used:
-        return params
+        return lambda chunk: params
     if len(used) == 1 and all(r.adapter != BASE for r in rows):
         method, adapter = adapters[used[0]]
-        return jpeft.for_inference(method, params, adapter)
+        merged = jpeft.for_inference(method, params, adapter)
+        return lambda chunk: merged
     try:
         mix = jpeft.MixedAdapters(params, {n: adapters[n] for n in used}, model=model)
     except ValueError as err:
         raise ConfigError(f"the adapters {used} cannot run in one batch: {err}; give such rows a run of their "
                           "own") from None
-    return mix.apply(params, [r.adapter for r in rows])
+    return lambda chunk: mix.apply(params, [r.adapter for r in chunk])
 
 
 def generate(args: argparse.Namespace, out: TextIO = sys.stdout) -> None:
@@ -321,13 +323,13 @@ def generate(args: argparse.Namespace, out: TextIO = sys.stdout) -> None:
     printer = Printer(rows, tokenizer, eos_id, out, args.jsonl, len(rows))
     ids = [encode(tokenizer, r.prompt, args.raw) for r in rows]
     key = jax.random.key(args.seed)
+    params_for = run_params(loaded.params, rows, adapters, loaded.model)
+    length = -(-max(len(i) for i in ids) // 16) * 16  # every batch one shape (the decoder compiles once)
     for start in range(0, len(rows), args.batch_size):
         chunk = list(range(start, min(start + args.batch_size, len(rows))))
         padded = chunk + [chunk[-1]] * (args.batch_size - len(chunk)) if len(rows) > args.batch_size else chunk
-        longest = max(len(ids[i]) for i in padded)
-        batch = data.prompt_batch([ids[i] for i in padded], pad_id=pad_id, bucket_size=16,
-                                  max_len=-(-longest // 16) * 16)  # lengths in steps of 16: fewer compilations
-        params = run_params(loaded.params, [rows[i] for i in padded], adapters, loaded.model)
+        batch = data.prompt_batch([ids[i] for i in padded], pad_id=pad_id, bucket_size=length, max_len=length)
+        params = params_for([rows[i] for i in padded])
         key, sub = jax.random.split(key)
         for step_B in generation.stream(loaded.model, params, batch.prompt_BxT, batch.prompt_mask_BxT,
                                         max_new_tokens=args.max_new_tokens, key=sub, temperature=args.temperature,
