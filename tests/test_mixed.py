@@ -77,10 +77,10 @@ def check_rows(config, params, adapters, names, mix, merge=True, atol=2e-5, **kw
 
 
 def test_lora_rows_equal_each_row_alone():
-    """Ranks 2, 4 (3 on the MLP) and 3, rsLoRA, a tied embedding, one layer per subtree (the dense strategy:
-    no more slots than rows; the hot-swap test runs the gather one)."""
+    """Ranks 2, 4 (3 on the MLP) and 3, rsLoRA, a tied embedding, one layer per subtree; the dense strategy
+    (the other tests run the default, gathering)."""
     adapters = lora_adapters(FLAT_MODEL, FLAT_PARAMS)
-    mix = jpeft.MixedAdapters(FLAT_PARAMS, adapters, model=FLAT_MODEL)
+    mix = jpeft.MixedAdapters(FLAT_PARAMS, adapters, model=FLAT_MODEL, strategy="dense")
     assert jpeft.tree.flatten(mix.apply(FLAT_PARAMS, ["r2"] * 6))["layers_0/self_attn/q_proj/kernel"]._dense(6)
     names = ["r4", "base", "r2", "emb", None, "r2"]
     logits = check_rows(FLAT_CONFIG, FLAT_PARAMS, adapters, names, mix)
@@ -173,11 +173,11 @@ def test_rank_padding_is_exact(strategy):
 
 
 def test_hot_swap_and_new_rows_do_not_recompile():
-    """Scanned layers, more slots than rows (the gather strategy); compilations counted by jit's cache."""
+    """Scanned layers, free slots; compilations counted by jit's cache."""
     adapters = lora_adapters(MODEL, PARAMS)
     mix = jpeft.MixedAdapters(PARAMS, adapters, model=MODEL, max_rank=4, slots=8)
     q_leaf = jpeft.tree.flatten(mix.apply(PARAMS, ["r2"] * 6))["layers/self_attn/q_proj/kernel"]
-    assert q_leaf.strategy == "auto" and q_leaf.a.shape[-2] == 8  # 8 slots > 6 rows: gathers
+    assert q_leaf.strategy == "auto" and q_leaf.a.shape[-2] == 8
 
     @jax.jit
     def logits_of(params, slots, rows, tokens):

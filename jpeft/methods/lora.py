@@ -374,14 +374,16 @@ class LoraRows(ops.WeightWrapper):
     may be a wrapper (a 4-bit weight stays 4-bit: its matmul is shared by all rows).
 
     Row ``b`` computes ``x @ W + s[rows[b]] * (x @ A[rows[b]]) @ B[rows[b]]``, one of two ways
-    (``strategy``; ``"auto"`` picks by shape, both exact):
+    (``strategy``; both exact):
 
-    * ``"dense"``: ``x`` times every slot's ``A`` at once (``A`` is laid out ``(in, S * R)``
-      for that: one plain matmul), each row's columns of other slots zeroed, then one
-      matmul with every ``B`` ``(S * R, out)``: each slot's factors are read once, nothing
-      is gathered or copied. Best while ``S <= B``.
-    * ``"gather"``: each row's own factors gathered (``B`` copies), then a batched matmul:
-      reads only the slots that rows use. Best for many slots and few rows.
+    * ``"gather"`` (``"auto"`` with more than one slot): each row's own factors gathered,
+      then a batched matmul: ``R`` columns of work per row, whatever the number of slots.
+    * ``"dense"`` (``"auto"`` with one slot): ``x`` times every slot's ``A`` at once (``A``
+      is laid out ``(in, S * R)`` for that: one plain matmul), each row's columns of other
+      slots zeroed, then one matmul with every ``B`` ``(S * R, out)``: no gather, but
+      ``S * R`` columns of work per row. On a 2-core CPU at SmolLM2 shapes (8 rows, 8
+      slots) it decoded slower than gathering (``benchmarks/multi_adapter.py``); it may
+      pay where gathers are slow and matmuls cheap.
     """
 
     base: Any
@@ -407,7 +409,7 @@ class LoraRows(ops.WeightWrapper):
 
     def _dense(self, batch: int) -> bool:
         rows.check_rows(self.rows, batch, self.lead, "LoRA weight")
-        return self.strategy == "dense" or (self.strategy == "auto" and self.a.shape[-2] <= batch)
+        return self.strategy == "dense" or (self.strategy == "auto" and self.a.shape[-2] == 1)
 
     def _flat(self, dtype) -> tuple[jax.Array, jax.Array]:
         """``a (*in, S * R)`` and ``b (S * R, *out)``: every slot's factors as one (free reshapes)."""

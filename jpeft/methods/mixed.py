@@ -43,7 +43,7 @@ Example:
     ...                                    "b": (big, big.init(jax.random.key(2), params))}, model=model)
     >>> mix.names, mix.rows(["b", "base", "a"]).tolist()
     (('a', 'b'), [1, -1, 0])
-    >>> logits, _ = model.forward(mix.apply(params, ["b", "base", "a"]), jnp.ones((3, 4), "int32"))
+    >>> logits, _ = jax.jit(model.forward)(mix.apply(params, ["b", "base", "a"]), jnp.ones((3, 4), "int32"))
     >>> logits.shape
     (3, 4, 32)
 """
@@ -225,10 +225,10 @@ class MixedAdapters:
         max_rank: the LoRA rank of the slots (default: the largest adapter's); loading an
             adapter of a higher rank then needs a new mix.
         max_virtual_tokens: the same for prompt adapters' virtual tokens.
-        strategy: how per-row LoRA runs (:class:`jpeft.methods.lora.LoraRows`): ``"dense"``
-            (every slot's factors at once, other slots' masked off per row), ``"gather"``
-            (each row's own factors), or ``"auto"``: dense while there are no more slots
-            than batch rows. The results are the same; the speed is not.
+        strategy: how per-row LoRA runs (:class:`jpeft.methods.lora.LoraRows`): ``"gather"``
+            (each row's own factors), ``"dense"`` (every slot's factors at once, other slots'
+            masked off per row), or ``"auto"``: gather, dense for a single slot. The results
+            are the same; the speed is not.
     """
 
     def __init__(self, params: Any, adapters: Mapping[str, tuple[Method, Any]] | Any, *, model: Any = None,
