@@ -203,14 +203,26 @@ def load_adapter(name: str, folder: str, loaded, base_model: dict | None = None)
 
 
 def _note_other_base(name: str, recorded: Any, current: dict | None) -> None:
-    """A note on stderr when an adapter's metadata records another base model than the one loaded."""
+    """A note on stderr when an adapter's metadata records another base model file than the one loaded."""
     if not isinstance(recorded, dict) or current is None:
         return
     keys = ("source", "gguf", "hf_folder")
-    if any(recorded.get(k) != current.get(k) for k in keys):
-        was = {k: recorded.get(k) for k in keys if recorded.get(k)} or {"source": "smollm2"}
-        now = {k: current.get(k) for k in keys if current.get(k)} or {"source": "smollm2"}
-        print(f"note: adapter {name!r} was trained on model {was}; this run loads {now}", file=sys.stderr)
+    was, now = _model_file(recorded), _model_file(current)
+    if was is None or was != now:
+        named = {k: recorded.get(k) for k in keys if recorded.get(k)}
+        print(f"note: adapter {name!r} was trained on model {named}; this run loads {now}", file=sys.stderr)
+
+
+def _model_file(section: dict) -> str | None:
+    """The model file or folder a config's ``model:`` section names (the default resolved), or None."""
+    from train import model
+    from train.config import ModelConfig
+
+    try:
+        _, path = model.resolve(ModelConfig(**{k: section.get(k) for k in ("source", "gguf", "hf_folder")}))
+    except (ConfigError, ValueError, TypeError, OSError):
+        return None
+    return os.path.realpath(path)
 
 
 # ----------------------------------------------------------------------------- generation

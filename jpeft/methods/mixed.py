@@ -186,8 +186,9 @@ def _changes(like: Any, name: str, method: Method, adapter: Any, model: Any) -> 
             continue
         if point.kind != "tokens":
             raise ValueError(f"adapter {name!r} ({method.name}) feeds the model's {point.name!r} hook point (kind "
-                             f"{point.kind!r}), which cannot differ per row: only LoRA, IA3 and virtual tokens (prompt "
-                             "tuning, P-tuning) can. Run it on its own (jpeft.AdapterBank)")
+                             f"{point.kind!r}), which cannot differ per row: only virtual tokens (a 'tokens' hook) and "
+                             f"weights wrapped in {', '.join(row_kinds.registered())} can. Run it on its own "
+                             "(jpeft.AdapterBank)")
         out[(point.name, "tokens")] = value
     flat_like = tree.flatten(like)
     for path, leaf in tree.flatten(applied).items():
