@@ -76,6 +76,8 @@ class HookPoint(NamedTuple):
 
 def get(node: Any, name: str) -> Any:
     """The value of hook ``name`` in a (layer's) parameter subtree, or ``None``."""
+    if isinstance(node, stack.Segments):  # a stack handed over in parts: its hooks stay in the shared stack
+        node = node.shared
     if not isinstance(node, dict):
         return None
     return (node.get(HOOKS) or {}).get(name)

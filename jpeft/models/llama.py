@@ -294,12 +294,10 @@ def _run_layers(params, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, cache, use
                                  use_prefix=use_prefix)
     if c.remat:
         layer_fn = jax.checkpoint(layer_fn)
-    if c.scan_layers:
-        def body(x, layer):
-            p, layer_cache = layer
-            return layer_fn(p, x_BxTxD=x, layer_cache=layer_cache)
+    if c.scan_layers:  # params["layers"] may be a stack.Segments (a method that trains some layers' slices)
         layer_caches = None if cache is None else cache["layers"]
-        x_BxTxD, new = jax.lax.scan(body, x_BxTxD, (params["layers"], layer_caches))
+        x_BxTxD, new = stack.scan(lambda x, p, layer_cache: layer_fn(p, x_BxTxD=x, layer_cache=layer_cache),
+                                  x_BxTxD, params["layers"], layer_caches)
         return x_BxTxD, {"layers": new}
     new = {}
     for i in range(c.num_layers):

@@ -103,3 +103,85 @@ def unstacked_path(path: str, index: int) -> str:
 def in_stack(path: str) -> bool:
     """Whether a path lies inside a ``layers`` stack (its leaves have a leading layer axis)."""
     return STACK in path.split("/")
+
+
+# ----------------------------------------------------------------------------- a stack in segments
+
+
+@jax.tree_util.register_pytree_node_class
+class Segments:
+    """A layer stack handed to a model in consecutive parts, some of whose weights come from elsewhere.
+
+    A method that trains slices of a stack (the top layers, one weight type in some layers)
+    must neither copy the whole stack nor make ``scan`` differentiate every layer's weights.
+    It hands the model a ``Segments`` in place of the stacked subtree:
+
+    * ``shared``: the stacked subtree as it is (every leaf has the leading layer axis); part
+      ``[start, stop)`` reads layer ``start + i`` of it in place (``lax.dynamic_index_in_dim``
+      inside the loop), so no slice of it is copied;
+    * ``parts``: ``((start, stop, own), ...)`` covering ``[0, num_layers)`` in order, where
+      ``own`` is a subtree shaped like ``shared`` with ``None`` holes whose leaves (leading axis
+      ``stop - start``) take the place of ``shared``'s in those layers.
+
+    :func:`scan` runs one ``lax.scan`` per part. A part that owns nothing depends on no
+    trained value, so the backward pass neither computes its weight gradients nor runs
+    through it when nothing below it is trained.
+
+    Example:
+        >>> shared = {"w": jnp.arange(4.0), "b": jnp.zeros(4)}
+        >>> seg = Segments(shared, ((0, 3, {"w": None, "b": None}), (3, 4, {"w": jnp.array([9.0]), "b": None})))
+        >>> scan(lambda c, p, x: (c + p["w"], None), 0.0, seg)[0]
+        Array(12., dtype=float32)
+    """
+
+    def __init__(self, shared: Any, parts: tuple):
+        self.shared = shared
+        self.parts = tuple((int(start), int(stop), own) for start, stop, own in parts)
+
+    @property
+    def length(self) -> int:
+        """The number of layers."""
+        return self.parts[-1][1] if self.parts else stack_length(self.shared)
+
+    def tree_flatten(self):
+        return (self.shared, tuple(own for _, _, own in self.parts)), tuple((a, b) for a, b, _ in self.parts)
+
+    @classmethod
+    def tree_unflatten(cls, bounds, children):
+        shared, owns = children
+        return cls(shared, tuple((a, b, own) for (a, b), own in zip(bounds, owns)))
+
+    def __repr__(self) -> str:
+        return f"Segments(parts={[(a, b) for a, b, _ in self.parts]})"
+
+
+def scan(fn, carry: Any, layers: Any, xs: Any = None) -> tuple[Any, Any]:
+    """``fn(carry, layer_params, x) -> (carry, y)`` over every layer of a stack, like ``jax.lax.scan``.
+
+    ``layers`` is a stacked subtree (leaves with a leading layer axis) or a :class:`Segments`;
+    ``xs`` holds per-layer inputs with a leading layer axis (a KV cache) or is ``None``.
+    Returns ``(carry, ys)`` with ``ys`` stacked over all layers.
+
+    Example:
+        >>> scan(lambda c, p, x: (c + p["w"], c), 0.0, {"w": jnp.arange(3.0)})[1].tolist()
+        [0.0, 0.0, 1.0]
+    """
+    if not isinstance(layers, Segments):
+        return jax.lax.scan(lambda c, inputs: fn(c, *inputs), carry, (layers, xs))
+    from jpeft import tree  # jpeft.tree imports nothing from jpeft.models
+
+    ys = []
+    for start, stop, own in layers.parts:
+        if stop <= start:
+            continue
+        shared = tree.without(layers.shared, own)
+
+        def body(c, inputs, start=start, shared=shared):
+            i, own_i, x_i = inputs
+            here = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, start + i, keepdims=False), shared)
+            return fn(c, tree.combine(own_i, here), x_i)
+
+        part_xs = None if xs is None else jax.tree.map(lambda x: x[start:stop], xs)
+        carry, y = jax.lax.scan(body, carry, (jnp.arange(stop - start), own, part_xs))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *parts: jnp.concatenate(parts), *ys)
