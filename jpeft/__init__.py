@@ -9,7 +9,7 @@ Example:
     32
 """
 
-from jpeft import layout, ops, tree
+from jpeft import layout, ops, optim, tree
 from jpeft.methods import registry
 from jpeft.methods.base import Method, for_inference
 from jpeft.methods.bottleneck import BottleneckAdapter, bottleneck
@@ -23,6 +23,8 @@ from jpeft.methods.prefix import fold as fold_prefix
 from jpeft.methods.prefix import prefix_tuning
 from jpeft.methods.prompt import fold as fold_prompt
 from jpeft.methods.prompt import p_tuning, prompt_tuning
+from jpeft.methods.selective import bitfit, selective
+from jpeft.methods.ulmfit import ulmfit
 from jpeft.report import ParamReport, param_report
 from jpeft.tree import Rule, RuleError
 
@@ -36,6 +38,7 @@ __all__ = [
     "ParamReport",
     "Rule",
     "RuleError",
+    "bitfit",
     "bottleneck",
     "combine_adapters",
     "fold_prefix",
@@ -49,8 +52,11 @@ __all__ = [
     "prefix_tuning",
     "prompt_tuning",
     "ops",
+    "optim",
     "param_report",
     "registry",
+    "selective",
     "tree",
+    "ulmfit",
 ]
 __version__ = "0.1.0"

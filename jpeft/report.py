@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jpeft.models.stack as stack
 from jpeft import tree
 
 
@@ -41,13 +42,19 @@ def param_report(params: Any, adapter: Any) -> ParamReport:
     """Counts parameters of a frozen tree and the adapter trained on top of it.
 
     An adapter leaf at the same path as a parameter replaces it (full fine-tuning,
-    BitFit); any other adapter leaf adds to the model (LoRA factors, prompts).
+    BitFit), and so does one at ``layers_{i}/...`` over a stacked parameter (a trained
+    layer's slice); any other adapter leaf adds to the model (LoRA factors, prompts).
     """
     flat_params = tree.flatten(params)
     flat_adapter = tree.flatten(adapter)
     trainable = sum(tree.leaf_size(v) for v in flat_adapter.values())
     frozen = {p: v for p, v in flat_params.items() if p not in flat_adapter}
-    added = sum(tree.leaf_size(v) for p, v in flat_adapter.items() if p not in flat_params)
+
+    def replaces(path: str) -> bool:
+        source, layer = stack.stacked_path(path)
+        return path in flat_params or (layer is not None and source in flat_params)
+
+    added = sum(tree.leaf_size(v) for p, v in flat_adapter.items() if not replaces(p))
     total = sum(tree.leaf_size(v) for v in flat_params.values()) + added
     return ParamReport(
         trainable=trainable,

@@ -31,6 +31,20 @@ The optional fields say what a training program would otherwise have to guess:
     For methods that update their own state during training (AdaLoRA's rank budget):
     an optax ``GradientTransformation`` chained after the optimizer, and a term added to
     the loss. ``None`` for most methods.
+``stages``
+    For methods whose trainable set changes during training (ULMFiT's gradual
+    unfreezing): ``((first_step, method), ...)``, the method that trains from each
+    1-based optimizer step on (this one trains until the first). At a boundary a program
+    merges the current adapter into the parameters (``merge``), calls the next method's
+    ``init`` on them (leaves that stay trainable keep their trained values) and carries
+    the optimizer state over by path (:func:`jpeft.optim.carry_over`), then compiles the
+    step once for the new stage. ``()`` for most methods.
+``prepare``
+    For methods that choose what to train from data (importance-ranked sparse
+    fine-tuning): ``prepare(params, loss_fn, batches) -> Method`` with the frozen
+    parameters, ``loss_fn(params, batch) -> scalar`` and an iterator of training batches;
+    a program calls it once before ``init`` and trains the method it returns. ``None``
+    for most methods.
 ``label``
     A short human-readable description (``"lora r=8"``) for result tables.
 
@@ -65,6 +79,8 @@ class Method(NamedTuple):
     transform: Any = None
     penalty: Callable[[Any], Any] | None = None
     label: str | None = None
+    stages: tuple = ()
+    prepare: Callable[..., Any] | None = None
 
     def saved_form(self, adapter: Any) -> Any:
         """The adapter as it is saved (``fold`` applied, if the method has one)."""
