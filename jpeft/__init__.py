@@ -24,6 +24,7 @@ from jpeft.methods.prefix import prefix_tuning
 from jpeft.methods.prompt import fold as fold_prompt
 from jpeft.methods.prompt import p_tuning, prompt_tuning
 from jpeft.methods.selective import bitfit, selective
+from jpeft.methods.sparse import pir
 from jpeft.methods.ulmfit import ulmfit
 from jpeft.report import ParamReport, param_report
 from jpeft.tree import Rule, RuleError
@@ -54,6 +55,7 @@ __all__ = [
     "ops",
     "optim",
     "param_report",
+    "pir",
     "registry",
     "selective",
     "tree",

@@ -35,7 +35,7 @@ import yaml
 from jpeft.methods import registry
 
 MODEL_SOURCES = ("smollm2",)
-SCHEDULES = ("cosine", "linear")
+SCHEDULES = ("cosine", "linear", "slanted_triangular")  # slanted_triangular: ULMFiT's, warmup_steps = its rise
 DTYPES = ("float32", "bfloat16")
 QUANT_FORMATS = ("nf4", "int4", "int8")  # model.quantize: the frozen base on load (QLoRA)
 

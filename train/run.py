@@ -47,19 +47,17 @@ def method_label(cfg: RunConfig, method: jpeft.Method) -> str:
     return method.describe() + quant
 
 
-def frozen_part(params, adapter):
-    """The parameters a train step holds frozen: without those the adapter replaces (full fine-tuning)."""
-    replaced = set(jpeft.tree.flatten(adapter)) & set(jpeft.tree.flatten(params))
-    return jpeft.tree.without(params, adapter) if replaced else params
+frozen_part = trainer.frozen_part
 
 
 def restore(directory: str, cfg: RunConfig, loaded: model.Loaded):
     """``(adapter, metadata)`` saved by a ``cfg.method`` run on ``loaded``'s model.
 
     An adapter saved by another method is a :class:`jpeft.checkpoint.CheckpointError`
-    naming both methods, raised before any array is read.
+    naming both methods, raised before any array is read. A method with stages saved the
+    adapter of the stage that trained the last step.
     """
-    method = make_method(cfg, loaded.model, loaded.tokenizer)
+    method = trainer.stage_at(make_method(cfg, loaded.model, loaded.tokenizer), cfg.train.steps)
     like = jax.eval_shape(lambda p: method.saved_form(method.init(jax.random.key(0), p)), loaded.params)
     return restore_adapter(directory, like=like, method=cfg.method)
 
@@ -108,11 +106,14 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
     # larger than a weight) are config errors: reported before the run folder exists.
     method = make_method(cfg, model_, tokenizer)
     try:
+        if method.prepare is not None:  # it chooses what to train from the training data (PIR's scores)
+            with timer("prepare"):
+                method = method.prepare(params, trainer.make_params_loss(model_), task.batches_from(0))
         adapter = method.init(jax.random.key(cfg.train.seed), params)
     except ValueError as err:
         raise ConfigError(f"the {cfg.method!r} settings do not fit the model: {err}") from None
     frozen = frozen_part(params, adapter)
-    checkpoints, resumed, corrupt = resume_point(cfg, folder, method, adapter)
+    checkpoints, resumed, corrupt = resume_point(cfg, folder, method, adapter, params)
 
     run_folder.create(folder, method=cfg.method, config_yaml=describe(cfg), main=distributed.is_main())
     run_dir = folder.path
@@ -141,6 +142,10 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
             resumed=resumed,
         )
 
+    if method.stages:  # the stage that trained the last step, and what it trains
+        method = trainer.stage_at(method, cfg.train.steps)
+        counts = jpeft.param_report(params, adapter)
+        frozen = frozen_part(params, adapter)
     if cfg.eval.test_articles:  # eval.test_articles=0: no ROUGE
         with timer("eval_tuned"):
             tuned = jpeft.for_inference(method, frozen, trainer.on_device_of(adapter, params))
@@ -158,7 +163,7 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
     return finish(run_dir, rows, log, timer)
 
 
-def resume_point(cfg: RunConfig, folder: run_folder.RunFolder, method: jpeft.Method, adapter):
+def resume_point(cfg: RunConfig, folder: run_folder.RunFolder, method: jpeft.Method, adapter, params=None):
     """``(checkpoints, resumed state or None, corrupt steps to set aside)`` for this run, checked, nothing written.
 
     A folder with an earlier run's checkpoints must be continued by the same run: the
@@ -180,6 +185,9 @@ def resume_point(cfg: RunConfig, folder: run_folder.RunFolder, method: jpeft.Met
     checkpoints = checkpointing.for_run(folder.path, cfg)
     optimizer, _ = trainer.make_optimizer(cfg.train, method)
     like = jax.eval_shape(lambda a: a, adapter)
+    if method.stages:  # the newest save holds the adapter of the stage its step trained in
+        stage = trainer.stage_at(method, checkpointing.saved_step(folder.path))
+        like = jax.eval_shape(lambda p: stage.init(jax.random.key(0), p), params)
     try:
         resumed, corrupt = checkpoints.resume_point(
             like, jax.eval_shape(optimizer.init, like), seed=cfg.train.seed, batch_size=cfg.train.batch_size,

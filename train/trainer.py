@@ -23,7 +23,8 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from jpeft import sharding
+import jpeft
+from jpeft import optim, sharding
 from train import placement
 from train.config import TrainConfig
 from train.data import TrainBatch
@@ -43,18 +44,27 @@ class TrainingStopped(RuntimeError):
             f"skipping a few such steps with train.max_bad_steps=N")
 
 
-def make_optimizer(cfg: TrainConfig, method=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with linear warmup then cosine (or linear) decay, after global-norm clipping.
-
-    A method with a ``transform`` (its own state updates) gets it chained after AdamW.
-    """
+def make_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """The learning rate by optimizer count: linear warmup from 0 then cosine (or linear) decay to a tenth,
+    or ULMFiT's slanted triangular rates (``warmup_steps`` is the rise, from ``lr / 32``)."""
+    if cfg.schedule == "slanted_triangular":
+        return optim.slanted_triangular(cfg.lr, cfg.steps, cut=cfg.warmup_steps)
     warmup = optax.linear_schedule(0.0, cfg.lr, max(cfg.warmup_steps, 1))
     decay_steps = cfg.steps - cfg.warmup_steps
     if cfg.schedule == "cosine":
         decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=0.1)
     else:
         decay = optax.linear_schedule(cfg.lr, 0.1 * cfg.lr, decay_steps)
-    schedule = optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+    return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: TrainConfig, method=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW on :func:`make_schedule`'s learning rates, after global-norm clipping.
+
+    A method with a ``transform`` (its own state updates, per-weight rate scales) gets it
+    chained after AdamW. A method with stages keeps one optimizer for all of them.
+    """
+    schedule = make_schedule(cfg)
     parts = [optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(schedule, weight_decay=cfg.weight_decay)]
     if method is not None and method.transform is not None:
         parts.append(method.transform)
@@ -84,12 +94,25 @@ def answer_xent(params, model, batch: TrainBatch) -> tuple[jax.Array, jax.Array]
     return jnp.sum(jnp.where(valid_BxA, losses_BxA, 0.0)), jnp.sum(valid_BxA).astype(jnp.float32)
 
 
+def make_params_loss(model) -> Callable:
+    """``loss(params, batch) -> mean answer-token cross-entropy`` of the model run with ``params``.
+
+    What a method's ``prepare`` (choosing what to train from data) differentiates.
+    """
+
+    def loss(params, batch: TrainBatch):
+        total, count = answer_xent(params, model, batch)
+        return total / jnp.maximum(count, 1.0)
+
+    return loss
+
+
 def make_loss_fn(method, model) -> Callable:
     """``loss(adapter, frozen, batch, rng) -> mean answer-token cross-entropy`` (plus the method's penalty)."""
+    params_loss = make_params_loss(model)
 
     def loss_fn(adapter, frozen, batch: TrainBatch, rng):
-        total, count = answer_xent(method.apply(frozen, adapter, rng=rng), model, batch)
-        loss = total / jnp.maximum(count, 1.0)
+        loss = params_loss(method.apply(frozen, adapter, rng=rng), batch)
         if method.penalty is not None:
             loss = loss + method.penalty(adapter)
         return loss
@@ -164,6 +187,36 @@ class Placement:
                 "batch": self.batch_shardings(batch), "rng": self.replicated}
 
 
+def frozen_part(params, adapter):
+    """The parameters a train step holds frozen: without those the adapter replaces (full fine-tuning, BitFit)."""
+    replaced = set(jpeft.tree.flatten(adapter)) & set(jpeft.tree.flatten(params))
+    return jpeft.tree.without(params, adapter) if replaced else params
+
+
+def stage_at(method, step: int):
+    """The method that trains optimizer step ``step`` (1-based): ``method``, or the last of its ``stages`` begun by then."""
+    starts = [start for start, _ in method.stages]
+    if any(not isinstance(a, int) or a < 2 for a in starts) or starts != sorted(set(starts)):
+        raise ValueError(f"{method.name}: stage starts {starts} must be increasing steps >= 2 (step 1 is the method's own)")
+    current = method
+    for start, stage in method.stages:
+        if start <= step:
+            current = stage
+    return current
+
+
+def enter_stage(current, stage, frozen, adapter, key) -> tuple[Any, Any]:
+    """``(adapter, frozen)`` of ``stage``, continuing ``current``'s training.
+
+    The current adapter is merged into the parameters, and the next stage's ``init`` runs
+    on them: weights that stay trainable keep their trained values, new ones start from
+    the (frozen) parameters. What the next adapter replaces leaves the frozen tree.
+    """
+    params = current.merge(frozen, adapter)
+    adapter = stage.init(key, params)
+    return adapter, frozen_part(params, adapter)
+
+
 def make_eval_loss(method, model) -> Callable:
     """Jitted ``eval_loss(adapter, frozen, batch) -> (loss sum, token count)`` (no dropout)."""
 
@@ -214,9 +267,16 @@ def train_loop(
 
     main = distributed.is_main()
     optimizer, schedule = make_optimizer(cfg, method)
+    if method.stages and jax.process_count() > 1:
+        raise ValueError(f"{method.name} changes its trainable weights by stages, which runs in one process only")
     if mesh is None:
         mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    place = Placement(mesh, rules, method, model, frozen, adapter, optimizer)
+    # The stage that trained the resumed step (a method without stages is its own only stage).
+    current = stage_at(method, 1 if resumed is None else resumed.step)
+    if resumed is not None:
+        adapter = resumed.adapter
+        frozen = frozen_part(frozen, adapter)  # a later stage's adapter replaces more of the base
+    place = Placement(mesh, rules, current, model, frozen, adapter, optimizer)
     frozen = place.put(frozen, place.frozen)
     first, key = 1, jax.random.key(cfg.seed)
     if resumed is None:
@@ -234,7 +294,7 @@ def train_loop(
         raise ValueError("resuming needs batches as a function of the start batch, not an iterator")
 
     step_fn = None
-    eval_loss = make_eval_loss(method, model)
+    eval_loss = make_eval_loss(current, model)
 
     def validate(step: int) -> float:
         start = time.perf_counter()
@@ -249,6 +309,19 @@ def train_loop(
     bad_steps = []
     bar = tqdm(range(first, cfg.steps + 1), desc="train", disable=not (progress and main), dynamic_ncols=True)
     for step in bar:
+        stage = stage_at(method, step)
+        if stage is not current:  # a new stage: more (or other) weights train; compiled once for it
+            adapter, frozen = enter_stage(current, stage, frozen, adapter, jax.random.key(cfg.seed))
+            opt_state = optim.carry_over(opt_state, optimizer.init(adapter))
+            current, place = stage, Placement(mesh, rules, stage, model, frozen, adapter, optimizer)
+            frozen, adapter = place.put(frozen, place.frozen), place.put(adapter, place.adapter)
+            opt_state = place.put(opt_state, place.opt_state)
+            step_fn, eval_loss = None, make_eval_loss(current, model)
+            trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapter))
+            log({"kind": "stage", "step": step, "stage": sum(start <= step for start, _ in method.stages),
+                 "trainable": trainable})
+            if main:
+                bar.write(f"step {step}: stage {stage.describe()}, {trainable:,} trainable parameters")
         batch = next(batches)
         if step_fn is None:
             step_fn = make_train_step(method, model, optimizer, place.step_shardings(batch))
