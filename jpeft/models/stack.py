@@ -155,6 +155,17 @@ class Segments:
         return f"Segments(parts={[(a, b) for a, b, _ in self.parts]})"
 
 
+def _reread_rows(prim, *avals, **params) -> bool:
+    """Remat policy of a segment's layer: save every intermediate but the rows read from the shared stack.
+
+    Saved, each layer's row would become a stacked residual of the scan: a copy of the
+    stack (tests/test_selective.py measures it). The backward pass reads the row again
+    instead (a dynamic slice, no arithmetic).
+    """
+    del avals, params
+    return prim.name not in ("dynamic_slice", "squeeze")
+
+
 def scan(fn, carry: Any, layers: Any, xs: Any = None) -> tuple[Any, Any]:
     """``fn(carry, layer_params, x) -> (carry, y)`` over every layer of a stack, like ``jax.lax.scan``.
 
@@ -176,10 +187,13 @@ def scan(fn, carry: Any, layers: Any, xs: Any = None) -> tuple[Any, Any]:
             continue
         shared = tree.without(layers.shared, own)
 
-        def body(c, inputs, start=start, shared=shared):
-            i, own_i, x_i = inputs
+        def layer(c, own_i, x_i, i, start=start, shared=shared):
             here = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, start + i, keepdims=False), shared)
             return fn(c, tree.combine(own_i, here), x_i)
+
+        def body(c, inputs, layer=layer):
+            i, own_i, x_i = inputs
+            return jax.checkpoint(layer, policy=_reread_rows)(c, own_i, x_i, i)
 
         part_xs = None if xs is None else jax.tree.map(lambda x: x[start:stop], xs)
         carry, y = jax.lax.scan(body, carry, (jnp.arange(stop - start), own, part_xs))
