@@ -324,7 +324,7 @@ def train_loop(
                 bar.write(f"step {step}: stage {stage.describe()}, {trainable:,} trainable parameters")
         batch = next(batches)
         if step_fn is None:
-            step_fn = make_train_step(method, model, optimizer, place.step_shardings(batch))
+            step_fn = make_train_step(current, model, optimizer, place.step_shardings(batch))
         start = time.perf_counter()
         adapter, opt_state, stats = step_fn(adapter, opt_state, frozen, place.batch(batch),
                                             jax.random.fold_in(key, step))
