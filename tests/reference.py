@@ -51,3 +51,25 @@ def adam_steps(loss_fn, adapter, *, steps=12, lr=3e-2):
         losses.append(float(loss))
         all_grads.append(grads)
     return losses, all_grads
+
+
+def numpy_params(model, seed=0, stddev=0.02):
+    """Random parameters of ``model`` drawn with numpy: ``normal(0, stddev)`` weights, vectors (norm scales,
+    biases) ``1 + normal(0, stddev)``.
+
+    No jax.random call, so nothing is compiled (an eager ``model.init`` compiles a sampler per shape,
+    seconds each on a busy CPU).
+    """
+    import numpy as np
+
+    from jpeft import tree
+    from jpeft.methods.base import flatten_axes
+
+    rng = np.random.default_rng(seed)
+    axes = flatten_axes(model.param_axes())
+    out = {}
+    for path, leaf in tree.flatten(model.abstract_params()).items():
+        vector = len([n for n in axes[path] if n != "layers"]) == 1
+        values = stddev * rng.standard_normal(leaf.shape) + (1.0 if vector else 0.0)
+        out[path] = jnp.asarray(values, leaf.dtype)
+    return tree.unflatten(out)
