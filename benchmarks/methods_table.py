@@ -46,6 +46,10 @@ METHODS = {
                                    "train.lr=3e-3"]),
     "ia3": ("ia3", []),
     "bottleneck": ("bottleneck", []),
+    "bitfit": ("bitfit", []),
+    "selective": ("selective", []),
+    "ulmfit": ("ulmfit", []),
+    "pir": ("pir", []),
     "full": ("full", []),
 }
 
