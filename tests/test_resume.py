@@ -59,6 +59,7 @@ def assert_same_tree(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow  # a killed subprocess and its resume, ~50 s on 2 cores: JPEFT_SLOW=1
 def test_killed_run_resumes_bit_identical(tmp_path, tiny_hf_folder):
     from train import run
 
@@ -160,6 +161,7 @@ def test_resume_with_another_schedule_is_a_clear_error(tmp_path):
         ckpts.restore(adapter, optimizer.init(adapter), seed=0, batch_size=4, schedule={**schedule, "steps": 20})
 
 
+@pytest.mark.slow  # three runs, ~60 s on 2 cores (tests/test_sharding.py checks a sharded step in-process)
 def test_fsdp_mesh_matches_one_device_and_restores_on_another_mesh(tmp_path, tiny_hf_folder):
     from jax.sharding import NamedSharding, PartitionSpec
 

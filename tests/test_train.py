@@ -175,7 +175,7 @@ def _tiny_run_config(tmp_path, folder, bbc_dir, method, **train):
     })
 
 
-@pytest.mark.parametrize("method, lr", [("lora", 3e-2), ("full", 3e-3)])
+@pytest.mark.parametrize("method, lr", [("lora", 3e-2), pytest.param("full", 3e-3, marks=pytest.mark.slow)])
 def test_tiny_run_end_to_end(tmp_path, tiny_hf_folder, bbc_dir, method, lr):
     import jpeft
     from jpeft.checkpoint import restore_adapter
