@@ -161,5 +161,8 @@ def test_bad_input_exits_2_with_one_message(saved, loaded_once, tmp_path, capsys
     fails([model_arg, "--load", f"x={tmp_path / 'jpeft_other'}", "--prompt", "Hi"], "does not fit this base model",
           "shape mismatch")
     fails([model_arg, "train.steps=3", "--prompt", "Hi"], "is not a model setting")
+    context = saved["loaded"].model.max_positions
+    fails([model_arg, "--prompt", "Hi", "--prompt", "Hi " * context, "--max-new-tokens", "1"],
+          "row 1's prompt is", f"the model's context of {context} tokens", "nothing is truncated")
     fails([model_arg, "--prompt", "a", "--prompt", "b", "--adapter", "x", "--adapter", "y", "--adapter", "z"],
           "3 --adapter for 2 --prompt")

@@ -336,7 +336,15 @@ def generate(args: argparse.Namespace, out: TextIO = sys.stdout) -> None:
     ids = [encode(tokenizer, r.prompt, args.raw) for r in rows]
     key = jax.random.key(args.seed)
     params_for = run_params(loaded.params, rows, adapters, loaded.model)
-    length = -(-max(len(i) for i in ids) // 16) * 16  # every batch one shape (the decoder compiles once)
+    longest = max(range(len(rows)), key=lambda i: len(ids[i]))
+    context = loaded.model.max_positions
+    if context is not None and len(ids[longest]) + args.max_new_tokens > context:
+        raise ConfigError(f"row {longest}'s prompt is {len(ids[longest])} tokens; with --max-new-tokens "
+                          f"{args.max_new_tokens} it needs more than the model's context of {context} tokens. "
+                          "Shorten the prompt or lower --max-new-tokens (nothing is truncated)")
+    length = -(-len(ids[longest]) // 16) * 16  # every batch one shape (the decoder compiles once)
+    if context is not None:
+        length = min(length, context - args.max_new_tokens)
     for start in range(0, len(rows), args.batch_size):
         chunk = list(range(start, min(start + args.batch_size, len(rows))))
         padded = chunk + [chunk[-1]] * (args.batch_size - len(chunk)) if len(rows) > args.batch_size else chunk
