@@ -63,7 +63,7 @@ from jpeft.errors import SettingError
 from jpeft.layout import layouts_for
 from jpeft.methods import rows as row_kinds
 from jpeft.methods.base import Method
-from jpeft.models import hooks
+import jpeft.models.hooks as hooks
 
 BASE = "base"
 """The row name (besides ``None``) of a row that runs the base model alone."""
