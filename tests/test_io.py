@@ -13,7 +13,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from jpeft import assets
-from jpeft.io import CheckpointError, load_gguf, load_gguf_tokenizer, load_hf, save_hf
+from jpeft.io import CheckpointError, load_gguf, load_hf, save_hf
 from jpeft.models.llama_formats import unpermute_rope_rows
 from jpeft.models import llama
 
@@ -191,11 +191,13 @@ def test_gguf_round_trip_and_errors(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    """(config, params with scan_layers, tokenizer) of SmolLM2-135M-Instruct (Q4_1 GGUF)."""
-    path = assets.smollm2_gguf_path()
-    model, params = load_gguf(path, scan_layers=True)
-    return model.config, params, load_gguf_tokenizer(path)
+def smollm2(tokenizer):
+    """(config, params with scan_layers, tokenizer) of SmolLM2-135M-Instruct (Q4_1 GGUF).
+
+    The tokenizer is conftest's, made by the same ``load_gguf_tokenizer`` (16 s each time).
+    """
+    model, params = load_gguf(assets.smollm2_gguf_path(), scan_layers=True)
+    return model.config, params, tokenizer
 
 
 @pytest.fixture(scope="module")
