@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -83,10 +84,16 @@ def factors(weight: jax.Array, init: str, *, rank: int, scale: float, lead: int,
     """The starting ``(A (*lead, *in, r), B (*lead, r, *out))`` of a float kernel for a base-changing ``init``."""
     if not changes_base(init):
         raise ValueError(f"init {init!r} does not take its factors from the weight")
+    return _factors(weight, key if key is not None else jax.random.key(0), init, rank, float(scale), lead, inputs)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
+def _factors(weight, key, init: str, rank: int, scale: float, lead: int, inputs: int):
+    """:func:`factors`, compiled once per weight shape (one program, not one per op)."""
     shape = tuple(weight.shape)
     lead_shape, d_in, d_out = shape[:lead], shape[lead:lead + inputs], shape[lead + inputs:]
     mats = weight.astype(jnp.float32).reshape(-1, math.prod(d_in), math.prod(d_out))
-    keys = jax.random.split(key if key is not None else jax.random.key(0), mats.shape[0])
+    keys = jax.random.split(key, mats.shape[0])
     a, b = jax.vmap(lambda m, k: _matrix_factors(m, init, rank, scale, k))(mats, keys)
     return a.reshape(*lead_shape, *d_in, rank), b.reshape(*lead_shape, rank, *d_out)
 
