@@ -156,6 +156,15 @@ def test_bad_settings_and_adapters_are_clear_errors():
     assert jpeft.registry.check_settings("dora", {"rank": 4}) == {"rank": 4}
 
 
+def test_the_magnitude_takes_the_weights_leading_and_output_axes():
+    from jpeft.methods.lora import logical_axes
+
+    adapter = {"q": {"kernel": {"a": jnp.zeros((3, 8, 2)), "b": jnp.zeros((3, 2, 4, 5)), "m": jnp.zeros((3, 4, 5))}}}
+    axes = logical_axes(adapter, {"q": {"kernel": ("layers", "embed", "heads", "head_dim")}})["q"]["kernel"]
+    assert axes == {"a": ("layers", "embed", "lora_rank"), "b": ("layers", "lora_rank", "heads", "head_dim"),
+                    "m": ("layers", "heads", "head_dim")}
+
+
 # ----------------------------------------------------------------------------- Hugging Face PEFT, both ways
 
 torch = pytest.importorskip("torch")
