@@ -117,6 +117,9 @@ def test_bad_inits_and_bases_are_clear_errors():
     q = quant.quantize({"w": w}, "w", "nf4")
     with pytest.raises(ValueError, match="load the model unquantized"):
         jpeft.lora(rank=2, targets="w", init="pissa").init(jax.random.key(0), q)
+    with pytest.raises(ValueError, match="embedding table; init='pissa' adapts kernels only"):
+        jpeft.lora(rank=2, targets="w", init="pissa", model=Kernels({"w": Layout("table")})).init(
+            jax.random.key(0), {"w": w})
     assert jpeft.lora(targets=".*").rebase is None and jpeft.lora(targets=".*", init="olora").rebase is not None
     abstract = jax.eval_shape(jpeft.lora(rank=2, targets="w", init="pissa").init, jax.random.key(0), {"w": w})
     assert abstract["w"]["a"].shape == (64, 2)

@@ -252,9 +252,10 @@ def lora(
             a_shape, b_shape, is_table = _factor_shapes(path, tuple(flat[path].shape), layout, s.rank)
             key_a, key_b = jax.random.split(jax.random.fold_in(key, i))
             if is_table and (use_dora or lora_init.changes_base(s.init)):
-                what = "DoRA" if use_dora else f"init={s.init!r}"
-                raise ValueError(f"{path!r} is an embedding table; {what} adapts kernels only: leave it out of the "
-                                 "targets (or give it a Rule with init='kaiming' and no DoRA)")
+                fix = ("leave it out of the targets (DoRA applies to every target of the method)" if use_dora else
+                       "leave it out of the targets, or give it a Rule with init='kaiming'")
+                raise ValueError(f"{path!r} is an embedding table; {'DoRA' if use_dora else f'init={s.init!r}'} "
+                                 f"adapts kernels only: {fix}")
             if lora_init.changes_base(s.init):
                 a, b = _base_factors(path, flat[path], s, layout, key_a, dtype)
             elif is_table:
