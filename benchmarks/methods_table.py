@@ -39,6 +39,8 @@ from train.config import apply_overrides, load_config  # noqa: E402
 METHODS = {
     "lora": ("lora", []),
     "qlora": ("qlora", []),
+    "dora": ("dora", []),
+    "pissa": ("pissa", []),
     "prompt_tuning": ("prompt_tuning", []),
     "prefix_tuning": ("prefix_tuning", []),
     "p_tuning": ("p_tuning", []),

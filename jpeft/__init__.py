@@ -16,7 +16,8 @@ from jpeft.methods.bottleneck import BottleneckAdapter, bottleneck
 from jpeft.methods.combine import combine_adapters
 from jpeft.methods.full import full
 from jpeft.methods.ia3 import Ia3Weight, ia3
-from jpeft.methods.lora import LoraWeight, lora
+from jpeft.methods.dora import DoraWeight
+from jpeft.methods.lora import LoraWeight, dora, lora
 from jpeft.methods.mixed import MixedAdapters
 from jpeft.methods.multi import AdapterBank
 from jpeft.methods.prefix import fold as fold_prefix
@@ -32,6 +33,7 @@ from jpeft.tree import Rule, RuleError
 __all__ = [
     "AdapterBank",
     "BottleneckAdapter",
+    "DoraWeight",
     "Ia3Weight",
     "LoraWeight",
     "Method",
@@ -42,6 +44,7 @@ __all__ = [
     "bitfit",
     "bottleneck",
     "combine_adapters",
+    "dora",
     "fold_prefix",
     "fold_prompt",
     "for_inference",

@@ -175,8 +175,8 @@ def test_registry_settings_come_from_the_builder_signature():
     with pytest.raises(registry.SettingsError, match=r"2.5 is a float, it needs a int") as info:
         registry.check_settings("lora", {"rank": 2.5})
     assert info.value.setting == "rank"
-    with pytest.raises(registry.SettingsError, match=r"'svd' must be one of 'kaiming', 'gaussian'"):
-        registry.check_settings("lora", {"init": "svd"})
+    with pytest.raises(registry.SettingsError, match=r"'svd' must be one of 'kaiming', 'gaussian', 'pissa'"):
+        registry.validate("lora", {"init": "svd"})  # a str (pissa_niter_<K> is a pattern): the builder checks it
     with pytest.raises(registry.SettingsError, match=r"0 must be a positive integer") as info:
         registry.validate("lora", {"rank": 0})  # the builder's own check, before any model is loaded
     assert info.value.setting == "rank"

@@ -121,8 +121,8 @@ def test_adapter_for_another_model_shape_is_rejected(saved):
 def test_other_peft_types_and_corrupt_files_are_clear_errors(saved):
     folder, model, params = saved
     config = json.loads((folder / "adapter_config.json").read_text())
-    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(CheckpointError, match="DoRA"):
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))  # DoRA without magnitudes
+    with pytest.raises(CheckpointError, match="q_proj: lora_magnitude_vector is missing"):
         load_peft(folder, model, params)
     (folder / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
     with pytest.raises(CheckpointError, match="only LORA"):

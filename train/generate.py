@@ -194,6 +194,11 @@ def load_adapter(name: str, folder: str, loaded, base_model: dict | None = None)
         like = jax.eval_shape(lambda p: method.saved_form(method.init(jax.random.key(0), p)), loaded.params)
     except (registry.SettingsError, ValueError) as err:
         raise CheckpointError(f"{where}: its {method_name} settings {settings} do not fit this base model: {err}")
+    if method.rebase is not None:
+        raise CheckpointError(f"{where}: a {method.describe()} adapter goes with the base its init rebased (PiSSA's "
+                              "residual W - s*A0@B0), not with the loaded model, and generate does not rebuild that "
+                              "base yet; convert it to a plain LoRA adapter (jpeft.methods.lora_init.as_plain_lora) "
+                              "and load that")
     try:
         adapter, _ = checkpoint.restore_adapter(path, like=like, method=method_name)
     except CheckpointError as err:

@@ -112,7 +112,9 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
         adapter = method.init(jax.random.key(cfg.train.seed), params)
     except ValueError as err:
         raise ConfigError(f"the {cfg.method!r} settings do not fit the model: {err}") from None
-    frozen = frozen_part(params, adapter)
+    # A method whose fresh adapter is taken out of the base (PiSSA) trains over the base it returns;
+    # `params` stay the loaded model's (the base model's ROUGE).
+    frozen = frozen_part(params if method.rebase is None else method.rebase(params, adapter), adapter)
     checkpoints, resumed, corrupt = resume_point(cfg, folder, method, adapter, params)
 
     run_folder.create(folder, method=cfg.method, config_yaml=describe(cfg), main=distributed.is_main())

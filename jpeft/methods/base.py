@@ -45,6 +45,15 @@ The optional fields say what a training program would otherwise have to guess:
     parameters, ``loss_fn(params, batch) -> scalar`` and an iterator of training batches;
     a program calls it once before ``init`` and trains the method it returns. ``None``
     for most methods.
+``rebase``
+    For methods whose fresh adapter is taken out of the base weights (LoRA's PiSSA and
+    OLoRA inits): ``rebase(params, adapter) -> params``, the frozen parameters that go with
+    the *fresh* ``adapter`` (PiSSA's residual ``W - s * A @ B``), so ``apply`` of the fresh
+    adapter over them is the original model. A program calls it once, right after
+    ``init``, and trains and evaluates over what it returns (the original parameters stay
+    what ``merge`` of a converted adapter, :func:`jpeft.methods.lora_init.as_plain_lora`,
+    runs on). ``init`` is deterministic in the key and parameters, so a resumed run gets
+    the same base again. ``None`` for most methods.
 ``label``
     A short human-readable description (``"lora r=8"``) for result tables.
 
@@ -81,6 +90,7 @@ class Method(NamedTuple):
     label: str | None = None
     stages: tuple = ()
     prepare: Callable[..., Any] | None = None
+    rebase: Callable[[Any, Any], Any] | None = None
 
     def saved_form(self, adapter: Any) -> Any:
         """The adapter as it is saved (``fold`` applied, if the method has one)."""

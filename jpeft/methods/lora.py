@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,12 +49,13 @@ import numpy as np
 from jpeft import ops, tree
 from jpeft.errors import SettingError
 from jpeft.layout import Layout, layouts_for
-from jpeft.methods import registry, rows
+from jpeft.methods import lora_init, registry, rows
+from jpeft.methods.dora import DoraWeight, init_magnitude
 from jpeft.methods.base import Method, flatten_axes
 
 RANK_AXIS = "lora_rank"
 _SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "init")
-_INITS = ("kaiming", "gaussian")
+_INITS = ("kaiming", "gaussian", "pissa", "pissa_niter_<K>", "olora")
 
 
 def _letters(n: int, start: int = 0) -> str:
@@ -102,18 +103,21 @@ class LoraWeight(ops.WeightWrapper):
         mask = jax.random.bernoulli(self.dropout_key, keep, x.shape)
         return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
-    def linear(self, x: jax.Array) -> jax.Array:
-        y = ops.linear(x, self.base)
-        h_r = self._dropout(x) @ self.a.astype(x.dtype)
-        return y + self.scale * (h_r @ self.b.astype(x.dtype))
-
-    def einsum(self, subscripts: str, x: jax.Array) -> jax.Array:
-        y = ops.einsum(subscripts, x, self.base)
+    def update(self, x: jax.Array, subscripts: str | None = None) -> jax.Array:
+        """The low-rank term ``s * (x @ A) @ B`` alone (no dropout), for ``linear`` or an ``einsum``."""
+        if subscripts is None:
+            return self.scale * ((x @ self.a.astype(x.dtype)) @ self.b.astype(x.dtype))
         x_sub, w_in, w_out, out = ops.split_subscripts(subscripts, self.inputs)
         r = ops.free_letter(subscripts)
         kept = "".join(c for c in x_sub if c not in w_in)
-        h = jnp.einsum(f"{x_sub},{w_in}{r}->{kept}{r}", self._dropout(x), self.a.astype(x.dtype))
-        return y + self.scale * jnp.einsum(f"{kept}{r},{r}{w_out}->{out}", h, self.b.astype(x.dtype))
+        h = jnp.einsum(f"{x_sub},{w_in}{r}->{kept}{r}", x, self.a.astype(x.dtype))
+        return self.scale * jnp.einsum(f"{kept}{r},{r}{w_out}->{out}", h, self.b.astype(x.dtype))
+
+    def linear(self, x: jax.Array) -> jax.Array:
+        return ops.linear(x, self.base) + self.update(self._dropout(x))
+
+    def einsum(self, subscripts: str, x: jax.Array) -> jax.Array:
+        return ops.einsum(subscripts, x, self.base) + self.update(self._dropout(x), subscripts)
 
     def embed(self, ids: jax.Array, dtype) -> jax.Array:
         rows = ops.embed(ids, self.base, dtype)
@@ -162,8 +166,9 @@ def _check_settings(s: _Settings, where: str) -> None:
         raise SettingError("alpha", s.alpha, "must be > 0", what=f"LoRA ({where})")
     if not 0.0 <= s.dropout < 1.0:
         raise SettingError("dropout", s.dropout, "must be in [0, 1)", what=f"LoRA ({where})")
-    if s.init not in _INITS:
-        raise SettingError("init", s.init, f"must be one of {_INITS}", what=f"LoRA ({where})")
+    if not isinstance(s.init, str) or not (s.init in ("kaiming", "gaussian") or lora_init.changes_base(s.init)):
+        raise SettingError("init", s.init, "must be one of " + ", ".join(map(repr, _INITS))
+                           + " (K > 0: PiSSA's subspace iterations, e.g. pissa_niter_4)", what=f"LoRA ({where})")
 
 
 def weight_layouts(params: Any, model: Any = None) -> dict[str, Layout]:
@@ -190,12 +195,13 @@ def lora(
     *,
     dropout: float = 0.0,
     use_rslora: bool = False,
-    init: Literal["kaiming", "gaussian"] = "kaiming",
+    init: str = "kaiming",
+    use_dora: bool = False,
     ensure_weight_tying: bool = False,
     dtype=jnp.float32,
     model: Any = None,
 ) -> Method:
-    """Builds a LoRA method.
+    """Builds a LoRA method (or DoRA with ``use_dora=True``).
 
     Args:
         rank: rank ``r`` of the update (a :class:`jpeft.Rule` may override it).
@@ -205,8 +211,13 @@ def lora(
             per-rule ``rank``, ``alpha``, ``dropout``, ``use_rslora``, ``init``.
         dropout: dropout rate on the LoRA input path (active when ``apply`` gets ``rng``).
         use_rslora: rank-stabilized scaling ``alpha / sqrt(r)``.
-        init: ``"kaiming"`` (A ~ U(-1/sqrt(in), 1/sqrt(in)), as PEFT) or
-            ``"gaussian"`` (A ~ N(0, 1/r), as PEFT's "gaussian").
+        init: ``"kaiming"`` (A ~ U(-1/sqrt(in), 1/sqrt(in)), as PEFT), ``"gaussian"``
+            (A ~ N(0, 1/r), as PEFT's "gaussian"), or one that takes the factors out of the
+            weight (:mod:`jpeft.methods.lora_init`): ``"pissa"``, ``"pissa_niter_K"``,
+            ``"olora"``. With those the frozen base changes too: train against
+            ``method.rebase(params, adapter)`` (the fresh adapter's residual base).
+        use_dora: DoRA (:mod:`jpeft.methods.dora`): a trainable magnitude per output
+            feature besides ``A`` and ``B``; kernels only.
         ensure_weight_tying: an adapted embedding table that is also the (tied) output
             head changes the head too (default: the input lookups only, as PEFT's default).
         dtype: dtype of the trainable factors.
@@ -215,10 +226,12 @@ def lora(
 
     Returns:
         A :class:`jpeft.Method`. The adapter mirrors the targeted paths with
-        ``{"a": A, "b": B}`` at each.
+        ``{"a": A, "b": B}`` at each (and ``"m"``, the magnitude ``(*lead, *out)``, with DoRA).
     """
     defaults = _Settings(rank, alpha, dropout, use_rslora, init)
     _check_settings(defaults, "method defaults")
+    if not isinstance(use_dora, bool):
+        raise SettingError("use_dora", use_dora, "must be true or false", what="LoRA")
     rules = tree.as_rules(targets)
     for rule in rules:
         unknown = set(rule.settings) - set(_SETTINGS)
@@ -226,6 +239,7 @@ def lora(
             raise ValueError(f"{rule!r} has unknown LoRA setting(s) {sorted(unknown)}; "
                              f"valid: {list(_SETTINGS)}")
         _check_settings(dataclasses.replace(defaults, **rule.settings), repr(rule))
+    leaves = ("a", "b", "m") if use_dora else ("a", "b")
 
     def resolve(params) -> dict[str, _Settings]:
         return {path: dataclasses.replace(defaults, **rule.settings) for path, rule in tree.assign(params, rules).items()}
@@ -234,17 +248,27 @@ def lora(
         flat, layouts = tree.flatten(params), weight_layouts(params, model)
         adapter = {}
         for i, (path, s) in enumerate(sorted(resolve(params).items())):
-            a_shape, b_shape, is_table = _factor_shapes(path, tuple(flat[path].shape), layouts[path], s.rank)
+            layout = layouts[path]
+            a_shape, b_shape, is_table = _factor_shapes(path, tuple(flat[path].shape), layout, s.rank)
             key_a, key_b = jax.random.split(jax.random.fold_in(key, i))
-            if is_table:
+            if is_table and (use_dora or lora_init.changes_base(s.init)):
+                fix = ("leave it out of the targets (DoRA applies to every target of the method)" if use_dora else
+                       "leave it out of the targets, or give it a Rule with init='kaiming'")
+                raise ValueError(f"{path!r} is an embedding table; {'DoRA' if use_dora else f'init={s.init!r}'} "
+                                 f"adapts kernels only: {fix}")
+            if lora_init.changes_base(s.init):
+                a, b = _base_factors(path, flat[path], s, layout, key_a, dtype)
+            elif is_table:
                 a, b = jnp.zeros(a_shape, dtype), jax.random.normal(key_b, b_shape, dtype)
             elif s.init == "kaiming":
-                fan_in = math.prod(a_shape[len(a_shape) - 1 - layouts[path].inputs:-1])
+                fan_in = math.prod(a_shape[len(a_shape) - 1 - layout.inputs:-1])
                 bound = 1.0 / math.sqrt(fan_in)
                 a, b = jax.random.uniform(key_a, a_shape, dtype, -bound, bound), jnp.zeros(b_shape, dtype)
             else:
                 a, b = jax.random.normal(key_a, a_shape, dtype) / s.rank, jnp.zeros(b_shape, dtype)
             adapter[path + "/a"], adapter[path + "/b"] = a, b
+            if use_dora:  # the norm of the weight the fresh adapter runs (PiSSA's: W_res + s A B = W)
+                adapter[path + "/m"] = init_magnitude(flat[path], layout.lead, layout.inputs, a, b, s.scale, dtype)
         return tree.unflatten(adapter)
 
     def _factors(params, adapter) -> tuple[dict, dict[str, _Settings]]:
@@ -253,9 +277,10 @@ def lora(
         factors: dict[str, dict[str, Any]] = {}
         for path, leaf in tree.flatten(adapter).items():
             weight_path, _, name = path.rpartition("/")
-            if name not in ("a", "b"):
-                raise ValueError(f"adapter leaf {path!r} is not a LoRA factor (expected .../a or .../b); "
-                                 f"was this adapter made by another method?")
+            if name not in leaves:
+                raise ValueError(f"adapter leaf {path!r} is not a {'DoRA' if use_dora else 'LoRA'} factor (expected "
+                                 f"{' or '.join('.../' + n for n in leaves)}); was this adapter made by another method"
+                                 f"{' (plain LoRA? build it with use_dora=False)' if name == 'm' else ''}?")
             factors.setdefault(weight_path, {})[name] = leaf
         settings = resolve(params)
         missing = sorted(set(settings) - set(factors))
@@ -268,14 +293,21 @@ def lora(
                 + "was it made for another model or with other targets?")
         layouts = weight_layouts(params, model)
         for path, ab in factors.items():
-            a, b = ab.get("a"), ab.get("b")
-            if a is None or b is None:
-                raise ValueError(f"LoRA adapter for {path!r} lacks factor {'a' if a is None else 'b'}")
+            lacking = [n for n in leaves if ab.get(n) is None]
+            if lacking:
+                raise ValueError(f"{'DoRA' if use_dora else 'LoRA'} adapter for {path!r} lacks {lacking[0]!r}"
+                                 + (" (the magnitude: was it saved by plain LoRA?)" if lacking[0] == "m" else ""))
+            a, b = ab["a"], ab["b"]
             shape, r = tuple(flat_params[path].shape), a.shape[-1] if a.ndim else 0
             want = _factor_shapes(path, shape, layouts[path], r)[:2] if r else None
             if (tuple(a.shape), tuple(b.shape)) != want:
                 raise ValueError(f"LoRA factors for {path!r} have shapes a={tuple(a.shape)}, b={tuple(b.shape)} "
                                  f"but the weight has shape {shape}; the adapter was made for another model")
+            if use_dora:
+                lead, d_in, d_out = layouts[path].split(shape)
+                if tuple(ab["m"].shape) != (*lead, *d_out):
+                    raise ValueError(f"DoRA magnitude for {path!r} has shape {tuple(ab['m'].shape)}, the weight's "
+                                     f"output features {(*lead, *d_out)}; the adapter was made for another model")
             if path in settings and r != settings[path].rank:
                 settings[path] = dataclasses.replace(settings[path], rank=r)  # the factors decide the rank
         return factors, settings
@@ -294,6 +326,8 @@ def lora(
             wrapped[path] = LoraWeight(base=flat[path], a=factors[path]["a"], b=factors[path]["b"],
                                        dropout_key=key, scale=s.scale, dropout_rate=s.dropout,
                                        tie_output=ensure_weight_tying)
+            if use_dora:
+                wrapped[path] = DoraWeight(wrapped[path], factors[path]["m"])
         return tree.replace(params, wrapped)
 
     def merge_fn(params: Any, adapter: Any) -> Any:
@@ -315,9 +349,57 @@ def lora(
                     "too: run the adapter with apply (or build it with ensure_weight_tying=True)")
         return None
 
-    label = f"lora r={rank}" + (" rslora" if use_rslora else "")
-    return Method("lora", init_fn, apply_fn, merge_fn, logical_axes, merge_blocker=merge_blocker,
-                  peft=_peft_codec(), label=label)
+    def rebase_fn(params: Any, adapter: Any) -> Any:
+        """The frozen base that goes with the *fresh* ``adapter``: ``W - s * A @ B`` where the init took them."""
+        factors, settings = _factors(params, adapter)
+        flat = tree.flatten(params)
+        return tree.replace(params, {
+            path: lora_init.residual(flat[path], factors[path]["a"], factors[path]["b"], s.scale)
+            for path, s in settings.items() if lora_init.changes_base(s.init)})
+
+    rebases = lora_init.changes_base(init) or any(lora_init.changes_base(r.settings.get("init", "")) for r in rules)
+    name = "dora" if use_dora else "lora"
+    label = f"{name} r={rank}" + (" rslora" if use_rslora else "") + (f" {init}" if lora_init.changes_base(init) else "")
+    return Method(name, init_fn, apply_fn, merge_fn, logical_axes, merge_blocker=merge_blocker,
+                  peft=_peft_codec(), label=label, rebase=rebase_fn if rebases else None)
+
+
+def _base_factors(path: str, weight, s: _Settings, layout: Layout, key, dtype):
+    """PiSSA / OLoRA factors of ``weight`` (shapes only for an abstract one); a quantized base is refused."""
+    if ops.is_wrapper(weight):
+        raise ValueError(f"init={s.init!r} reads the float weight of {path!r}, which is a "
+                         f"{type(weight).__name__}: load the model unquantized (re-quantizing PiSSA's residual is "
+                         "not supported yet)")
+    make = lambda w, k: lora_init.factors(w, s.init, rank=s.rank, scale=s.scale, lead=layout.lead,  # noqa: E731
+                                          inputs=layout.inputs, key=k)
+    if isinstance(weight, jax.ShapeDtypeStruct):
+        a, b = jax.eval_shape(make, weight, key)
+        return jax.ShapeDtypeStruct(a.shape, dtype), jax.ShapeDtypeStruct(b.shape, dtype)
+    a, b = make(weight, key)
+    return a.astype(dtype), b.astype(dtype)
+
+
+def dora(
+    rank: int = 8,
+    alpha: float = 16.0,
+    targets: tree.Targets = r".*/(q|k|v|o)_proj/kernel",
+    *,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    init: str = "kaiming",
+    dtype=jnp.float32,
+    model: Any = None,
+) -> Method:
+    """DoRA: ``jpeft.lora(..., use_dora=True)``, registered under its own name (see :mod:`jpeft.methods.dora`).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jpeft
+        >>> method = jpeft.dora(rank=2, targets=r".*")
+        >>> sorted(method.init(jax.random.key(0), {"w": jnp.ones((4, 3))})["w"])
+        ['a', 'b', 'm']
+    """
+    return lora(rank, alpha, targets, dropout=dropout, use_rslora=use_rslora, init=init, use_dora=True,
+                dtype=dtype, model=model)
 
 
 def logical_axes(adapter: Any, param_axes: Any) -> dict:
@@ -337,8 +419,8 @@ def logical_axes(adapter: Any, param_axes: Any) -> dict:
     out = {}
     for path, leaf in flat.items():
         weight_path, _, name = path.rpartition("/")
-        if name not in ("a", "b"):
-            raise ValueError(f"adapter leaf {path!r} is not a LoRA factor (expected .../a or .../b)")
+        if name not in ("a", "b", "m"):
+            raise ValueError(f"adapter leaf {path!r} is not a LoRA factor (expected .../a, .../b or DoRA's .../m)")
         if weight_path not in weight_axes:
             raise ValueError(f"no logical axes for the weight {weight_path!r} of LoRA factor {path!r}; "
                              f"param_axes must cover every adapted weight")
@@ -348,7 +430,10 @@ def logical_axes(adapter: Any, param_axes: Any) -> dict:
         cut = a_ndim - 1  # leading + input axes
         if lead < 0 or cut > len(axes):
             raise ValueError(f"LoRA factors of {weight_path!r} do not fit its logical axes {axes}")
-        out[path] = (*axes[:cut], RANK_AXIS) if name == "a" else (*axes[:lead], RANK_AXIS, *axes[cut:])
+        if name == "m":  # DoRA's magnitude: the weight's leading and output axes
+            out[path] = (*axes[:lead], *axes[cut:])
+        else:
+            out[path] = (*axes[:cut], RANK_AXIS) if name == "a" else (*axes[:lead], RANK_AXIS, *axes[cut:])
     return tree.unflatten(out)
 
 
@@ -549,3 +634,4 @@ rows.register(LoraWeight, rows.RowKind("lora", _rows_plan, _rows_stack, _rows_ru
 
 
 registry.register("lora", lora)
+registry.register("dora", dora)

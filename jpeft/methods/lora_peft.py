@@ -31,29 +31,39 @@ import numpy as np
 from jpeft import tree
 from jpeft.errors import CheckpointError
 from jpeft.io import peft_format
+from jpeft.methods import lora_init
 import jpeft.models.stack as stack
 
-_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "base_layer.weight")
+_TENSORS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+            "base_layer.weight")
 _UNSUPPORTED = {
-    "use_dora": "DoRA adapters",
     "fan_in_fan_out": "fan_in_fan_out (Conv1D) layers",
     "modules_to_save": "modules_to_save (fully trained extra modules)",
 }
 
 
 def _export(method, params: Any, adapter: Any, model) -> tuple[dict, dict]:
+    from jpeft.methods.dora import DoraWeight
     from jpeft.methods.lora import LoraWeight, weight_layouts
 
+    if method.rebase is not None:
+        raise ValueError(f"{method.describe()}: this adapter goes with a rebased base (W - s*A0@B0), not the model's "
+                         "own weights; convert it first with jpeft.methods.lora_init.as_plain_lora(method, params, "
+                         "adapter, initial) and save that (a plain LoRA of rank 2r, as PEFT's conversion)")
     applied = tree.flatten(method.apply(params, adapter))
     layouts = weight_layouts(params, model)
-    tensors, ranks, alphas, tied = {}, {}, {}, False
-    for path, weight in sorted((p, w) for p, w in applied.items() if isinstance(w, LoraWeight)):
+    tensors, ranks, alphas, tied, dora = {}, {}, {}, False, False
+    for path, weight in sorted((p, w) for p, w in applied.items() if isinstance(w, (LoraWeight, DoraWeight))):
+        m = None
+        if isinstance(weight, DoraWeight):
+            weight, m, dora = weight.lora, np.asarray(weight.m, np.float32), True
         tied = tied or (weight.tie_output and layouts[path].kind == "table")
         a, b = np.asarray(weight.a, np.float32), np.asarray(weight.b, np.float32)
-        layers = [(path, a, b)]
+        layers = [(path, a, b, m)]
         if stack.in_stack(path):
-            layers = [(stack.unstacked_path(path, i), a[i], b[i]) for i in range(a.shape[0])]
-        for layer_path, a_2d, b_2d in layers:
+            layers = [(stack.unstacked_path(path, i), a[i], b[i], None if m is None else m[i])
+                      for i in range(a.shape[0])]
+        for layer_path, a_2d, b_2d, m_1d in layers:
             if a_2d.ndim != 2 or b_2d.ndim != 2:
                 raise ValueError(f"cannot write LoRA factors of shapes {a_2d.shape}, {b_2d.shape} for {layer_path!r}: "
                                  "PEFT modules are 2-d (Linear, Embedding)")
@@ -66,6 +76,11 @@ def _export(method, params: Any, adapter: Any, model) -> tuple[dict, dict]:
                     tensors[f"{head_module}.lora_A.weight"], tensors[f"{head_module}.lora_B.weight"] = b_2d, a_2d
             else:
                 tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"] = a_2d.T, b_2d.T
+            if m_1d is not None:
+                if m_1d.ndim != 1:
+                    raise ValueError(f"cannot write a DoRA magnitude of shape {m_1d.shape} for {layer_path!r}: PEFT "
+                                     "modules are 2-d")
+                tensors[f"{module}.lora_magnitude_vector"] = m_1d
             ranks[module] = int(a_2d.shape[-1])
             alphas[module] = float(weight.scale * a_2d.shape[-1])
     if not tensors:
@@ -78,6 +93,7 @@ def _export(method, params: Any, adapter: Any, model) -> tuple[dict, dict]:
         "rank_pattern": {re.escape(m): r for m, r in ranks.items() if r != rank},
         "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha},
         "ensure_weight_tying": tied,
+        "use_dora": dora,
     }
     return tensors, config
 
@@ -97,6 +113,12 @@ def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, 
     for key, what in _UNSUPPORTED.items():
         if config.get(key):
             raise CheckpointError(f"{what} are not supported ({key}={config[key]!r})")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and lora_init.changes_base(init.lower()):
+        raise CheckpointError(f"the adapter was saved with init_lora_weights={init!r}: its factors go with PEFT's "
+                              "residual base (W - s*A0@B0), not the model's weights. Save it from PEFT with "
+                              "path_initial_model_for_weight_conversion (a plain LoRA of rank 2r) and load that")
+    use_dora = bool(config.get("use_dora", False))
     flat_params = peft_format.unstacked_leaves(params)
     stacked = any(stack.in_stack(p) for p in tree.flatten(params))
     tied = bool(config.get("ensure_weight_tying", False))
@@ -117,6 +139,15 @@ def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, 
         module = peft_format.module_of(model, path)
         embedding = "lora_embedding_A" in tensors or "lora_embedding_B" in tensors
         names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+        if use_dora and embedding:
+            problems.append(f"{module}: a DoRA embedding, which jpeft does not adapt (DoRA adapts kernels only)")
+            continue
+        if use_dora:
+            names = (*names, "lora_magnitude_vector")
+        elif "lora_magnitude_vector" in tensors:
+            problems.append(f"{module}: a DoRA magnitude (lora_magnitude_vector) in an adapter whose config has no "
+                            "use_dora: true")
+            continue
         missing = [n for n in names if n not in tensors]
         if missing:
             problems.append(f"{module}: {', '.join(missing)} is missing")
@@ -130,6 +161,13 @@ def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, 
                             f"a weight of shape {shape}")
             continue
         leaves[f"{path}/a"], leaves[f"{path}/b"] = a, b
+        if use_dora:
+            m = tensors["lora_magnitude_vector"]
+            if m.shape != (shape[1],):
+                problems.append(f"{module}: lora_magnitude_vector has shape {m.shape}, the module has {shape[1]} "
+                                "output features")
+                continue
+            leaves[f"{path}/m"] = m
         alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
         final = stack.stacked_path(path)[0] if stacked else path
         settings[final].add((r, float(alpha)))
@@ -142,7 +180,7 @@ def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, 
     rules = [tree.Rule(re.escape(p), rank=r, alpha=a) for p, ((r, a),) in sorted(settings.items())]
     method = lora(rank=int(config.get("r", 8)), alpha=float(config.get("lora_alpha", 8)),
                   use_rslora=bool(config.get("use_rslora", False)), targets=rules, model=model,
-                  ensure_weight_tying=bool(config.get("ensure_weight_tying", False)))
+                  ensure_weight_tying=bool(config.get("ensure_weight_tying", False)), use_dora=use_dora)
     return method, leaves
 
 

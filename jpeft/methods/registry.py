@@ -24,7 +24,7 @@ Example:
     >>> registry.check_settings("lora", {"rnak": 4})
     Traceback (most recent call last):
     ...
-    jpeft.methods.registry.SettingsError: unknown setting 'rnak'; did you mean 'rank'? (lora's settings: alpha, dropout, dtype, ensure_weight_tying, init, rank, targets, use_rslora)
+    jpeft.methods.registry.SettingsError: unknown setting 'rnak'; did you mean 'rank'? (lora's settings: alpha, dropout, dtype, ensure_weight_tying, init, rank, targets, use_dora, use_rslora)
 """
 
 from __future__ import annotations

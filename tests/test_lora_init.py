@@ -1,0 +1,225 @@
+"""PiSSA and OLoRA inits of LoRA: float64 numpy SVD / QR, the rebased base, and Hugging Face PEFT's conversion."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+import jpeft
+from jpeft import quant, tree
+from jpeft.errors import CheckpointError
+from jpeft.layout import Layout
+from jpeft.methods import lora_init
+
+RNG = np.random.default_rng(0)
+
+
+def aligned(got, want, axis):
+    """``got`` with each rank component's sign flipped to match ``want`` (SVD / QR signs are arbitrary)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    signs = np.sign(np.sum(got * want, axis=axis, keepdims=True))
+    return got * signs, signs
+
+
+class Kernels:
+    """A stand-in model that says each kernel's input axes."""
+
+    tied_tables = {}
+
+    def __init__(self, layouts):
+        self._layouts = layouts
+
+    def layouts(self):
+        return self._layouts
+
+
+@pytest.mark.parametrize("shape, inputs", [((12, 8), 1), ((3, 12, 8), 1), ((3, 4, 8), 2)],
+                         ids=["matrix", "stacked", "two-input-axes"])
+def test_pissa_factors_are_the_top_singular_triplets_in_float64(shape, inputs):
+    w = jnp.asarray(RNG.standard_normal(shape), jnp.float32)
+    lead = len(shape) - inputs - 1 if inputs == 1 else 0
+    model = Kernels({"w": Layout("kernel", lead, inputs)})
+    method = jpeft.lora(rank=3, alpha=6, targets="w", init="pissa", model=model)
+    adapter = method.init(jax.random.key(0), {"w": w})
+    a, b = (np.asarray(adapter["w"][k], np.float64).reshape(-1, *adapter["w"][k].shape[lead:]) for k in "ab")
+    for i, w_i in enumerate(np.asarray(w, np.float64).reshape(-1, *shape[lead:])):
+        mat = w_i.reshape(int(np.prod(shape[lead:lead + inputs])), -1)
+        u, s, vt = np.linalg.svd(mat, full_matrices=False)
+        a_i, b_i = a[i].reshape(mat.shape[0], 3), b[i].reshape(3, mat.shape[1])
+        a_i, signs = aligned(a_i, u[:, :3] * np.sqrt(s[:3] / 2.0), axis=0)  # scale s = 6 / 3
+        np.testing.assert_allclose(a_i, u[:, :3] * np.sqrt(s[:3] / 2.0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(b_i * signs.T, np.sqrt(s[:3] / 2.0)[:, None] * vt[:3], rtol=1e-4, atol=1e-5)
+    rebased = method.rebase({"w": w}, adapter)
+    residual = np.asarray(rebased["w"], np.float64).reshape(-1, *shape[lead:])
+    for i, w_i in enumerate(np.asarray(w, np.float64).reshape(-1, *shape[lead:])):
+        mat = w_i.reshape(int(np.prod(shape[lead:lead + inputs])), -1)
+        u, s, vt = np.linalg.svd(mat, full_matrices=False)
+        np.testing.assert_allclose(residual[i].reshape(mat.shape), (u[:, 3:] * s[3:]) @ vt[3:], atol=1e-5)
+
+
+def test_olora_factors_are_the_qr_of_the_torch_weight_in_float64():
+    w = jnp.asarray(RNG.standard_normal((12, 8)), jnp.float32)
+    adapter = jpeft.lora(rank=3, alpha=6, targets="w", init="olora").init(jax.random.key(0), {"w": w})
+    q, r = np.linalg.qr(np.asarray(w, np.float64).T)   # torch's (out, in) weight = Q R
+    b, signs = aligned(adapter["w"]["b"], q[:, :3].T, axis=1)
+    np.testing.assert_allclose(b, q[:, :3].T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(adapter["w"]["a"]) * signs.T, r[:3].T, rtol=1e-4, atol=1e-5)
+
+
+def test_pissa_niter_approximates_the_svd():
+    u, _ = np.linalg.qr(RNG.standard_normal((40, 40)))
+    v, _ = np.linalg.qr(RNG.standard_normal((30, 30)))
+    s = 2.0 ** -np.arange(30)
+    w = jnp.asarray((u[:, :30] * s) @ v.T, jnp.float32)
+    adapter = jpeft.lora(rank=4, alpha=4, targets="w", init="pissa_niter_4").init(jax.random.key(0), {"w": w})
+    top = (u[:, :4] * s[:4]) @ v[:, :4].T
+    np.testing.assert_allclose(np.asarray(adapter["w"]["a"] @ adapter["w"]["b"]), top, atol=1e-4)
+
+
+def test_fresh_adapter_over_the_rebased_base_is_the_model():
+    from jpeft.models import llama
+    from reference import numpy_params
+
+    model = llama.model(llama.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2,
+                                          num_heads=4, num_kv_heads=2, max_position_embeddings=32, scan_layers=True))
+    params = numpy_params(model, stddev=0.1)
+    tokens = jnp.asarray(RNG.integers(0, 64, (2, 8)))
+    logits = jax.jit(lambda p: model.forward(p, tokens)[0])
+    expected = logits(params)
+    method = jpeft.lora(rank=4, alpha=8, targets=r".*/(q|v)_proj/kernel", init="pissa", model=model)
+    adapter = method.init(jax.random.key(1), params)
+    frozen = method.rebase(params, adapter)  # OLoRA's rebase: the PEFT test below
+    assert not np.allclose(frozen["layers"]["self_attn"]["q_proj"]["kernel"],
+                           params["layers"]["self_attn"]["q_proj"]["kernel"], atol=1e-3)
+
+    np.testing.assert_allclose(logits(method.apply(frozen, adapter)), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(logits(method.merge(frozen, adapter)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_only_the_adapter_gets_gradients_and_both_factors_move():
+    w = jnp.asarray(RNG.standard_normal((3, 8, 6)), jnp.float32)
+    method = jpeft.lora(rank=2, targets="w", init="pissa")
+    adapter = method.init(jax.random.key(0), {"w": w})
+    frozen = method.rebase({"w": w}, adapter)
+    x = jnp.asarray(RNG.standard_normal((3, 4, 8)), jnp.float32)
+    grads = jax.grad(lambda a: jnp.sum(jpeft.ops.linear(x, method.apply(frozen, a)["w"]) ** 3))(adapter)
+    assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(adapter)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree_util.tree_leaves(grads))  # B != 0: A moves at once
+
+
+def test_bad_inits_and_bases_are_clear_errors():
+    with pytest.raises(ValueError, match="init must be one of"):
+        jpeft.lora(targets=".*", init="pissa_niter_0")
+    w = jnp.asarray(RNG.standard_normal((64, 8)), jnp.float32)
+    q = quant.quantize({"w": w}, "w", "nf4")
+    with pytest.raises(ValueError, match="load the model unquantized"):
+        jpeft.lora(rank=2, targets="w", init="pissa").init(jax.random.key(0), q)
+    with pytest.raises(ValueError, match="embedding table; init='pissa' adapts kernels only"):
+        jpeft.lora(rank=2, targets="w", init="pissa", model=Kernels({"w": Layout("table")})).init(
+            jax.random.key(0), {"w": w})
+    assert jpeft.lora(targets=".*").rebase is None and jpeft.lora(targets=".*", init="olora").rebase is not None
+    abstract = jax.eval_shape(jpeft.lora(rank=2, targets="w", init="pissa").init, jax.random.key(0), {"w": w})
+    assert abstract["w"]["a"].shape == (64, 2)
+
+
+# ----------------------------------------------------------------------------- Hugging Face PEFT
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+TOKENS = np.array([[1, 5, 9, 2, 7, 3], [4, 4, 8, 1, 0, 6]])
+PREFIX = "base_model.model."
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    folder = tmp_path_factory.mktemp("pissa_base")
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def torch_base(folder):
+    return transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+
+
+def peft_factors(tensors, model, params_like):
+    """A jpeft adapter (unstacked paths) from PEFT's ``lora_A`` / ``lora_B`` tensors."""
+    from jpeft.io import peft_format
+
+    out = {}
+    for key, value in tensors.items():
+        module, _, name = key[len(PREFIX):].rpartition(".lora_")
+        path = peft_format._hf_names(model).to_path(module + ".weight")[0]
+        out[f"{path}/{'a' if name.startswith('A') else 'b'}"] = jnp.asarray(value.T)
+    return tree.unflatten(out)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_matches_peft_init_and_its_conversion_to_a_rank_2r_lora(base_folder, tmp_path, init):
+    from jpeft.io.hf import load_hf
+    from jpeft.io.peft_format import load_peft, save_peft
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    hf = peft.get_peft_model(torch_base(base_folder), config).eval()
+    hf.save_pretrained(tmp_path / "initial")         # PEFT's recipe: the fresh adapter, saved before training
+    model, params = load_hf(base_folder)
+    method = jpeft.lora(rank=4, alpha=8, targets=r".*/(q|v)_proj/kernel", init=init, model=model)
+    ours = method.init(jax.random.key(0), params)
+    rebased = method.rebase(params, ours)
+    core = hf.base_model.model.model
+    for i, layer in enumerate(core.layers):            # the same factors (up to sign) and the same residual base
+        for proj in ("q_proj", "v_proj"):
+            module = getattr(layer.self_attn, proj)
+            a, b = (ours[f"layers_{i}"]["self_attn"][proj]["kernel"][k] for k in "ab")
+            their_a = module.lora_A["default"].weight.detach().numpy().T
+            a, signs = aligned(a, their_a, axis=0)
+            np.testing.assert_allclose(a, their_a, atol=2e-5)
+            np.testing.assert_allclose(np.asarray(b) * signs.T, module.lora_B["default"].weight.detach().numpy().T,
+                                       atol=2e-5)
+            np.testing.assert_allclose(rebased[f"layers_{i}"]["self_attn"][proj]["kernel"],
+                                       module.base_layer.weight.detach().numpy().T, atol=2e-5)
+
+    with torch.no_grad():                              # "training": move every factor
+        for name, p in hf.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    tuned = hf(torch.tensor(TOKENS)).logits.detach().numpy()
+    hf.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+
+    # jpeft, from PEFT's own initial and trained factors: the same tuned model, the same conversion.
+    initial = peft_factors(load_file(str(tmp_path / "initial" / "adapter_model.safetensors")), model, params)
+    trained = peft_factors({k: v.detach().numpy() for k, v in hf.named_parameters() if ".lora_" in k}, model, params)
+    frozen = method.rebase(params, initial)
+    np.testing.assert_allclose(np.asarray(model.forward(method.apply(frozen, trained), jnp.asarray(TOKENS))[0]),
+                               tuned, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="convert it first"):
+        save_peft(tmp_path / "raw", model, method, params, trained)
+    plain, converted = lora_init.as_plain_lora(method, params, trained, initial, model=model)
+    save_peft(tmp_path / "ours", model, plain, params, converted)
+    theirs = load_file(str(tmp_path / "converted" / "adapter_model.safetensors"))
+    mine = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
+    assert sorted(mine) == sorted(theirs)
+    for key in theirs:
+        np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-6, atol=1e-7)
+    their_config = json.loads((tmp_path / "converted" / "adapter_config.json").read_text())
+    my_config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert (my_config["r"], my_config["lora_alpha"]) == (their_config["r"], their_config["lora_alpha"]) == (8, 16)
+    # The plain adapter runs on the original base, in jpeft and in PEFT.
+    np.testing.assert_allclose(np.asarray(model.forward(plain.merge(params, converted), jnp.asarray(TOKENS))[0]),
+                               tuned, rtol=1e-4, atol=1e-4)
+    back = peft.PeftModel.from_pretrained(torch_base(base_folder), tmp_path / "ours").eval()
+    np.testing.assert_allclose(back(torch.tensor(TOKENS)).logits.detach().numpy(), tuned, rtol=1e-4, atol=1e-4)
+    method2, adapter2 = load_peft(tmp_path / "converted", model, params)
+    np.testing.assert_allclose(np.asarray(model.forward(method2.apply(params, adapter2), jnp.asarray(TOKENS))[0]),
+                               tuned, rtol=1e-4, atol=1e-4)
+
+    hf.save_pretrained(tmp_path / "unconverted")      # PEFT's own unconverted file needs its residual base
+    with pytest.raises(CheckpointError, match=f"init_lora_weights='{init}'"):
+        load_peft(tmp_path / "unconverted", model, params)

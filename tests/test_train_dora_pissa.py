@@ -1,0 +1,71 @@
+"""DoRA and PiSSA through the training program: shipped configs, and (slow) tiny end-to-end runs."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jpeft
+
+from jpeft.checkpoint import CheckpointError
+from train import config as config_lib
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_configs_are_valid_and_in_the_methods_table():
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import methods_table
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    dora = config_lib.load_config(str(REPO / "configs" / "smollm2_bbc_dora.yaml"))
+    pissa = config_lib.load_config(str(REPO / "configs" / "smollm2_bbc_pissa.yaml"))
+    lora = config_lib.load_config(str(REPO / "configs" / "smollm2_bbc_lora.yaml"))
+    assert (dora.method, pissa.method, dict(pissa.method_settings)["init"]) == ("dora", "lora", "pissa")
+    for cfg in (dora, pissa):  # the default LoRA job's targets and rank
+        settings = dict(cfg.method_settings)
+        assert {k: settings[k] for k in ("rank", "alpha", "targets")} == \
+            {k: dict(lora.method_settings)[k] for k in ("rank", "alpha", "targets")}
+    assert {"dora", "pissa"} <= set(methods_table.METHODS)
+
+
+def _config(tmp_path, folder, bbc_dir, method, settings, lr):
+    return config_lib.from_dict({
+        "name": f"tiny_{method}", "method": method, "run_dir": str(tmp_path / "run"), "progress": False,
+        "model": {"hf_folder": str(folder)}, method: settings,
+        "data": {"dir": str(bbc_dir), "max_article_tokens": 24, "max_headline_tokens": 12, "bucket_size": 32,
+                 "max_train_articles": 4},
+        "train": {"steps": 8, "batch_size": 4, "warmup_steps": 1, "eval_every": 8, "val_batches": 1, "lr": lr},
+        "eval": {"test_articles": 4, "batch_size": 4, "max_new_tokens": 4, "base_model": False},
+    })
+
+
+@pytest.mark.slow  # tests/test_dora.py and tests/test_lora_init.py check the library paths by default
+@pytest.mark.parametrize("method, settings", [
+    ("dora", {"rank": 4, "targets": ".*/(q|v)_proj/kernel"}),
+    ("lora", {"rank": 4, "targets": ".*/(q|v)_proj/kernel", "init": "pissa"}),
+], ids=["dora", "pissa"])
+def test_tiny_run_end_to_end(tmp_path, mixing_hf_folder, bbc_dir, method, settings):
+    from train import model, run
+
+    loaded = model.load(config_lib.ModelConfig(hf_folder=str(mixing_hf_folder)))
+    cfg = _config(tmp_path, mixing_hf_folder, bbc_dir, method, settings, lr=3e-3)
+    summary = run.run(cfg, loaded=loaded)
+    records = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.05, losses
+    assert np.isfinite(summary["rouge"][-1]["rouge1"])
+    adapter_dir = str(Path(summary["run_dir"]) / "adapter")
+    adapter, meta = run.restore(adapter_dir, cfg, loaded)
+    assert meta["method"] == method
+    leaves = {p.rsplit("/", 1)[1] for p in jpeft.tree.flatten(adapter)}
+    assert leaves == ({"a", "b", "m"} if method == "dora" else {"a", "b"})
+    if method == "lora":  # PiSSA's adapter goes with the rebased base: generate refuses it rather than run it wrong
+        from train.generate import load_adapter
+
+        with pytest.raises(CheckpointError, match="rebased"):
+            load_adapter("p", adapter_dir, loaded)
