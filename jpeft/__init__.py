@@ -16,6 +16,8 @@ from jpeft.methods.bottleneck import BottleneckAdapter, bottleneck
 from jpeft.methods.combine import combine_adapters
 from jpeft.methods.full import full
 from jpeft.methods.ia3 import Ia3Weight, ia3
+from jpeft.methods.loha import LohaWeight, loha
+from jpeft.methods.lokr import LokrWeight, lokr
 from jpeft.methods.lora import LoraWeight, lora
 from jpeft.methods.mixed import MixedAdapters
 from jpeft.methods.multi import AdapterBank
@@ -33,6 +35,8 @@ __all__ = [
     "AdapterBank",
     "BottleneckAdapter",
     "Ia3Weight",
+    "LohaWeight",
+    "LokrWeight",
     "LoraWeight",
     "Method",
     "MixedAdapters",
@@ -48,6 +52,8 @@ __all__ = [
     "full",
     "ia3",
     "layout",
+    "loha",
+    "lokr",
     "lora",
     "p_tuning",
     "prefix_tuning",
