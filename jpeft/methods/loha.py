@@ -22,7 +22,7 @@ Example:
     >>> params = {"dense": {"kernel": jnp.ones((4, 3))}}
     >>> method = jpeft.loha(rank=2, alpha=4, targets=r".*/kernel")
     >>> adapter = method.init(jax.random.key(0), params)
-    >>> {k: v.shape for k, v in adapter["dense"]["kernel"].items()}
+    >>> {k: v.shape for k, v in sorted(adapter["dense"]["kernel"].items())}
     {'a1': (4, 2), 'a2': (4, 2), 'b1': (2, 3), 'b2': (2, 3)}
     >>> bool((method.merge(params, adapter)["dense"]["kernel"] == 1).all())   # a2 == 0
     True

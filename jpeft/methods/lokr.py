@@ -26,7 +26,7 @@ Example:
     >>> import jax, jax.numpy as jnp, jpeft
     >>> params = {"dense": {"kernel": jnp.ones((64, 32))}}
     >>> adapter = jpeft.lokr(rank=2, targets=r".*/kernel").init(jax.random.key(0), params)
-    >>> {k: v.shape for k, v in adapter["dense"]["kernel"].items()}
+    >>> {k: v.shape for k, v in sorted(adapter["dense"]["kernel"].items())}
     {'a2': (8, 2), 'b2': (2, 8), 'w1': (8, 4)}
 """
 
