@@ -1,12 +1,16 @@
-"""FLOPs of a LoRA train step against a full fine-tuning step, at SmolLM2-135M shapes.
+"""FLOPs of a LoRA, LoHa and LoKr train step against a full fine-tuning step, at SmolLM2-135M shapes.
 
-Deterministic: both steps are compiled from abstract shapes (nothing is allocated)
-and XLA's cost analysis gives their FLOPs. The ideal ratio is about 2/3: the
-backward pass still computes dx through every layer but no dW for frozen weights.
+Deterministic: every step is compiled from abstract shapes (nothing is allocated)
+and XLA's cost analysis gives its FLOPs. LoRA's ideal ratio to full fine-tuning is
+about 2/3: the backward pass still computes dx through every layer but no dW for
+frozen weights. LoHa's update is full-rank, so each adapted weight costs what full
+fine-tuning's does (``x @ (W + dW)`` and a full-size gradient of ``dW``); LoKr applies
+its Kronecker product without forming it and costs about what LoRA does.
 
     python benchmarks/lora_cost.py [--batch 8] [--seq 256] [--rank 8]
 
-Last line: ``lora_over_full_flops=<ratio>``.
+The last lines are ``lora_over_full_flops=<ratio>`` (all-linear targets), then
+``loha_over_lora_flops=`` and ``lokr_over_lora_flops=`` (attention targets, same rank).
 """
 
 from __future__ import annotations
@@ -60,16 +64,27 @@ def main() -> None:
     print(f"{'method':<24}{'trainable':>14}{'GFLOPs/step':>14}{'vs full':>10}")
     print(f"{'full fine-tuning':<24}{jpeft.param_report(params, full_adapter).trainable:>14,}"
           f"{full_cost.flops / 1e9:>14.1f}{1.0:>10.3f}")
-    ratio = None
+    ratio, lora_flops = None, {}
     for name, targets in TARGETS.items():
         lora = jpeft.lora(rank=args.rank, targets=targets, model=model)
         adapter = jax.eval_shape(lora.init, key, params)
         cost = grad_step_cost(loss_for(lora, model), adapter, params, tokens)
-        ratio = cost.flops / full_cost.flops
+        ratio, lora_flops[name] = cost.flops / full_cost.flops, cost.flops
         label = f"lora r={args.rank} {name}"
         print(f"{label:<24}{jpeft.param_report(params, adapter).trainable:>14,}"
               f"{cost.flops / 1e9:>14.1f}{ratio:>10.3f}")
+    others = {}
+    for name, build in (("loha", jpeft.loha), ("lokr", jpeft.lokr)):
+        method = build(rank=args.rank, targets=TARGETS["attention"], model=model)
+        adapter = jax.eval_shape(method.init, key, params)
+        cost = grad_step_cost(loss_for(method, model), adapter, params, tokens)
+        others[name] = cost.flops / lora_flops["attention"]
+        label = f"{name} r={args.rank} attention"
+        print(f"{label:<24}{jpeft.param_report(params, adapter).trainable:>14,}"
+              f"{cost.flops / 1e9:>14.1f}{cost.flops / full_cost.flops:>10.3f}")
     print(f"lora_over_full_flops={ratio:.3f}")
+    print(f"loha_over_lora_flops={others['loha']:.3f}")
+    print(f"lokr_over_lora_flops={others['lokr']:.3f}")
 
 
 if __name__ == "__main__":
