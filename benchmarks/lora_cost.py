@@ -16,14 +16,18 @@ The last lines are ``lora_over_full_flops=<ratio>`` (all-linear targets), then
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import optax
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's jpeft, not an installed one
 
-import jpeft
-from jpeft.analysis import grad_step_cost
-from jpeft.models import llama
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+import jpeft  # noqa: E402
+from jpeft.analysis import grad_step_cost  # noqa: E402
+from jpeft.models import llama  # noqa: E402
 
 SMOLLM2_135M = llama.LlamaConfig(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
