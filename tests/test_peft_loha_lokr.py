@@ -145,7 +145,8 @@ def tree_factors(adapter):
 def test_settings_jpeft_does_not_have_are_refused_or_named(base_folder, loaded, tmp_path):
     jmodel, params = loaded[False]
     method = jpeft.lokr(rank=2, targets=r".*/q_proj/kernel", model=jmodel)
-    adapter = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), jax.eval_shape(method.init, jax.random.key(0), params))
+    shapes = jax.eval_shape(method.init, jax.random.key(0), params)
+    adapter = jax.tree.map(lambda x: np.zeros(x.shape, np.float32), shapes)
     save_peft(tmp_path, jmodel, method, params, adapter)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
 

@@ -168,7 +168,7 @@ def low_rank_axes(name: str, in_axes: tuple, out_axes: tuple) -> tuple:
 
 
 def kaiming_uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int, dtype) -> jax.Array:
-    """PEFT's ``kaiming_uniform_(w, a=sqrt(5))`` for a factor whose torch fan-in is ``fan_in``: ``U(+-1/sqrt(fan_in))``."""
+    """PEFT's ``kaiming_uniform_(w, a=sqrt(5))`` for a factor of torch fan-in ``fan_in``: ``U(+-1/sqrt(fan_in))``."""
     bound = 1.0 / math.sqrt(fan_in)
     return jax.random.uniform(key, shape, dtype, -bound, bound)
 

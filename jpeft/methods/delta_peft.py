@@ -214,7 +214,8 @@ LOHA = codec("LOHA", Format(
     extra_config=lambda w: {}, kind=_loha_kind, build=_loha_build, describe=lambda c: ""))
 
 LOKR = codec("LOKR", Format(
-    "LoKr", {"w1": "lokr_w1", "a1": "lokr_w1_b", "b1": "lokr_w1_a", "w2": "lokr_w2", "a2": "lokr_w2_b", "b2": "lokr_w2_a"},
+    "LoKr", {"w1": "lokr_w1", "a1": "lokr_w1_b", "b1": "lokr_w1_a",
+             "w2": "lokr_w2", "a2": "lokr_w2_b", "b2": "lokr_w2_a"},
     extra_config=lambda w: {"decompose_both": w.decompose_both, "decompose_factor": w.decompose_factor,
                             "rank_dropout_scale": False},
     kind=_lokr_kind, build=_lokr_build,
