@@ -1,29 +1,39 @@
-"""FLOPs of a LoRA and a DoRA train step against a full fine-tuning step, at SmolLM2-135M shapes.
+"""FLOPs of a train step of LoRA and its relatives against full fine-tuning's, at SmolLM2-135M shapes.
 
-Deterministic: the steps are compiled from abstract shapes (nothing is allocated)
-and XLA's cost analysis gives their FLOPs. The ideal LoRA ratio is about 2/3: the
-backward pass still computes dx through every layer but no dW for frozen weights.
-DoRA (``use_dora=True``) adds, per adapted weight and step, the norm of ``W + s A @ B``
-(``in x out x r`` for ``A @ B``) and a per-feature scale; Hugging Face PEFT measured
-its DoRA step at +26% over LoRA's.
+Deterministic: every step is compiled from abstract shapes (nothing is allocated)
+and XLA's cost analysis gives its FLOPs. LoRA's ideal ratio to full fine-tuning is
+about 2/3: the backward pass still computes dx through every layer but no dW for
+frozen weights. The other methods are compared with LoRA on the default job's targets
+(attention, same rank):
+
+* DoRA (``use_dora=True``) adds, per adapted weight, the norm of ``W + s A @ B`` (no
+  gradient) and a per-feature scale; Hugging Face PEFT measured its DoRA step at +26%.
+* LoHa's update is full-rank: each adapted weight runs ``x @ (W + dW)`` and forms a
+  full-size gradient of ``dW``.
+* LoKr applies its Kronecker product without forming it.
+* BitFit (the norm scales of a model without biases) trains no matmul weight at all.
 
     python benchmarks/lora_cost.py [--batch 8] [--seq 256] [--rank 8]
 
-Last two lines: ``dora_over_lora_flops=<ratio>`` (the LoRA targets of the default job)
-and ``lora_over_full_flops=<ratio>``.
+The last lines are ``lora_over_full_flops=<ratio>`` (all-linear targets), then
+``<method>_over_lora_flops=<ratio>`` for dora, loha, lokr and bitfit.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import optax
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's jpeft, not an installed one
 
-import jpeft
-from jpeft.analysis import grad_step_cost
-from jpeft.models import llama
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+import jpeft  # noqa: E402
+from jpeft.analysis import grad_step_cost  # noqa: E402
+from jpeft.models import llama  # noqa: E402
 
 SMOLLM2_135M = llama.LlamaConfig(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
@@ -64,22 +74,32 @@ def main() -> None:
     print(f"{'method':<24}{'trainable':>14}{'GFLOPs/step':>14}{'vs full':>10}")
     print(f"{'full fine-tuning':<24}{jpeft.param_report(params, full_adapter).trainable:>14,}"
           f"{full_cost.flops / 1e9:>14.1f}{1.0:>10.3f}")
-    ratio, flops = None, {}
+    ratio, lora_flops = None, {}
     for name, targets in TARGETS.items():
-        for use_dora in (False, True):
-            lora = jpeft.lora(rank=args.rank, targets=targets, model=model, use_dora=use_dora)
-            adapter = jax.eval_shape(lora.init, key, params)
-            cost = grad_step_cost(loss_for(lora, model), adapter, params, tokens)
-            flops[name, use_dora] = cost.flops
-            label = f"{'dora' if use_dora else 'lora'} r={args.rank} {name}"
-            print(f"{label:<24}{jpeft.param_report(params, adapter).trainable:>14,}"
-                  f"{cost.flops / 1e9:>14.1f}{cost.flops / full_cost.flops:>10.3f}")
-            if not use_dora:
-                ratio = cost.flops / full_cost.flops
-    for name in TARGETS:
-        print(f"dora over lora ({name}): {flops[name, True] / flops[name, False]:.4f}")
-    print(f"dora_over_lora_flops={flops['attention', True] / flops['attention', False]:.4f}")
+        lora = jpeft.lora(rank=args.rank, targets=targets, model=model)
+        adapter = jax.eval_shape(lora.init, key, params)
+        cost = grad_step_cost(loss_for(lora, model), adapter, params, tokens)
+        ratio, lora_flops[name] = cost.flops / full_cost.flops, cost.flops
+        label = f"lora r={args.rank} {name}"
+        print(f"{label:<24}{jpeft.param_report(params, adapter).trainable:>14,}"
+              f"{cost.flops / 1e9:>14.1f}{ratio:>10.3f}")
+    others = {
+        "dora": jpeft.dora(rank=args.rank, targets=TARGETS["attention"], model=model),
+        "loha": jpeft.loha(rank=args.rank, targets=TARGETS["attention"], model=model),
+        "lokr": jpeft.lokr(rank=args.rank, targets=TARGETS["attention"], model=model),
+        "bitfit": jpeft.bitfit(model=model),
+    }
+    over_lora = {}
+    for name, method in others.items():
+        adapter = jax.eval_shape(method.init, key, params)
+        cost = grad_step_cost(loss_for(method, model), adapter, params, tokens)
+        over_lora[name] = cost.flops / lora_flops["attention"]
+        label = name if name == "bitfit" else f"{name} r={args.rank} attention"
+        print(f"{label:<24}{jpeft.param_report(params, adapter).trainable:>14,}"
+              f"{cost.flops / 1e9:>14.1f}{cost.flops / full_cost.flops:>10.3f}")
     print(f"lora_over_full_flops={ratio:.3f}")
+    for name, value in over_lora.items():
+        print(f"{name}_over_lora_flops={value:.4f}")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,8 @@ METHODS = {
     "selective": ("selective", []),
     "ulmfit": ("ulmfit", []),
     "pir": ("pir", []),
+    "loha": ("loha", []),
+    "lokr": ("lokr", []),
     "full": ("full", []),
 }
 

@@ -17,6 +17,8 @@ from jpeft.methods.combine import combine_adapters
 from jpeft.methods.full import full
 from jpeft.methods.ia3 import Ia3Weight, ia3
 from jpeft.methods.dora import DoraWeight
+from jpeft.methods.loha import LohaWeight, loha
+from jpeft.methods.lokr import LokrWeight, lokr
 from jpeft.methods.lora import LoraWeight, dora, lora
 from jpeft.methods.mixed import MixedAdapters
 from jpeft.methods.multi import AdapterBank
@@ -35,6 +37,8 @@ __all__ = [
     "BottleneckAdapter",
     "DoraWeight",
     "Ia3Weight",
+    "LohaWeight",
+    "LokrWeight",
     "LoraWeight",
     "Method",
     "MixedAdapters",
@@ -51,6 +55,8 @@ __all__ = [
     "full",
     "ia3",
     "layout",
+    "loha",
+    "lokr",
     "lora",
     "p_tuning",
     "prefix_tuning",
