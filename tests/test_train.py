@@ -54,7 +54,7 @@ def test_shipped_configs_are_valid():
         ({"train": {"lr": -1.0}}, r"'train.lr': -1.0 must be > 0"),
         ({"train": {"lr": "fast"}}, r"'train.lr': 'fast' is a str"),
         ({"train": {"steps": True}}, r"'train.steps': True is a bool"),
-        ({"method": "dora"}, r"'method': 'dora' must be one of .*'lora'.*did you mean 'lora'"),
+        ({"method": "lorra"}, r"'method': 'lorra' must be one of .*'lora'.*did you mean 'lora'"),
         ({"model": {"gguf": "a.gguf", "hf_folder": "b"}}, r"only one of .*gguf, hf_folder"),
         ({"train": "fast"}, r"'train' must be a mapping"),
     ],
