@@ -79,6 +79,25 @@ class WeightWrapper(abc.ABC):
                                   "adapter separately, before method.apply")
 
 
+
+class OverBase(WeightWrapper):
+    """A wrapper that adds to a frozen weight held in its field ``base`` (an array or another wrapper).
+
+    It stands for a weight of the base's shape and dtype (LoRA, DoRA's inner LoRA, LoHa,
+    LoKr, IA3, and their per-row forms).
+    """
+
+    base: Any
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.base.shape)
+
+    @property
+    def dtype(self):
+        return getattr(self.base, "dtype", jnp.float32)
+
+
 def is_wrapper(leaf) -> bool:
     """True for leaves that are jpeft weight wrappers rather than arrays."""
     return isinstance(leaf, WeightWrapper)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -96,6 +97,23 @@ def listing(items, limit: int = _SHOWN) -> str:
     items = list(items)
     more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
     return ", ".join(map(str, items[:limit])) + more
+
+
+def rank_rules(settings) -> list:
+    """Target rules ``Rule(path, rank=, alpha=)`` from ``{param path: {(rank, alpha), ...}}`` read off a PEFT file.
+
+    A stacked (scanned) parameter collects every layer's ``(rank, alpha)``; it can hold only
+    one, so differing ones are a :class:`CheckpointError` naming the parameters.
+
+    Example:
+        >>> rank_rules({"layers/q_proj/kernel": {(8, 16.0)}})
+        [Rule('layers/q_proj/kernel', rank=8, alpha=16.0)]
+    """
+    uneven = sorted(p for p, s in settings.items() if len(s) > 1)
+    if uneven:
+        raise CheckpointError(f"the PEFT adapter has per-layer ranks or alphas for {listing(uneven)}, "
+                              "which stacked (scan_layers=True) params cannot hold; load it onto unstacked params")
+    return [tree.Rule(re.escape(p), rank=r, alpha=a) for p, ((r, a),) in sorted(settings.items())]
 
 
 # ----------------------------------------------------------------------------- module names

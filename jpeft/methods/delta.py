@@ -58,7 +58,7 @@ Shapes = dict[str, tuple[int, ...]]
 
 
 @dataclasses.dataclass(frozen=True)
-class DeltaWeight(ops.WeightWrapper):
+class DeltaWeight(ops.OverBase):
     """A weight plus a structured update ``s * dW(factors)``; subclasses say what ``dW`` is.
 
     ``factors`` hold the weight's leading stack axes first (one update per layer); the
@@ -73,14 +73,6 @@ class DeltaWeight(ops.WeightWrapper):
     scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
     inputs: int = dataclasses.field(default=1, metadata=dict(static=True))
     outputs: int = dataclasses.field(default=1, metadata=dict(static=True))
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.base.shape)
-
-    @property
-    def dtype(self):
-        return self.base.dtype
 
     @property
     def lead(self) -> int:

@@ -161,11 +161,7 @@ def _load(fmt: Format):
             settings[final].add((r, alpha))
         if problems:
             return None, {}
-        uneven = sorted(p for p, s in settings.items() if len(s) > 1)
-        if uneven:
-            raise CheckpointError(f"the PEFT adapter has per-layer ranks or alphas for {peft_format.listing(uneven)}, "
-                                  "which stacked (scan_layers=True) params cannot hold; load it onto unstacked params")
-        rules = [tree.Rule(re.escape(p), rank=r, alpha=a) for p, ((r, a),) in sorted(settings.items())]
+        rules = peft_format.rank_rules(settings)
         return fmt.build(config, rules, model), leaves
     return load
 

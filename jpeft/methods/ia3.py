@@ -45,7 +45,7 @@ _LEAF = "ia3_l"
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Ia3Weight(ops.WeightWrapper):
+class Ia3Weight(ops.OverBase):
     """A weight whose outputs (or, with ``on_input``, inputs) are scaled by ``scale``.
 
     ``base`` may itself be a wrapper (e.g. a quantized weight). A ``base`` with as many
@@ -58,14 +58,6 @@ class Ia3Weight(ops.WeightWrapper):
     scale: jax.Array
     on_input: bool = dataclasses.field(default=False, metadata=dict(static=True))
     outputs: int = dataclasses.field(default=1, metadata=dict(static=True))
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.base.shape)
-
-    @property
-    def dtype(self):
-        return getattr(self.base, "dtype", jnp.float32)
 
     def linear(self, x: jax.Array) -> jax.Array:
         scale = self.scale.astype(x.dtype)
@@ -210,7 +202,7 @@ def ia3(
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class Ia3Rows(ops.WeightWrapper):
+class Ia3Rows(ops.OverBase):
     """A weight (or bias) scaled by a different IA3 vector in every batch row (:class:`jpeft.MixedAdapters`).
 
     ``scale (*lead, S, *vec)``: a vector per slot (ones in an empty one); ``rows (*lead, B)``:
@@ -223,14 +215,6 @@ class Ia3Rows(ops.WeightWrapper):
     rows: jax.Array
     on_input: bool = dataclasses.field(default=False, metadata=dict(static=True))
     outputs: int = dataclasses.field(default=1, metadata=dict(static=True))
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.base.shape)
-
-    @property
-    def dtype(self):
-        return getattr(self.base, "dtype", jnp.float32)
 
     def _scales(self, batch: int, ndim: int, dtype) -> jax.Array:
         """Each row's vector, shaped to broadcast against an ``ndim``-axis input or output."""

@@ -64,7 +64,7 @@ def _letters(n: int, start: int = 0) -> str:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LoraWeight(ops.WeightWrapper):
+class LoraWeight(ops.OverBase):
     """A weight plus its low-rank update, used by :mod:`jpeft.ops` without merging.
 
     ``base`` may itself be a wrapper (e.g. a quantized weight: that is QLoRA). The
@@ -78,14 +78,6 @@ class LoraWeight(ops.WeightWrapper):
     scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
     dropout_rate: float = dataclasses.field(default=0.0, metadata=dict(static=True))
     tie_output: bool = dataclasses.field(default=False, metadata=dict(static=True))
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.base.shape)
-
-    @property
-    def dtype(self):
-        return self.base.dtype
 
     @property
     def lead(self) -> int:
@@ -448,7 +440,7 @@ def _peft_codec():
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class LoraRows(ops.WeightWrapper):
+class LoraRows(ops.OverBase):
     """A weight with a different LoRA update in every batch row (:class:`jpeft.MixedAdapters`).
 
     ``a (*lead, *in, S, R)``, ``b (*lead, S, R, *out)``: ``S`` slots of factors zero-padded
@@ -479,14 +471,6 @@ class LoraRows(ops.WeightWrapper):
     rows: jax.Array
     tie_output: bool = dataclasses.field(default=False, metadata=dict(static=True))
     strategy: str = dataclasses.field(default="auto", metadata=dict(static=True))
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.base.shape)
-
-    @property
-    def dtype(self):
-        return self.base.dtype
 
     @property
     def lead(self) -> int:

@@ -173,11 +173,7 @@ def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, 
         settings[final].add((r, float(alpha)))
     if problems:
         return None, {}
-    uneven = sorted(p for p, s in settings.items() if len(s) > 1)
-    if uneven:
-        raise CheckpointError(f"the PEFT adapter has per-layer ranks or alphas for {peft_format.listing(uneven)}, "
-                              "which stacked (scan_layers=True) params cannot hold; load it onto unstacked params")
-    rules = [tree.Rule(re.escape(p), rank=r, alpha=a) for p, ((r, a),) in sorted(settings.items())]
+    rules = peft_format.rank_rules(settings)
     method = lora(rank=int(config.get("r", 8)), alpha=float(config.get("lora_alpha", 8)),
                   use_rslora=bool(config.get("use_rslora", False)), targets=rules, model=model,
                   ensure_weight_tying=bool(config.get("ensure_weight_tying", False)), use_dora=use_dora)
