@@ -73,3 +73,26 @@ def numpy_params(model, seed=0, stddev=0.02):
         values = stddev * rng.standard_normal(leaf.shape) + (1.0 if vector else 0.0)
         out[path] = jnp.asarray(values, leaf.dtype)
     return tree.unflatten(out)
+
+
+# ----------------------------------------------------------------------------- a tiny PyTorch Llama (the peer)
+
+
+def save_torch_llama(folder, *, hidden_size=64, intermediate_size=128, seed=0):
+    """A random ``transformers`` Llama (vocab 40, 2 layers, 4 query / 2 key-value heads) saved to ``folder``."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def torch_llama(folder):
+    """The ``transformers`` Llama saved in ``folder`` (eager attention, eval mode): a fresh copy for each use."""
+    import transformers
+
+    return transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()

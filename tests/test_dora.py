@@ -13,6 +13,7 @@ from jpeft.errors import CheckpointError
 from jpeft.layout import Layout
 from jpeft.methods.dora import DoraWeight
 from jpeft.models import llama
+import reference
 
 X = np.random.default_rng(0).standard_normal((2, 3, 6)).astype(np.float32)
 
@@ -176,16 +177,11 @@ TOKENS = np.array([[1, 5, 9, 2, 7, 3], [4, 4, 8, 1, 0, 6]])
 
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    folder = tmp_path_factory.mktemp("dora_base")
-    transformers.LlamaForCausalLM(config).eval().save_pretrained(folder, safe_serialization=True)
-    return folder
+    return reference.save_torch_llama(tmp_path_factory.mktemp("dora_base"))
 
 
 def torch_base(folder):
-    return transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    return reference.torch_llama(folder)
 
 
 def test_peft_dora_adapter_loads_into_jpeft_and_back(base_folder, tmp_path):

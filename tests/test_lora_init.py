@@ -13,6 +13,7 @@ from jpeft import quant, tree
 from jpeft.errors import CheckpointError
 from jpeft.layout import Layout
 from jpeft.methods import lora_init
+import reference
 
 RNG = np.random.default_rng(0)
 
@@ -137,16 +138,11 @@ PREFIX = "base_model.model."
 
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    folder = tmp_path_factory.mktemp("pissa_base")
-    transformers.LlamaForCausalLM(config).eval().save_pretrained(folder, safe_serialization=True)
-    return folder
+    return reference.save_torch_llama(tmp_path_factory.mktemp("pissa_base"))
 
 
 def torch_base(folder):
-    return transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    return reference.torch_llama(folder)
 
 
 def peft_factors(tensors, model, params_like):

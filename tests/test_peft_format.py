@@ -12,6 +12,7 @@ import jpeft
 from jpeft.io.hf import CheckpointError, load_hf
 from jpeft.io.peft_format import load_peft, save_peft
 from jpeft.models import llama
+import reference
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -22,18 +23,11 @@ TOKENS = np.array([[1, 5, 9, 2, 7, 3], [4, 4, 8, 1, 0, 6]])
 
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(config).eval()
-    folder = tmp_path_factory.mktemp("base")
-    model.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return reference.save_torch_llama(tmp_path_factory.mktemp("base"), hidden_size=32, intermediate_size=48)
 
 
 def torch_base(folder):
-    return transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    return reference.torch_llama(folder)
 
 
 def jpeft_logits(config, params):

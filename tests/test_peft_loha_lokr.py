@@ -13,6 +13,7 @@ from jpeft.io.hf import load_hf
 from jpeft.io.peft_format import load_peft, save_peft
 from jpeft.methods.lokr import factorization
 from jpeft.models import llama
+import reference
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -33,13 +34,7 @@ def test_factorization_is_peft_s():
 @pytest.fixture(scope="module")
 def base_folder(tmp_path_factory):
     """A tiny random Llama (2 layers, width 64): projections 64 -> 64, 64 -> 32 (k/v) and 64 <-> 96 (MLP)."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=40, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64)
-    folder = tmp_path_factory.mktemp("base")
-    transformers.LlamaForCausalLM(config).eval().save_pretrained(folder, safe_serialization=True)
-    return folder
+    return reference.save_torch_llama(tmp_path_factory.mktemp("base"), intermediate_size=96)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +43,7 @@ def loaded(base_folder):
 
 
 def torch_base(folder):
-    return transformers.LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    return reference.torch_llama(folder)
 
 
 _FORWARDS = {}
