@@ -39,14 +39,9 @@ import jax.numpy as jnp
 import jpeft
 from jpeft import quant
 from jpeft.models import llama
+from shapes import smollm2_135m
 
 TARGETS = {"all": r".*/(q|k|v|o|gate|up|down)_proj/kernel", "attention": r".*/(q|k|v|o)_proj/kernel"}
-
-
-def smollm2_135m() -> llama.LlamaConfig:
-    return llama.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-                             num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=1e5, rms_norm_eps=1e-5,
-                             max_position_embeddings=2048, tie_word_embeddings=True, scan_layers=True)
 
 
 def random_lora(model, params, rank: int, targets: str, seed: int):
@@ -116,7 +111,7 @@ def main() -> None:
                         help="how the mixed rows compute their LoRA updates")
     args = parser.parse_args()
 
-    model = llama.model(smollm2_135m())
+    model = llama.model(smollm2_135m(max_position_embeddings=2048, scan_layers=True))
     params = model.init(jax.random.key(0))
     if args.quantize:
         params = quant.quantize(params, TARGETS["all"], args.quantize, model=model)

@@ -31,17 +31,12 @@ import optax
 import jpeft
 from jpeft import quant, tree
 from jpeft.models import llama
+from shapes import smollm2_135m
 
 MATRICES = r".*/(kernel|embedding)"
 LORA_TARGETS = r".*/(q|k|v|o|gate|up|down)_proj/kernel"
 FORMATS = [("int8", {"format": "int8"}), ("int4", {"format": "int4"}),
            ("nf4", {"format": "nf4", "double_quant": False}), ("nf4+dq", {"format": "nf4"})]
-
-
-def smollm2_135m(**overrides) -> llama.LlamaConfig:
-    return llama.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-                             num_heads=9, num_kv_heads=3, head_dim=64, rope_theta=1e5, rms_norm_eps=1e-5,
-                             tie_word_embeddings=True, scan_layers=True, **overrides)
 
 
 def device_bytes(t) -> int:
@@ -141,7 +136,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
-    config = smollm2_135m(dtype="bfloat16")
+    config = smollm2_135m(dtype="bfloat16", scan_layers=True)
     params = llama.init_params(config, jax.random.key(0))
     nf4_bits = weight_table(params)
     step_table(params, config, args.batch, args.seq, args.steps)

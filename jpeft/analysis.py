@@ -40,6 +40,11 @@ def grad_step_cost(loss_fn: Callable[..., jax.Array], adapter: Any, *args: Any) 
     """Compiles ``jax.value_and_grad(loss_fn)(adapter, *args)`` and reads its cost.
 
     Arguments may be arrays or ``jax.ShapeDtypeStruct`` (nothing is allocated).
+
+    XLA's cost analysis counts the body of a loop once: for a model whose layers run
+    in ``jax.lax.scan`` (``scan_layers=True``) the figure covers one layer, not all of
+    them. Measure an unrolled model (its layers' FLOPs are identical), or compile it with
+    1 and 2 layers and extrapolate, as ``benchmarks/step_time.py`` does.
     """
     step = jax.jit(jax.value_and_grad(loss_fn))
     compiled = step.lower(_abstract(adapter), *map(_abstract, args)).compile()
