@@ -39,6 +39,7 @@ The merge fallback, and its cost
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -81,6 +82,55 @@ class Plan(NamedTuple):
     @property
     def canonical_shape(self) -> tuple[int, ...]:
         return tuple(self.shape[i] for i in self.perm) if self.perm else self.shape
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Transposed(ops.WeightWrapper):
+    """A frozen kernel kept in its layer's own axis order, standing for its ``(*in, *out)`` transpose.
+
+    ``shape`` is the transposed (canonical) shape that methods see; :meth:`einsum` contracts the
+    array as stored, with the equation written back in its own order, so the layer computes
+    exactly what Flax computes (a contraction over a transposed copy can round differently).
+
+    Example:
+        >>> t = Transposed(jnp.ones((3, 2)), (1, 0))      # a (out, in) kernel seen as (in, out)
+        >>> t.shape, t.einsum("bi,io->bo", jnp.ones((1, 2))).shape
+        ((2, 3), (1, 3))
+    """
+
+    array: Any
+    perm: tuple = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.array.shape[i] for i in self.perm)
+
+    @property
+    def dtype(self):
+        return self.array.dtype
+
+    def materialize(self, dtype=None) -> jax.Array:
+        return jnp.transpose(self.array, self.perm).astype(dtype or self.array.dtype)
+
+    def _own_order(self, w_sub: str) -> str:
+        own = [""] * len(self.perm)
+        for k, axis in enumerate(self.perm):
+            own[axis] = w_sub[k]
+        return "".join(own)
+
+    def einsum(self, subscripts: str, x: jax.Array) -> jax.Array:
+        x_sub, w_sub, out = expand(subscripts, x.ndim)
+        return jnp.einsum(f"{x_sub},{self._own_order(w_sub)}->{out}", x, self.array.astype(x.dtype))
+
+    def linear(self, x: jax.Array) -> jax.Array:
+        return self.einsum("...i,io->...o", x)
+
+    def partition_specs(self, axes: tuple, spec_for) -> "Transposed":
+        own = [None] * len(self.perm)
+        for k, axis in enumerate(self.perm):
+            own[axis] = axes[k]
+        return dataclasses.replace(self, array=spec_for(tuple(own), self.array.shape, "kernel"))
 
 
 def expand(eqn: str, x_ndim: int) -> tuple[str, str, str]:
@@ -321,7 +371,9 @@ class FlaxModel:
             for name, plan in site.plans.items():
                 path = f"{prefix}/{name}" if prefix else name
                 if plan.perm and path in flat:
-                    back[path] = jnp.transpose(ops.as_array(flat[path]), _inverse(plan.perm))
+                    leaf = flat[path]
+                    back[path] = leaf.array if isinstance(leaf, Transposed) else jnp.transpose(
+                        ops.as_array(leaf), _inverse(plan.perm))
         return tree.replace(params, back) if back else params
 
     # ------------------------------------------------------------------ internals
@@ -386,8 +438,7 @@ def build(name: str, params: Any, records: list[tuple[tuple, str, str, Any]], ru
         for name, plan in site.plans.items():
             if plan.perm:
                 full = f"{path_str(path)}/{name}" if path else name
-                moved[full] = jnp.transpose(flat[full], plan.perm) if not isinstance(
-                    flat[full], jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(plan.canonical_shape, flat[full].dtype)
+                moved[full] = Transposed(flat[full], plan.perm)
                 if full in axes:
                     axes[full] = tuple(axes[full][i] for i in plan.perm)
     model = FlaxModel(name, tree.replace(params, moved) if moved else params, sites, runner, plain_runner,
