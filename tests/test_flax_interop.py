@@ -75,46 +75,48 @@ def test_linen_lora_fresh_is_exact_trained_matches_merge_and_only_the_adapter_tr
     adapter = method.init(jax.random.key(1), model.params)
     assert adapter["o_proj"]["kernel"]["a"].shape == (H, K, 4) and adapter["o_proj"]["kernel"]["b"].shape == (4, D)
     assert adapter["up"]["kernel"]["a"].shape == (D, 4) and adapter["up"]["kernel"]["b"].shape == (4, F)
-    fn = jax.jit(model.bind(method))
-    reference = jax.jit(net.apply)(variables, IDS)
-    np.testing.assert_array_equal(fn(adapter, model.params, IDS), reference)
+    fn = model.bind(method)
 
-    trained = perturb(adapter)
-    out = fn(trained, model.params, IDS)
-    np.testing.assert_allclose(out, model.call_merged(method, trained, model.params, IDS), atol=2e-5, rtol=1e-5)
+    reference = net.apply(variables, IDS)
+    np.testing.assert_array_equal(fn(adapter, model.params, IDS), reference)    # op by op, as Flax ran it
+
+    @jax.jit
+    def run(trained, frozen):
+        grads = jax.grad(lambda ad: fn(ad, frozen, IDS).sum())(trained)
+        return fn(trained, frozen, IDS), model.call_merged(method, trained, frozen, IDS), grads
+
+    out, merged, grads = run(perturb(adapter), model.params)
+    np.testing.assert_allclose(out, merged, atol=2e-5, rtol=1e-5)
     assert float(jnp.abs(out - reference).max()) > 1e-2
-
-    grads = jax.grad(lambda ad: fn(ad, model.params, IDS).sum())(trained)
-    assert jax.tree.structure(grads) == jax.tree.structure(trained)
+    assert jax.tree.structure(grads) == jax.tree.structure(adapter)     # gradients for the adapter only
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
 
 
-def test_linen_ia3_and_dropout_run_through_the_layers(linen_model):
+def test_linen_ia3_qlora_and_dropout_run_through_the_layers(linen_model):
     net, variables, model = linen_model
     ia3 = jpeft.ia3(targets=r"(up|down)/kernel", feedforward=r"down/kernel", model=model)
-    adapter = ia3.init(KEY, model.params)
-    assert adapter["up"]["kernel"]["ia3_l"].shape == (F,) and adapter["down"]["kernel"]["ia3_l"].shape == (F,)
-    np.testing.assert_array_equal(model.bind(ia3)(adapter, model.params, IDS), net.apply(variables, IDS))
-    trained = perturb(adapter)
-    np.testing.assert_allclose(model.bind(ia3)(trained, model.params, IDS),
-                               model.call_merged(ia3, trained, model.params, IDS), atol=2e-5, rtol=1e-5)
-    lora = jpeft.lora(rank=2, targets=r"down/kernel", dropout=0.5, model=model)
-    ad = perturb(lora.init(KEY, model.params))
-    with_drop = model.bind(lora)(ad, model.params, IDS, rng=jax.random.key(5))
-    assert not np.allclose(with_drop, model.bind(lora)(ad, model.params, IDS))
-
-
-def test_linen_qlora_keeps_the_base_4bit_and_matches_its_dequantized_weights(linen_model):
-    _, _, model = linen_model
+    ia3_fresh = ia3.init(KEY, model.params)
+    assert ia3_fresh["up"]["kernel"]["ia3_l"].shape == (F,) and ia3_fresh["down"]["kernel"]["ia3_l"].shape == (F,)
     targets = r"(q_proj|o_proj|up|down)/kernel"
     qparams = quant.quantize(model.params, targets, block_size=16, model=model)
     assert all(quant.is_quantized(tree.flatten(qparams)[p]) for p in ("q_proj/kernel", "o_proj/kernel", "up/kernel"))
-    method = jpeft.lora(rank=4, targets=targets, model=model)
-    adapter = perturb(method.init(jax.random.key(1), qparams))
-    out = jax.jit(model.bind(method))(adapter, qparams, IDS)
-    reference = model.call_merged(method, adapter, quant.dequantize(qparams), IDS)
-    np.testing.assert_allclose(out, reference, atol=5e-5, rtol=1e-5)
-    assert method.merge_blocker(qparams) is not None     # merging would dequantize: apply is the way
+    qlora = jpeft.lora(rank=4, targets=targets, dropout=0.5, model=model)
+    assert qlora.merge_blocker(qparams) is not None     # merging would dequantize: apply is the way
+
+    np.testing.assert_array_equal(model.bind(ia3)(ia3_fresh, model.params, IDS), net.apply(variables, IDS))
+
+    @jax.jit
+    def run(ia3_trained, q_adapter, qparams):
+        return (model.bind(ia3)(ia3_trained, model.params, IDS), model.call_merged(ia3, ia3_trained, model.params, IDS),
+                model.bind(qlora)(q_adapter, qparams, IDS),
+                model.call_merged(qlora, q_adapter, quant.dequantize(qparams), IDS),
+                model.bind(qlora)(q_adapter, qparams, IDS, rng=jax.random.key(5)))
+
+    q_adapter = perturb(qlora.init(jax.random.key(1), qparams))
+    out, merged, q_out, q_merged, q_dropped = run(perturb(ia3_fresh), q_adapter, qparams)
+    np.testing.assert_allclose(out, merged, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(q_out, q_merged, atol=5e-5, rtol=1e-5)
+    assert not np.allclose(q_dropped, q_out)
 
 
 def test_rules_and_bad_targets_are_clear_errors(linen_model):
@@ -174,30 +176,37 @@ def test_nnx_lora_fresh_is_exact_trained_matches_merge_and_the_module_is_untouch
     assert {p: (l.kind, l.inputs) for p, l in model.layouts().items()} == {
         "embed/embedding": ("table", 1), "q_proj/kernel": ("kernel", 1), "o_proj/kernel": ("kernel", 2),
         "up/kernel": ("kernel", 1), "blocks/0/kernel": ("kernel", 1), "blocks/1/kernel": ("kernel", 1)}
-    # the embedding is also the output head (attend): ensure_weight_tying adapts both, as merge does
     method = jpeft.lora(rank=4, targets=r".*/(kernel|embedding)", ensure_weight_tying=True, model=model)
     adapter = method.init(jax.random.key(1), model.params)
     fn = model.bind(method)
     reference = net(IDS)
     np.testing.assert_array_equal(fn(adapter, model.params, IDS), reference)
-    fn = jax.jit(fn)
-    trained = perturb(adapter)
-    np.testing.assert_allclose(fn(trained, model.params, IDS), model.call_merged(method, trained, model.params, IDS),
-                               atol=2e-5, rtol=1e-5)
-    grads = jax.grad(lambda ad: fn(ad, model.params, IDS).sum())(trained)
-    assert jax.tree.structure(grads) == jax.tree.structure(trained)
     assert isinstance(net.up, nnx.Einsum) and isinstance(net.blocks[0], nnx.Linear)   # user's module unchanged
-    np.testing.assert_array_equal(net(IDS), reference)
+
+    @jax.jit
+    def run(trained, frozen):
+        grads = jax.grad(lambda ad: fn(ad, frozen, IDS).sum())(trained)
+        return fn(trained, frozen, IDS), model.call_merged(method, trained, frozen, IDS), grads
+
+    out, merged, grads = run(perturb(adapter), model.params)
+    np.testing.assert_allclose(out, merged, atol=2e-5, rtol=1e-5)
+    assert jax.tree.structure(grads) == jax.tree.structure(adapter)
 
 
-def test_nnx_partitioning_and_qlora(nnx_model):
-    net, model = nnx_model
+def test_nnx_partitioning_is_inherited(nnx_model):
+    _, model = nnx_model
     assert model.param_axes()["up"]["kernel"] == (None, "model")
     method = jpeft.lora(rank=4, targets=r"(up|blocks/\d)/kernel", model=model)
     adapter = method.init(KEY, model.params)
     assert model.adapter_specs(method, adapter)["up"]["kernel"]["b"] == jax.sharding.PartitionSpec(None, "model")
+
+
+@pytest.mark.slow
+def test_nnx_qlora_matches_its_dequantized_weights(nnx_model):
+    _, model = nnx_model
+    method = jpeft.lora(rank=4, targets=r"(up|blocks/\d)/kernel", model=model)
     qparams = quant.quantize(model.params, r"(up|blocks/\d)/kernel", block_size=32, model=model)
-    trained = perturb(adapter)
+    trained = perturb(method.init(KEY, qparams))
     np.testing.assert_allclose(model.bind(method)(trained, qparams, IDS),
                                model.call_merged(method, trained, quant.dequantize(qparams), IDS), atol=5e-5, rtol=1e-5)
 

@@ -13,6 +13,6 @@ method learns the layouts. See :mod:`jpeft.interop.core` for why it works this w
 Importing this package needs flax (``pip install jpeft[flax]``); ``import jpeft`` does not.
 """
 
-from jpeft.interop.core import Contraction, FlaxModel, InteropError, Table, Weights
+from jpeft.interop.core import Contraction, FlaxModel, InteropError, Table, Transposed, Weights
 
-__all__ = ["Contraction", "FlaxModel", "InteropError", "Table", "Weights"]
+__all__ = ["Contraction", "FlaxModel", "InteropError", "Table", "Transposed", "Weights"]
