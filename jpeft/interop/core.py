@@ -282,8 +282,9 @@ class FlaxModel:
     """
 
     def __init__(self, name: str, params: Any, sites: dict[tuple, Site], runner: Callable, plain_runner: Callable,
-                 axes: dict[str, tuple] | None = None, axes_kind: str = "mesh"):
+                 axes: dict[str, tuple] | None = None, axes_kind: str = "mesh", tied: dict[str, str] | None = None):
         self.name, self.params, self.sites = name, params, sites
+        self._tied = dict(tied or {})
         self._runner, self._plain = runner, plain_runner
         self._axes, self.axes_kind = axes or {}, axes_kind
         self._by_str = {path_str(p): s for p, s in sites.items()}
@@ -303,8 +304,6 @@ class FlaxModel:
     def tied_tables(self) -> dict[str, str]:
         """Tables the model also uses as an output projection (``Embed.attend``): ``{path: path}``."""
         return dict(self._tied)
-
-    _tied: dict = {}
 
     @property
     def names(self) -> CheckpointNames:
@@ -441,10 +440,8 @@ def build(name: str, params: Any, records: list[tuple[tuple, str, str, Any]], ru
                 moved[full] = Transposed(flat[full], plan.perm)
                 if full in axes:
                     axes[full] = tuple(axes[full][i] for i in plan.perm)
-    model = FlaxModel(name, tree.replace(params, moved) if moved else params, sites, runner, plain_runner,
-                      axes, axes_kind)
-    model._tied = tied
-    return model
+    return FlaxModel(name, tree.replace(params, moved) if moved else params, sites, runner, plain_runner,
+                     axes, axes_kind, tied)
 
 
 def count_bits(tree_: Any) -> float:

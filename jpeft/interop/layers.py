@@ -16,9 +16,9 @@ Example:
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
+from jpeft import ops
 from jpeft.interop.core import Contraction, InteropError, Table, Weights, add_bias, compute_dtype
 
 _L = "abcdefghijklmnopqrstuvwxyz"
@@ -122,9 +122,8 @@ def embed_plan(module, ids, *args, **kwargs):
 def embed_run(module, w: Weights, ids, *args, **kwargs):
     table = w["embedding"]
     dtype = compute_dtype(module, table)
-    if module.num_embeddings == 1:
-        row = jax.numpy.asarray(w.get("embedding").materialize(dtype) if hasattr(table, "materialize")
-                                else table.astype(dtype))
+    if module.num_embeddings == 1:  # Flax broadcasts the one row to every input
+        row = ops.as_array(table, dtype)
         return jnp.broadcast_to(row, jnp.shape(ids) + (row.shape[-1],))
     return w.embed("embedding", ids, dtype)
 
