@@ -39,11 +39,11 @@ jl.register(gemma_modules.Embedder, "decode", plan=lambda m, x: {"input_embeddin
             run=lambda m, w, x: w.attend("input_embedding", x))
 
 
-def gemma(width: int, hidden: int, vocab: int, head_dim: int, kv_heads: int = 2):
+def gemma(width: int, hidden: int, vocab: int, head_dim: int, kv_heads: int = 2, layers: int = 2):
     config = gemma_transformer.TransformerConfig(
-        num_layers=2, num_embed=vocab, embed_dim=width, hidden_dim=hidden, num_heads=4, head_dim=head_dim,
+        num_layers=layers, num_embed=vocab, embed_dim=width, hidden_dim=hidden, num_heads=4, head_dim=head_dim,
         num_kv_heads=kv_heads, final_logit_softcap=None, use_post_attn_norm=True, use_post_ffw_norm=True,
-        attention_types=(gemma_modules.AttentionType.GLOBAL,) * 2, max_cache_length=None)
+        attention_types=(gemma_modules.AttentionType.GLOBAL,) * layers, max_cache_length=None)
     return gemma_transformer.Transformer(config)
 
 
@@ -55,9 +55,9 @@ def inputs(batch: int, length: int, vocab: int):
 
 @pytest.fixture(scope="module")
 def small():
-    net = gemma(64, 128, 64, 16)
+    net = gemma(64, 128, 64, 16, layers=1)
     args = inputs(2, 6, 64)
-    variables = net.init(jax.random.key(0), *args)
+    variables = jax.jit(net.init)(jax.random.key(0), *args)
     return net, variables, args, jl.wrap(net, variables, *args)
 
 
@@ -84,19 +84,14 @@ def test_gemma_lora_fresh_is_exact_trained_matches_merge(small):
     net, variables, args, model = small
     method = jpeft.lora(rank=4, targets=KERNELS, model=model)
     adapter = method.init(jax.random.key(1), model.params)
-    fn = model.bind(method)
-    reference, _ = net.apply(variables, *args)
+    fn = jax.jit(model.bind(method))          # one program for the fresh and the trained adapter
+    reference, _ = jax.jit(net.apply)(variables, *args)
     np.testing.assert_array_equal(fn(adapter, model.params, *args)[0], reference)
-
-    @jax.jit
-    def run(trained, frozen):
-        grads = jax.grad(lambda ad: fn(ad, frozen, *args)[0].sum())(trained)
-        return fn(trained, frozen, *args)[0], model.call_merged(method, trained, frozen, *args)[0], grads
-
-    out, merged, grads = run(perturb(adapter), model.params)
+    trained = perturb(adapter)
+    merged, _ = jax.jit(lambda ad, p: model.call_merged(method, ad, p, *args))(trained, model.params)
+    out = fn(trained, model.params, *args)[0]
     np.testing.assert_allclose(out, merged, atol=1e-5, rtol=1e-5)
     assert float(jnp.abs(out - reference).max()) > 1e-2
-    assert jax.tree.structure(grads) == jax.tree.structure(adapter)
 
 
 # ----------------------------------------------------------------------------- cost and memory at a larger size

@@ -53,12 +53,12 @@ class LinenNet(nn.Module):
 @pytest.fixture(scope="module")
 def linen_model():
     net = LinenNet()
-    variables = net.init(KEY, IDS)
-    return net, variables, jl.wrap(net, variables, IDS)
+    variables = jax.jit(net.init)(KEY, IDS)
+    return net, variables, jl.wrap(net, variables, IDS), jax.jit(net.apply)(variables, IDS)
 
 
 def test_linen_layouts_come_from_the_layers(linen_model):
-    _, _, model = linen_model
+    _, _, model, _ = linen_model
     layouts = model.layouts()
     assert {p: (l.kind, l.inputs) for p, l in layouts.items()} == {
         "embed/embedding": ("table", 1), "q_proj/kernel": ("kernel", 1), "o_proj/kernel": ("kernel", 2),
@@ -69,31 +69,27 @@ def test_linen_layouts_come_from_the_layers(linen_model):
 
 
 def test_linen_lora_fresh_is_exact_trained_matches_merge_and_only_the_adapter_trains(linen_model):
-    net, variables, model = linen_model
+    net, variables, model, reference = linen_model
     # the embedding is also the output head (attend): ensure_weight_tying adapts both, as merge does
     method = jpeft.lora(rank=4, targets=r".*/(kernel|embedding)", ensure_weight_tying=True, model=model)
     adapter = method.init(jax.random.key(1), model.params)
     assert adapter["o_proj"]["kernel"]["a"].shape == (H, K, 4) and adapter["o_proj"]["kernel"]["b"].shape == (4, D)
     assert adapter["up"]["kernel"]["a"].shape == (D, 4) and adapter["up"]["kernel"]["b"].shape == (4, F)
-    fn = model.bind(method)
-
-    reference = net.apply(variables, IDS)
-    np.testing.assert_array_equal(fn(adapter, model.params, IDS), reference)    # op by op, as Flax ran it
-
-    @jax.jit
-    def run(trained, frozen):
-        grads = jax.grad(lambda ad: fn(ad, frozen, IDS).sum())(trained)
-        return fn(trained, frozen, IDS), model.call_merged(method, trained, frozen, IDS), grads
-
-    out, merged, grads = run(perturb(adapter), model.params)
+    fn = jax.jit(model.bind(method))          # one program for the fresh and the trained adapter
+    np.testing.assert_array_equal(fn(adapter, model.params, IDS), reference)
+    trained = perturb(adapter)
+    out = fn(trained, model.params, IDS)
+    merged = jax.jit(lambda ad, p: model.call_merged(method, ad, p, IDS))(trained, model.params)
+    grads = jax.jit(jax.grad(lambda ad, p: fn(ad, p, IDS).sum()))(trained, model.params)
     np.testing.assert_allclose(out, merged, atol=2e-5, rtol=1e-5)
     assert float(jnp.abs(out - reference).max()) > 1e-2
     assert jax.tree.structure(grads) == jax.tree.structure(adapter)     # gradients for the adapter only
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.slow
 def test_linen_ia3_qlora_and_dropout_run_through_the_layers(linen_model):
-    net, variables, model = linen_model
+    net, variables, model, reference = linen_model
     ia3 = jpeft.ia3(targets=r"(up|down)/kernel", feedforward=r"down/kernel", model=model)
     ia3_fresh = ia3.init(KEY, model.params)
     assert ia3_fresh["up"]["kernel"]["ia3_l"].shape == (F,) and ia3_fresh["down"]["kernel"]["ia3_l"].shape == (F,)
@@ -103,7 +99,8 @@ def test_linen_ia3_qlora_and_dropout_run_through_the_layers(linen_model):
     qlora = jpeft.lora(rank=4, targets=targets, dropout=0.5, model=model)
     assert qlora.merge_blocker(qparams) is not None     # merging would dequantize: apply is the way
 
-    np.testing.assert_array_equal(model.bind(ia3)(ia3_fresh, model.params, IDS), net.apply(variables, IDS))
+    ia3_fn = jax.jit(model.bind(ia3))
+    np.testing.assert_array_equal(ia3_fn(ia3_fresh, model.params, IDS), reference)
 
     @jax.jit
     def run(ia3_trained, q_adapter, qparams):
@@ -120,7 +117,7 @@ def test_linen_ia3_qlora_and_dropout_run_through_the_layers(linen_model):
 
 
 def test_rules_and_bad_targets_are_clear_errors(linen_model):
-    _, _, model = linen_model
+    _, _, model, _ = linen_model
     with pytest.raises(tree.RuleError, match=r"o_proj/kernel"):   # an unused rule shows real paths
         jpeft.lora(rank=2, targets=r".*/qproj/kernel", model=model).init(KEY, model.params)
     method = jpeft.lora(rank=2, targets=r"norm/scale|q_proj/kernel")
@@ -133,7 +130,7 @@ def test_rules_and_bad_targets_are_clear_errors(linen_model):
 
 
 def test_adapter_factors_inherit_the_kernels_partitioning(linen_model):
-    _, _, model = linen_model
+    _, _, model, _ = linen_model
     assert model.param_axes()["up"]["kernel"] == (None, "model")     # (in, out) after the transpose
     method = jpeft.lora(rank=4, targets=r"up/kernel", model=model)
     adapter = method.init(KEY, model.params)
