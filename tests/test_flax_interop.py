@@ -129,6 +129,23 @@ def test_rules_and_bad_targets_are_clear_errors(linen_model):
         ia3.init(KEY, model.params)
 
 
+class _RawAndDense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        raw = self.param("kernel", nn.initializers.lecun_normal(), (4, 4))   # a weight of no registered layer
+        return nn.Dense(4, name="dense")(x @ raw)
+
+
+def test_a_target_outside_the_registered_layers_names_the_adaptable_weights():
+    net, x = _RawAndDense(), jnp.ones((2, 4))
+    model = jl.wrap(net, net.init(KEY, x), x)
+    assert sorted(model.layouts()) == ["dense/kernel"]
+    method = jpeft.lora(rank=2, targets=r".*kernel", model=model)
+    adapter = method.init(KEY, model.params)
+    with pytest.raises(InteropError, match=r"adapted 'kernel', which is not a weight of a layer .* dense/kernel"):
+        model.bind(method)(adapter, model.params, x)
+
+
 def test_adapter_factors_inherit_the_kernels_partitioning(linen_model):
     _, _, model, _ = linen_model
     assert model.param_axes()["up"]["kernel"] == (None, "model")     # (in, out) after the transpose
