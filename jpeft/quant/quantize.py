@@ -203,6 +203,8 @@ def _rules(targets: tree.Targets) -> tuple[tree.Rule, ...]:
 
 def _quantize_leaf(path: str, leaf, rule: tree.Rule, defaults: dict, layout: Layout | None) -> QuantizedArray:
     layout = layout or default_layout(leaf.shape)
+    if ops.is_wrapper(leaf) and not is_quantized(leaf):  # e.g. a kernel held in another axis order: its weight
+        leaf = leaf.materialize()
     if layout.kind == "vector":
         raise QuantizationError(f"cannot quantize {path!r} of shape {tuple(leaf.shape)}: only weights of at least 2 "
                                 "dims (kernels, tables) are quantized and this is a vector (a bias or a norm "
