@@ -200,8 +200,9 @@ class Schedule(NamedTuple):
 
 class BudgetState(NamedTuple):
     """The wrapped optimizer's state plus the schedule's: ``count`` steps taken, the smoothed sensitivity
-    ``ipt`` and uncertainty ``unc`` (adapter-shaped), and ``kept``, ``{weight path: bool (*layers, r)}``, the
-    last allocation (all kept before the first)."""
+    ``ipt`` and uncertainty ``unc``, and ``kept``, the last allocation (all kept before the first) as a bool
+    per factor entry (a triplet's flag broadcast over its ``a`` and ``b``; the ``e`` leaves are the pattern).
+    All three are adapter-shaped, so they are sharded like the adapter (``optax.tree_map_params``)."""
 
     inner: Any
     count: jax.Array
@@ -229,7 +230,7 @@ def budget_schedule(optimizer: optax.GradientTransformation, schedule: Schedule)
 
     def init(params):
         zeros = jax.tree.map(jnp.zeros_like, params)
-        kept = {p: jnp.ones(f["e"].shape, bool) for p, f in modules(params).items()}
+        kept = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
         return BudgetState(optimizer.init(params), jnp.zeros([], jnp.int32), zeros, zeros, kept)
 
     def update(grads, state, params=None):
@@ -261,15 +262,21 @@ def budget_schedule(optimizer: optax.GradientTransformation, schedule: Schedule)
         k = init_budget - budget                      # torch.kthvalue(scores, k): the k-th smallest
         threshold = jnp.where(k > 0, ordered[jnp.maximum(k - 1, 0)], -jnp.inf)
         allocate = (learning & allocates) | (t == final)
-        kept = {p: jnp.where(allocate, scores[p] > threshold, state.kept[p]) for p in state.kept}
         masking = allocate | (t > final)
 
         flat_updates, flat_params = tree.flatten(inner_updates), tree.flatten(params)
-        for path in kept:
-            e_path = f"{path}/e"
-            zero = masking & ~kept[path]
-            flat_updates[e_path] = jnp.where(zero, -flat_params[e_path], flat_updates[e_path])
-        updates = tree.unflatten(flat_updates)
+        flat_kept = tree.flatten(state.kept)
+        for path, factors in modules(params).items():
+            kept = jnp.where(allocate, scores[path] > threshold, flat_kept[f"{path}/e"])
+            lead = kept.ndim - 1
+            a, b = factors["a"], factors["b"]
+            flat_kept[f"{path}/e"] = kept
+            flat_kept[f"{path}/a"] = jnp.broadcast_to(
+                kept.reshape(*kept.shape[:lead], *(1,) * (a.ndim - lead - 1), kept.shape[-1]), a.shape)
+            flat_kept[f"{path}/b"] = jnp.broadcast_to(kept.reshape(*kept.shape, *(1,) * (b.ndim - lead - 1)), b.shape)
+            zero = masking & ~kept
+            flat_updates[f"{path}/e"] = jnp.where(zero, -flat_params[f"{path}/e"], flat_updates[f"{path}/e"])
+        updates, kept = tree.unflatten(flat_updates), tree.unflatten(flat_kept)
         reset = t == final                            # PEFT's reset_ipt after the final allocation
         ipt, unc = (jax.tree.map(lambda x: jnp.where(reset, jnp.zeros_like(x), x), s) for s in (ipt, unc))
         return updates, BudgetState(inner, t + 1, ipt, unc, kept)
