@@ -12,11 +12,16 @@ frozen weights. The other methods are compared with LoRA on the default job's ta
   full-size gradient of ``dW``.
 * LoKr applies its Kronecker product without forming it.
 * BitFit (the norm scales of a model without biases) trains no matmul weight at all.
+* AdaLoRA (the shipped config: ``init_r=12`` on attention, against LoRA r=8) runs
+  ``x @ W + s ((x @ a) * e) @ b`` and adds its orthogonality penalty to the loss; its budget
+  schedule runs in the optimizer update, so for it (and LoRA) the whole step, gradient plus
+  AdamW update (wrapped by the schedule), is compiled too: ``adalora_step_over_lora_step_flops``.
 
-    python benchmarks/lora_cost.py [--batch 8] [--seq 256] [--rank 8]
+    python benchmarks/lora_cost.py [--batch 8] [--seq 256] [--rank 8] [--methods adalora ...]
 
 The last lines are ``lora_over_full_flops=<ratio>`` (all-linear targets), then
-``<method>_over_lora_flops=<ratio>`` for dora, loha, lokr and bitfit.
+``<method>_over_lora_flops=<ratio>`` for dora, loha, lokr, bitfit and adalora, and
+``adalora_step_over_lora_step_flops=<ratio>``.
 """
 
 from __future__ import annotations
@@ -49,9 +54,24 @@ TARGETS = {
 def loss_for(method, model):
     def loss(adapter, frozen, tokens_BxT):
         logits_BxTxV, _ = model.forward(method.apply(frozen, adapter), tokens_BxT)
-        return optax.softmax_cross_entropy_with_integer_labels(
-            logits_BxTxV[:, :-1], tokens_BxT[:, 1:]).mean()
+        xent = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV[:, :-1], tokens_BxT[:, 1:]).mean()
+        return xent if method.penalty is None else xent + method.penalty(adapter)
     return loss
+
+
+def whole_step_flops(method, model, adapter, params, tokens) -> float:
+    """FLOPs of gradient + AdamW update (with the method's ``transform``, as the trainer builds it)."""
+    optimizer = jpeft.optim.with_transform(optax.adamw(1e-3), method.transform)
+    loss = loss_for(method, model)
+
+    def step(adapter, opt_state, frozen, tokens_BxT):
+        grads = jax.grad(loss)(adapter, frozen, tokens_BxT)
+        updates, opt_state = optimizer.update(grads, opt_state, adapter)
+        return optax.apply_updates(adapter, updates), opt_state
+
+    opt_state = jax.eval_shape(optimizer.init, adapter)
+    cost = jax.jit(step).lower(adapter, opt_state, params, tokens).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", 0.0))
 
 
 def main() -> None:
@@ -59,6 +79,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--methods", nargs="+", default=["dora", "loha", "lokr", "bitfit", "adalora"],
+                        choices=["dora", "loha", "lokr", "bitfit", "adalora"], help="which methods to compare with LoRA")
     args = parser.parse_args()
 
     model = llama.model(SMOLLM2_135M)
@@ -88,18 +110,27 @@ def main() -> None:
         "loha": jpeft.loha(rank=args.rank, targets=TARGETS["attention"], model=model),
         "lokr": jpeft.lokr(rank=args.rank, targets=TARGETS["attention"], model=model),
         "bitfit": jpeft.bitfit(model=model),
+        "adalora": jpeft.adalora(init_r=12, target_r=8, alpha=32, targets=TARGETS["attention"], tinit=8, tfinal=8,
+                                 total_step=40, model=model),
     }
     over_lora = {}
     for name, method in others.items():
+        if name not in args.methods:
+            continue
         adapter = jax.eval_shape(method.init, key, params)
         cost = grad_step_cost(loss_for(method, model), adapter, params, tokens)
         over_lora[name] = cost.flops / lora_flops["attention"]
-        label = name if name == "bitfit" else f"{name} r={args.rank} attention"
+        label = {"bitfit": name, "adalora": "adalora r=12->8 attention"}.get(name, f"{name} r={args.rank} attention")
         print(f"{label:<24}{jpeft.param_report(params, adapter).trainable:>14,}"
               f"{cost.flops / 1e9:>14.1f}{cost.flops / full_cost.flops:>10.3f}")
     print(f"lora_over_full_flops={ratio:.3f}")
     for name, value in over_lora.items():
         print(f"{name}_over_lora_flops={value:.4f}")
+    if "adalora" in args.methods:
+        lora = jpeft.lora(rank=args.rank, targets=TARGETS["attention"], model=model)
+        steps = {name: whole_step_flops(m, model, jax.eval_shape(m.init, key, params), params, tokens)
+                 for name, m in (("lora", lora), ("adalora", others["adalora"]))}
+        print(f"adalora_step_over_lora_step_flops={steps['adalora'] / steps['lora']:.4f}")
 
 
 if __name__ == "__main__":

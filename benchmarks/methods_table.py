@@ -54,6 +54,7 @@ METHODS = {
     "pir": ("pir", []),
     "loha": ("loha", []),
     "lokr": ("lokr", []),
+    "adalora": ("adalora", []),
     "full": ("full", []),
 }
 

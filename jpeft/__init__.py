@@ -12,6 +12,7 @@ Example:
 from jpeft import layout, ops, optim, tree
 from jpeft.methods import registry
 from jpeft.methods.base import Method, for_inference
+from jpeft.methods.adalora import AdaloraWeight, adalora
 from jpeft.methods.bottleneck import BottleneckAdapter, bottleneck
 from jpeft.methods.combine import combine_adapters
 from jpeft.methods.full import full
@@ -33,6 +34,7 @@ from jpeft.report import ParamReport, param_report
 from jpeft.tree import Rule, RuleError
 
 __all__ = [
+    "AdaloraWeight",
     "AdapterBank",
     "BottleneckAdapter",
     "DoraWeight",
@@ -45,6 +47,7 @@ __all__ = [
     "ParamReport",
     "Rule",
     "RuleError",
+    "adalora",
     "bitfit",
     "bottleneck",
     "combine_adapters",

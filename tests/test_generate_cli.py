@@ -146,7 +146,7 @@ def test_bad_input_exits_2_with_one_message(saved, loaded_once, tmp_path, capsys
     ia3.mkdir()
     (ia3 / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     fails([model_arg, "--load", f"x={ia3}", "--prompt", "Hi", "--adapter", "x"],
-          "PEFT adapters of type 'IA3' are not supported; jpeft reads only LOHA, LOKR, LORA")
+          "PEFT adapters of type 'IA3' are not supported; jpeft reads only ADALORA, LOHA, LOKR, LORA")
     fails([model_arg, "--load", f"x={tmp_path}", "--prompt", "Hi"], "is neither a jpeft adapter folder")
     # Adapters made for another model: a PEFT LoRA and a jpeft prompt of another width.
     other = llama.model(llama.LlamaConfig(vocab_size=saved["loaded"].model.config.vocab_size, hidden_size=32,

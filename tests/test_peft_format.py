@@ -119,7 +119,7 @@ def test_other_peft_types_and_corrupt_files_are_clear_errors(saved):
     with pytest.raises(CheckpointError, match="q_proj: lora_magnitude_vector is missing"):
         load_peft(folder, model, params)
     (folder / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
-    with pytest.raises(CheckpointError, match="only LOHA, LOKR, LORA"):
+    with pytest.raises(CheckpointError, match="only ADALORA, LOHA, LOKR, LORA"):
         load_peft(folder, model, params)
     (folder / "adapter_config.json").write_text(json.dumps(config))
     (folder / "adapter_model.safetensors").write_bytes(b"\x00garbage")

@@ -26,10 +26,12 @@ def make_method(cfg: RunConfig, model=None, tokenizer=None) -> jpeft.Method:
     """The PEFT method the config names, built by its registered builder from its section.
 
     Builders that take a ``model`` or ``tokenizer`` get the loaded ones (prompt methods read
-    the model's hook points; an ``init_text`` needs the tokenizer).
+    the model's hook points; an ``init_text`` needs the tokenizer), and those that take
+    ``total_step`` the run's ``train.steps`` (a schedule over the run: AdaLoRA's rank budget).
     """
     try:
-        return registry.build(cfg.method, dict(cfg.method_settings), model=model, tokenizer=tokenizer)
+        return registry.build(cfg.method, dict(cfg.method_settings), model=model, tokenizer=tokenizer,
+                              total_step=cfg.train.steps)
     except registry.SettingsError as err:
         key = f"{cfg.method}.{err.setting}" if err.setting else cfg.method
         raise ConfigError(f"bad value for {key!r}: {err}" if err.setting else
@@ -144,6 +146,11 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
             resumed=resumed,
         )
 
+    if method.summary is not None:  # what the method says about its trained adapter (AdaLoRA: the rank pattern)
+        text = method.summary(trainer.on_device_of(adapter, params))
+        if text:
+            print(text)
+            log({"kind": "method_summary", "text": text})
     if method.stages:  # the stage that trained the last step, and what it trains
         method = trainer.stage_at(method, cfg.train.steps)
         counts = jpeft.param_report(params, adapter)

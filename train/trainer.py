@@ -9,7 +9,8 @@ so ``jax.value_and_grad`` gives adapter-shaped gradients only. The frozen
 parameters are an argument of the jitted step (not constants baked into the
 program), and the adapter and optimizer state are donated. A method that updates its
 own state during training (``method.transform``) gets it as an optax transformation
-after the optimizer: the trainer knows no method by name.
+after or around the optimizer (:func:`jpeft.optim.with_transform`): the trainer knows no
+method by name.
 """
 
 from __future__ import annotations
@@ -61,14 +62,15 @@ def make_schedule(cfg: TrainConfig) -> optax.Schedule:
 def make_optimizer(cfg: TrainConfig, method=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW on :func:`make_schedule`'s learning rates, after global-norm clipping.
 
-    A method with a ``transform`` (its own state updates, per-weight rate scales) gets it
-    chained after AdamW. A method with stages keeps one optimizer for all of them.
+    A method's ``transform`` is applied by :func:`jpeft.optim.with_transform`: chained after
+    AdamW (per-weight rate scales) or wrapping clipping + AdamW (a method that updates its own
+    state from the raw gradients, the parameters and the step). A method with stages keeps one
+    optimizer for all of them.
     """
     schedule = make_schedule(cfg)
-    parts = [optax.clip_by_global_norm(cfg.grad_clip), optax.adamw(schedule, weight_decay=cfg.weight_decay)]
-    if method is not None and method.transform is not None:
-        parts.append(method.transform)
-    return optax.chain(*parts), schedule
+    optimizer = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                            optax.adamw(schedule, weight_decay=cfg.weight_decay))
+    return optim.with_transform(optimizer, None if method is None else method.transform), schedule
 
 
 def schedule_settings(cfg: TrainConfig) -> dict:

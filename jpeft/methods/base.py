@@ -27,10 +27,22 @@ The optional fields say what a training program would otherwise have to guess:
     is exact and cheap. :func:`for_inference` uses it.
 ``peft``
     A :class:`jpeft.io.peft_format.PeftCodec` for the Hugging Face PEFT format, or ``None``.
-``transform`` and ``penalty``
-    For methods that update their own state during training (AdaLoRA's rank budget):
-    an optax ``GradientTransformation`` chained after the optimizer, and a term added to
-    the loss. ``None`` for most methods.
+``transform``
+    For methods that shape or follow their own training: either an optax
+    ``GradientTransformation``, which a program chains after its optimizer (ULMFiT's
+    per-layer rates scale the updates), or a function ``transform(optimizer) ->
+    GradientTransformation`` that wraps the program's optimizer, for a method that updates
+    its own state from the raw gradients, the parameters and the step (AdaLoRA's rank
+    budget: it scores each triplet by ``|p * grad|`` and zeroes the lowest-scored ones
+    after the optimizer's step, with updates ``-p`` there). The wrapper keeps its state
+    (scores, step, the rank pattern) in the optax state, so checkpoints and resumes carry
+    it with the optimizer's. :func:`jpeft.optim.with_transform` applies either form.
+    ``None`` for most methods.
+``penalty(adapter) -> scalar``
+    A term a program adds to the training loss (AdaLoRA's orthogonality penalty).
+``summary(adapter) -> str | None``
+    A line a program prints (and records) about a trained adapter, for methods whose
+    adapter says more than its shapes (AdaLoRA: the rank pattern it ended with).
 ``stages``
     For methods whose trainable set changes during training (ULMFiT's gradual
     unfreezing): ``((first_step, method), ...)``, the method that trains from each
@@ -91,6 +103,7 @@ class Method(NamedTuple):
     stages: tuple = ()
     prepare: Callable[..., Any] | None = None
     rebase: Callable[[Any, Any], Any] | None = None
+    summary: Callable[[Any], str | None] | None = None
 
     def saved_form(self, adapter: Any) -> Any:
         """The adapter as it is saved (``fold`` applied, if the method has one)."""

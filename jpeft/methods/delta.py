@@ -181,6 +181,8 @@ class DeltaKind(NamedTuple):
         wrapper: the :class:`DeltaWeight` subclass that runs the factors.
         label: ``rank -> str`` for result tables.
         options: method-wide settings the wrapper carries as static fields (``((name, value), ...)``).
+        scale: ``(rank, alpha) -> s``; ``None``: ``alpha / rank`` (LoHa's, LoKr's). AdaLoRA's is
+            ``alpha / (rank + 1e-5)``, PEFT's ``scaling / (ranknum + 1e-5)``.
     """
 
     name: str
@@ -190,6 +192,7 @@ class DeltaKind(NamedTuple):
     wrapper: type
     label: Callable[[int], str]
     options: tuple = ()
+    scale: Callable[[int, float], float] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,8 +227,9 @@ def split_weight(kind: DeltaKind, path: str, shape: tuple[int, ...], layout: Lay
 
 
 def delta_method(kind: DeltaKind, rank: int, alpha: float, targets: tree.Targets, *, dtype=jnp.float32,
-                 model: Any = None, peft: Any = None) -> Method:
-    """A :class:`jpeft.Method` for ``kind`` (see the module docstring); ``peft``: its PEFT codec or ``None``."""
+                 model: Any = None, peft: Any = None, **fields: Any) -> Method:
+    """A :class:`jpeft.Method` for ``kind`` (see the module docstring); ``peft``: its PEFT codec or ``None``;
+    ``fields``: further :class:`Method` fields (AdaLoRA's ``transform``, ``penalty``, ``summary``)."""
     defaults = Settings(rank, alpha)
     check_settings(defaults, kind.title)
     rules = tree.as_rules(targets)
@@ -285,7 +289,8 @@ def delta_method(kind: DeltaKind, rank: int, alpha: float, targets: tree.Targets
         flat, wrapped = tree.flatten(params), {}
         for path, (s, layout, _) in want.items():
             n_out = len(flat[path].shape) - layout.lead - layout.inputs
-            wrapped[path] = kind.wrapper(base=flat[path], factors=factors[path], rank=s.rank, scale=s.scale,
+            scale = s.scale if kind.scale is None else kind.scale(s.rank, s.alpha)
+            wrapped[path] = kind.wrapper(base=flat[path], factors=factors[path], rank=s.rank, scale=scale,
                                          inputs=layout.inputs, outputs=n_out, **dict(kind.options))
         return tree.replace(params, wrapped)
 
@@ -316,4 +321,4 @@ def delta_method(kind: DeltaKind, rank: int, alpha: float, targets: tree.Targets
         return tree.unflatten(out)
 
     return Method(kind.name, init_fn, apply_fn, merge_fn, logical_axes, merge_blocker=merge_blocker, peft=peft,
-                  label=kind.label(rank))
+                  label=kind.label(rank), **fields)

@@ -8,7 +8,8 @@ annotations, choices from ``Literal``), and :func:`build` calls the builder, tur
 :class:`jpeft.errors.SettingError` into a message that names the setting.
 
 Builder arguments named in :data:`CONTEXT` are not settings: the program passes what
-it has (the :class:`~jpeft.models.Model`, the tokenizer) to builders that ask for them.
+it has (the :class:`~jpeft.models.Model`, the tokenizer, the run's number of optimizer
+steps ``total_step``) to builders that ask for them.
 
 Registering a new method is one call::
 
@@ -42,8 +43,12 @@ from typing import Any, NamedTuple
 from jpeft.errors import SettingError
 from jpeft.methods.base import Method
 
-CONTEXT = ("model", "tokenizer")
-"""Builder arguments a program fills from what it has loaded, not from user settings."""
+CONTEXT = ("model", "tokenizer", "total_step")
+"""Builder arguments a program fills from what it has loaded or runs, not from user settings.
+
+``total_step`` is the number of optimizer steps the run takes, for methods whose schedule
+depends on it (AdaLoRA's rank budget): a context item rather than a setting, so it cannot
+disagree with the run's own step count."""
 
 
 class SettingsError(ValueError):
