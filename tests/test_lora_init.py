@@ -115,15 +115,44 @@ def test_bad_inits_and_bases_are_clear_errors():
     with pytest.raises(ValueError, match="init must be one of"):
         jpeft.lora(targets=".*", init="pissa_niter_0")
     w = jnp.asarray(RNG.standard_normal((64, 8)), jnp.float32)
-    q = quant.quantize({"w": w}, "w", "nf4")
-    with pytest.raises(ValueError, match="load the model unquantized"):
-        jpeft.lora(rank=2, targets="w", init="pissa").init(jax.random.key(0), q)
+    plain = jpeft.lora(rank=2, targets="w")
+    already_adapted = plain.apply({"w": w}, plain.init(jax.random.key(0), {"w": w}))  # a LoraWeight leaf
+    with pytest.raises(ValueError, match="give it a plain or quantized weight"):
+        jpeft.lora(rank=2, targets="w", init="pissa").init(jax.random.key(0), already_adapted)
     with pytest.raises(ValueError, match="embedding table; init='pissa' adapts kernels only"):
         jpeft.lora(rank=2, targets="w", init="pissa", model=Kernels({"w": Layout("table")})).init(
             jax.random.key(0), {"w": w})
     assert jpeft.lora(targets=".*").rebase is None and jpeft.lora(targets=".*", init="olora").rebase is not None
     abstract = jax.eval_shape(jpeft.lora(rank=2, targets="w", init="pissa").init, jax.random.key(0), {"w": w})
     assert abstract["w"]["a"].shape == (64, 2)
+
+
+def test_pissa_on_a_4bit_base_quantizes_the_residual_again():
+    """QLoRA + PiSSA: factors from the dequantized weight, the residual re-quantized in the same format."""
+    low_rank = RNG.standard_normal((128, 4)) @ RNG.standard_normal((4, 32)) * 3.0
+    w = jnp.asarray(low_rank + 0.1 * RNG.standard_normal((128, 32)), jnp.float32)
+    q = quant.quantize({"w": w}, "w", "nf4")["w"]
+    method = jpeft.lora(rank=4, alpha=8, targets="w", init="pissa")
+    adapter = method.init(jax.random.key(0), {"w": q})
+    from_float = method.init(jax.random.key(0), {"w": q.materialize()})
+    jax.tree.map(np.testing.assert_array_equal, adapter, from_float)  # the SVD of the 4-bit weight's values
+    residual = method.rebase({"w": q}, adapter)["w"]
+    assert quant.is_quantized(residual)
+    assert (residual.format, residual.block_size, residual.axis, residual.double_quant) == \
+        (q.format, q.block_size, q.axis, q.double_quant)
+    deq64 = np.asarray(q.materialize(), np.float64)
+    a64, b64 = (np.asarray(adapter["w"][k], np.float64) for k in ("a", "b"))
+    residual64 = deq64 - 2.0 * a64 @ b64  # alpha / rank = 2
+    rebuilt = np.asarray(residual.materialize(), np.float64) + 2.0 * a64 @ b64  # fresh adapter over the new base
+    # The residual lost the top singular values, so it quantizes with less error than W did: the
+    # fresh model is closer to the 4-bit model than the 4-bit model is to W.
+    residual_error = np.linalg.norm(rebuilt - deq64)
+    assert residual_error < 0.5 * np.linalg.norm(deq64 - np.asarray(w, np.float64))
+    assert np.linalg.norm(np.asarray(residual.materialize(), np.float64) - residual64) == pytest.approx(
+        residual_error, rel=1e-5)
+    x = jnp.asarray(RNG.standard_normal((5, 128)), jnp.float32)
+    out = jpeft.ops.linear(x, method.apply({"w": residual}, adapter)["w"])
+    np.testing.assert_allclose(np.asarray(out, np.float64), np.asarray(x, np.float64) @ rebuilt, rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- Hugging Face PEFT

@@ -45,15 +45,18 @@ def _config(tmp_path, folder, bbc_dir, method, settings, lr):
 
 
 @pytest.mark.slow  # tests/test_dora.py and tests/test_lora_init.py check the library paths by default
-@pytest.mark.parametrize("method, settings", [
-    ("dora", {"rank": 4, "targets": ".*/(q|v)_proj/kernel"}),
-    ("lora", {"rank": 4, "targets": ".*/(q|v)_proj/kernel", "init": "pissa"}),
-], ids=["dora", "pissa"])
-def test_tiny_run_end_to_end(tmp_path, mixing_hf_folder, bbc_dir, method, settings):
+@pytest.mark.parametrize("method, settings, quantize", [
+    ("dora", {"rank": 4, "targets": ".*/(q|v)_proj/kernel"}, None),
+    ("lora", {"rank": 4, "targets": ".*/(q|v)_proj/kernel", "init": "pissa"}, None),
+    ("lora", {"rank": 4, "targets": ".*/(q|v)_proj/kernel", "init": "pissa"}, "nf4"),  # the residual re-quantized
+], ids=["dora", "pissa", "pissa_nf4"])
+def test_tiny_run_end_to_end(tmp_path, mixing_hf_folder, bbc_dir, method, settings, quantize):
     from train import model, run
 
-    loaded = model.load(config_lib.ModelConfig(hf_folder=str(mixing_hf_folder)))
+    loaded = model.load(config_lib.ModelConfig(hf_folder=str(mixing_hf_folder), quantize=quantize))
     cfg = _config(tmp_path, mixing_hf_folder, bbc_dir, method, settings, lr=3e-3)
+    cfg = config_lib.from_dict({**config_lib.to_dict(cfg), "model": {"hf_folder": str(mixing_hf_folder),
+                                                                      "quantize": quantize}})
     summary = run.run(cfg, loaded=loaded)
     records = [json.loads(line) for line in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["kind"] == "train"]

@@ -357,11 +357,19 @@ def lora(
 
 
 def _base_factors(path: str, weight, s: _Settings, layout: Layout, key, dtype):
-    """PiSSA / OLoRA factors of ``weight`` (shapes only for an abstract one); a quantized base is refused."""
-    if ops.is_wrapper(weight):
+    """PiSSA / OLoRA factors of ``weight`` (shapes only for an abstract one).
+
+    A 4-bit (or int8) base gives its factors from its dequantized values, as PEFT's PiSSA on a
+    bitsandbytes layer does; :func:`lora_init.residual` then quantizes the residual again.
+    """
+    from jpeft.quant.array import is_quantized
+
+    if is_quantized(weight):
+        weight = (jax.ShapeDtypeStruct(weight.shape, weight.dtype)
+                  if isinstance(weight.codes, jax.ShapeDtypeStruct) else weight.materialize())
+    elif ops.is_wrapper(weight):
         raise ValueError(f"init={s.init!r} reads the float weight of {path!r}, which is a "
-                         f"{type(weight).__name__}: load the model unquantized (re-quantizing PiSSA's residual is "
-                         "not supported yet)")
+                         f"{type(weight).__name__}: give it a plain or quantized weight")
     make = lambda w, k: lora_init.factors(w, s.init, rank=s.rank, scale=s.scale, lead=layout.lead,  # noqa: E731
                                           inputs=layout.inputs, key=k)
     if isinstance(weight, jax.ShapeDtypeStruct):

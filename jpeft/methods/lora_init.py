@@ -99,8 +99,20 @@ def _factors(weight, key, init: str, rank: int, scale: float, lead: int, inputs:
 
 
 def residual(weight: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
-    """``W - s * A @ B`` in ``weight``'s dtype (computed in float32): the base for the fresh factors."""
+    """``W - s * A @ B`` in ``weight``'s dtype (computed in float32): the base for the fresh factors.
+
+    A quantized ``weight`` (QLoRA) gives a residual quantized again in its own format, block
+    size and axis: the point of PiSSA on a 4-bit base, whose residual has lost the top
+    singular values and so quantizes with less error than ``W`` did.
+    """
     from jpeft.methods.lora import LoraWeight
+    from jpeft.quant.array import is_quantized
+
+    if is_quantized(weight):
+        from jpeft.quant.quantize import quantize_array
+
+        return quantize_array(residual(weight.materialize(), a, b, scale), weight.format,
+                              block_size=weight.block_size, axis=weight.axis, double_quant=weight.double_quant)
 
     delta = LoraWeight(base=weight, a=a, b=b, scale=scale).delta()
     return (weight.astype(jnp.float32) - scale * delta).astype(weight.dtype)
