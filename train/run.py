@@ -164,7 +164,9 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
         log({"kind": "rouge", **rows[-1]})
 
     with timer("save"):
-        metadata = {**method_settings(cfg), "steps": cfg.train.steps, "model": to_dict(cfg.model)}
+        # "seed": the key of the fresh adapter, which a method with ``rebase`` (PiSSA) needs to rebuild its base
+        metadata = {**method_settings(cfg), "steps": cfg.train.steps, "seed": cfg.train.seed,
+                    "model": to_dict(cfg.model)}
         save_adapter(os.path.join(run_dir, "adapter"), method.saved_form(adapter), metadata=metadata)  # all processes
         if distributed.is_main():
             report.plot_loss(log.records, os.path.join(run_dir, "loss.png"), title=f"{cfg.name} ({cfg.method})")
