@@ -9,7 +9,9 @@ under the key :data:`KEY` at their own paths::
 
 ``apply`` and ``merge`` put the copies in place of the originals, then run the method.
 The copies are saved, restored and sharded with the adapter (their logical axes are the
-parameters').
+parameters'), and :func:`jpeft.io.peft_format.save_peft` writes them as PEFT's
+``modules_to_save`` (the module's own tensor names, e.g. ``classifier.weight``), which
+:func:`~jpeft.io.peft_format.load_peft` reads back into this form.
 Parameters the method already trains whole (full fine-tuning) are not copied twice.
 
 Example:
@@ -99,4 +101,4 @@ def with_modules_to_save(method: Method, targets: tree.Targets) -> Method:
     return method._replace(
         init=init_fn, apply=apply_fn, merge=merge_fn, logical_axes=axes_fn,
         fold=None if method.fold is None else fold_fn,
-        peft=None, label=f"{method.describe()} + saved modules")
+        label=f"{method.describe()} + saved modules")
