@@ -86,14 +86,20 @@ class Task:
         self.tokenizer, self.max_len, self.bucket = tokenizer, dc.max_article_tokens, dc.bucket_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         bs = cfg.train.batch_size
-        train = self.split.train[: dc.max_train_articles]
-        if len(train) < bs or len(self.split.val) < bs:
-            raise ConfigError(f"train.batch_size={bs} is larger than the {len(train)} training or "
+        self.train_articles = self.split.train[: dc.max_train_articles]
+        if len(self.train_articles) < bs or len(self.split.val) < bs:
+            raise ConfigError(f"train.batch_size={bs} is larger than the {len(self.train_articles)} training or "
                               f"{len(self.split.val)} validation articles; lower train.batch_size")
-        self.train = self.encode(train)
-        self.val_batches = self.batches(self.encode(self.split.val[: cfg.train.val_batches * bs]), bs, drop=True)
+        self.val_articles = self.split.val[: cfg.train.val_batches * bs]
         self.test = self.split.test[: cfg.eval.test_articles]
         self.seed, self.batch_size = cfg.train.seed, bs
+        self.train, self.val_batches = [], []
+
+    def tokenize(self) -> "Task":
+        """Encode the training and validation articles (after the cheap checks have passed)."""
+        self.train = self.encode(self.train_articles)
+        self.val_batches = self.batches(self.encode(self.val_articles), self.batch_size, drop=True)
+        return self
 
     def encode(self, articles) -> list[tuple[list[int], int]]:
         texts = [f"{a.headline}\n{a.body[: 12 * self.max_len]}" for a in articles]
@@ -198,10 +204,10 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
     with timer("load_model"):
         loaded = model.load(cfg.model) if loaded is None else loaded
     with timer("data"):
-        if loaded.model.family.classify is not None:
-            check_tokenizer(loaded.tokenizer, loaded.model)
         task = Task(cfg, loaded.tokenizer)
         loaded = with_head(loaded, len(task.categories), cfg, jax.random.key(cfg.train.seed + 1))
+        check_tokenizer(loaded.tokenizer, loaded.model)
+        task.tokenize()
     params, model_ = loaded.params, loaded.model
     print(f"data: {len(task.train)} train / {len(task.split.val)} val / {len(task.test)} test articles, "
           f"{len(task.categories)} classes; at most {task.max_len} tokens")
