@@ -152,6 +152,9 @@ def test_a_tokenizer_or_a_head_that_does_not_fit_exits_2_and_writes_nothing(
     code, err, out_dir = _cli(tmp_path, capsys, three)
     assert code == 2 and "has 3 classes, but the BBC News task has 5" in err, err
     assert not out_dir.exists()
+    code, err, out_dir = _cli(tmp_path, capsys, three, "data.max_article_tokens=100")
+    assert code == 2 and "'data.max_article_tokens': 100 is more than the model's 64 positions" in err, err
+    assert not out_dir.exists()
 
 
 @pytest.mark.slow
@@ -159,7 +162,7 @@ def test_tiny_classification_run_end_to_end(tmp_path, capsys, tiny_bert):
     from jpeft.checkpoint import restore_adapter
 
     code, err, out_dir = _cli(tmp_path, capsys, tiny_bert, "method=lora", "lora.rank=2",
-                              "lora.targets=.*/(query|value)/kernel", "train.steps=6", "train.lr=1e-2",
+                              "lora.targets=.*/(query|value)/kernel", "data.max_article_tokens=32", "train.steps=6", "train.lr=1e-2",
                               "eval.test_articles=8", "train.eval_every=3", "train.val_batches=1")
     assert code == 0, err
     (run_dir,) = out_dir.iterdir()

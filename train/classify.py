@@ -160,12 +160,17 @@ def with_head(loaded: model.Loaded, num_labels: int, cfg: RunConfig, key: jax.Ar
     return loaded._replace(model=new_model, params=tree.unflatten({**tree.flatten(loaded.params), **head}))
 
 
-def check_tokenizer(tokenizer, model_) -> None:
-    """A :class:`ConfigError` when the tokenizer makes ids the model's embedding table does not have."""
+def check_inputs(tokenizer, model_, cfg: RunConfig) -> None:
+    """A :class:`ConfigError` when the tokenizer makes ids the model's embedding table does not have, or the
+    inputs are longer than the model's positions."""
     size, rows = len(tokenizer), getattr(model_.config, "vocab_size", None)
     if rows is not None and size > rows:
         raise ConfigError(f"the tokenizer has {size} tokens but the model's embedding table has {rows} rows (ids "
                           f"{rows}..{size - 1} have no embedding); use the tokenizer of the model's own folder")
+    longest = model_.max_positions
+    if longest is not None and cfg.data.max_article_tokens > longest:
+        raise ConfigError(f"bad value for 'data.max_article_tokens': {cfg.data.max_article_tokens} is more than the "
+                          f"model's {longest} positions; lower it to at most {longest}")
 
 
 def make_method(cfg: RunConfig, loaded: model.Loaded, params):
@@ -206,7 +211,7 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
     with timer("data"):
         task = Task(cfg, loaded.tokenizer)
         loaded = with_head(loaded, len(task.categories), cfg, jax.random.key(cfg.train.seed + 1))
-        check_tokenizer(loaded.tokenizer, loaded.model)
+        check_inputs(loaded.tokenizer, loaded.model, cfg)
         task.tokenize()
     params, model_ = loaded.params, loaded.model
     print(f"data: {len(task.train)} train / {len(task.split.val)} val / {len(task.test)} test articles, "
@@ -242,7 +247,9 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
         tuned = jpeft.for_inference(method, frozen, trainer.on_device_of(adapter, params))
         labels, predictions = evaluate(tuned, model_, task, task.test, cfg.eval.batch_size)
         del tuned
-    row = {"model": method.describe(), "trainable": counts.trainable, "percent": counts.percent,
+    head = set(tree.flatten(tree.split(params, cfg.classify.modules_to_save or "classifier/.*")[0]))
+    label = "frozen encoder + trained head" if set(tree.flatten(adapter)) <= head else method.describe()
+    row = {"model": label, "trainable": counts.trainable, "percent": counts.percent,
            "accuracy": float(np.mean(np.array(labels) == np.array(predictions))),
            "macro_f1": macro_f1(labels, predictions, len(task.categories)), "test_articles": len(labels)}
     log({"kind": "classification", **row})
