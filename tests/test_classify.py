@@ -143,7 +143,7 @@ def test_classify_on_a_decoder_and_headlines_on_an_encoder_exit_2_and_write_noth
 
 
 def test_a_tokenizer_or_a_head_that_does_not_fit_exits_2_and_writes_nothing(
-        tmp_path, capsys, bert_tokenizer_folder):
+        tmp_path, capsys, bert_tokenizer_folder, tiny_bert):
     small = _tiny_bert_folder(tmp_path / "small_vocab", bert_tokenizer_folder, vocab_size=1000)
     code, err, out_dir = _cli(tmp_path, capsys, small)
     assert code == 2 and "the tokenizer has 30522 tokens but the model's embedding table has 1000 rows" in err, err
@@ -152,7 +152,7 @@ def test_a_tokenizer_or_a_head_that_does_not_fit_exits_2_and_writes_nothing(
     code, err, out_dir = _cli(tmp_path, capsys, three)
     assert code == 2 and "has 3 classes, but the BBC News task has 5" in err, err
     assert not out_dir.exists()
-    code, err, out_dir = _cli(tmp_path, capsys, three, "data.max_article_tokens=100")
+    code, err, out_dir = _cli(tmp_path, capsys, tiny_bert, "data.max_article_tokens=100")
     assert code == 2 and "'data.max_article_tokens': 100 is more than the model's 64 positions" in err, err
     assert not out_dir.exists()
 
@@ -173,4 +173,4 @@ def test_tiny_classification_run_end_to_end(tmp_path, capsys, tiny_bert):
     assert len([r for r in records if r["kind"] == "train"]) == 6
     assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == 8
     _, meta = restore_adapter(run_dir / "adapter")
-    assert meta["method"] == "lora" and meta["labels"] == ["business", "entertainment", "politics", "sport", "tech"]
+    assert meta["method"] == "lora" and meta["labels"] == ["business", "entertainment", "politics", "sports", "tech"]
