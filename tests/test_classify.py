@@ -43,9 +43,9 @@ def test_macro_f1_against_a_hand_computed_case():
 
 
 @pytest.mark.parametrize("names, quantize", [
-    (["lora", "prefix_tuning"], False),
-    (["lora"], True),  # QLoRA: the layers' kernels in NF4, LoRA over them
-    pytest.param([m for m in ENCODER_METHODS if m not in ("lora", "prefix_tuning")], False, marks=pytest.mark.slow),
+    (["prefix_tuning"], False),  # the default lane: a hook method (LoRA with a head: tests/test_bert_peft.py)
+    pytest.param(["lora"], True, marks=pytest.mark.slow),  # QLoRA: the layers' kernels in NF4, LoRA over them
+    pytest.param([m for m in ENCODER_METHODS if m != "prefix_tuning"], False, marks=pytest.mark.slow),
 ])
 def test_every_encoder_method_trains_a_small_bert_with_its_head(names, quantize):
     from jpeft.quant.quantize import layer_kernels
