@@ -234,14 +234,18 @@ def _saved_module_tensors(model, copies: dict) -> dict[str, np.ndarray]:
 
 
 def _take_saved_modules(folder: Path, config: dict, model, params, problems: list) -> dict:
-    """``{param path: array}`` of the ``modules_to_save`` tensors in the file (PEFT names them as the module's own)."""
+    """``{param path: array}`` of the ``modules_to_save`` tensors in the file (PEFT names them as the module's own).
+
+    A listed module the model does not know is skipped (PEFT's task defaults list ``score`` for
+    every classifier); one it knows whose tensors are not in the file is a problem.
+    """
     from jpeft.io import names as names_lib
 
     modules = tuple(config.get("modules_to_save") or ())
     if not modules:
         return {}
     flat_params = tree.flatten(params)
-    out = {}
+    out, seen = {}, set()
     with safe_open(str(folder / WEIGHTS_FILE), framework="numpy") as f:
         for key in f.keys():
             name = key[len(PREFIX):] if key.startswith(PREFIX) else key
@@ -257,6 +261,10 @@ def _take_saved_modules(folder: Path, config: dict, model, params, problems: lis
                                 f"{tuple(flat_params[found[0]].shape)} (a head for another number of labels?)")
                 continue
             out[found[0]] = array
+            seen.add(next(m for m in modules if name.startswith(m + ".")))
+    for m in modules:  # a module the model has but the file does not: its trained weights are missing
+        if m not in seen and _hf_names(model).to_path(m + ".weight") is not None:
+            problems.append(f"modules_to_save lists {m!r}, but the file holds none of its tensors")
     return out
 
 
