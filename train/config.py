@@ -34,10 +34,12 @@ import yaml
 
 from jpeft.methods import registry
 
-MODEL_SOURCES = ("smollm2",)
+MODEL_SOURCES = ("smollm2", "minilm")  # minilm: all-MiniLM-L6-v2 (BERT), for task: classify
 SCHEDULES = ("cosine", "linear", "slanted_triangular")  # slanted_triangular: ULMFiT's, warmup_steps = its rise
 DTYPES = ("float32", "bfloat16")
 QUANT_FORMATS = ("nf4", "int4", "int8")  # model.quantize: the frozen base on load (QLoRA)
+TASKS = ("headlines", "classify")  # classify: BBC News categories with an encoder (train/classify.py)
+CLASSIFIER_INPUTS = ("pooler", "cls", "mean")
 
 
 class ConfigError(ValueError):
@@ -165,6 +167,14 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ClassifyConfig:
+    """The classification job (``task: classify``): the head's input and the weights trained whole."""
+
+    classifier_input: str = _check(_one_of(*CLASSIFIER_INPUTS), default="pooler")  # pooler, [CLS] or mean
+    modules_to_save: str | None = "classifier/.*"  # trained whole besides the method (PEFT's modules_to_save)
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     """Training checkpoints in ``<run_dir>/checkpoints``: adapter, optimizer state, step, RNG key."""
 
@@ -209,6 +219,7 @@ class RunConfig:
 
     name: str = "run"
     method: str = "lora"  # a name in jpeft.methods.registry
+    task: str = _check(_one_of(*TASKS), default="headlines")
     out_dir: str = "runs"
     run_dir: str | None = None  # None: <out_dir>/<name>-<timestamp>
     progress: bool = True
@@ -216,6 +227,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)

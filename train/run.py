@@ -90,12 +90,19 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
     folder itself, the model files, the data, the method's settings against the model,
     and, when the folder holds an earlier run's checkpoints, that this run continues it.
     """
+    if cfg.task == "classify":  # the encoder job (train/classify.py)
+        from train import classify
+
+        return classify.run(cfg, loaded=loaded)
     timer = Timer()
     folder = run_folder.plan(run_dir=cfg.run_dir, out_dir=cfg.out_dir, name=cfg.name)
     model.resolve(cfg.model)  # a missing model file fails before anything is loaded
     with timer("load_model"):
         loaded = model.load(cfg.model) if loaded is None else loaded
     params, model_, tokenizer = loaded.params, loaded.model, loaded.tokenizer
+    if model_.family.init_cache is None or model_.family.head is None:
+        raise ConfigError(f"task: headlines generates text, but the {model_.name!r} model is an encoder without a "
+                          "language-model head; use task: classify with it, or a decoder (model.source: smollm2)")
 
     with timer("data"):
         task = Task(cfg, tokenizer)

@@ -96,22 +96,25 @@ def answer_xent(params, model, batch: TrainBatch) -> tuple[jax.Array, jax.Array]
     return jnp.sum(jnp.where(valid_BxA, losses_BxA, 0.0)), jnp.sum(valid_BxA).astype(jnp.float32)
 
 
-def make_params_loss(model) -> Callable:
+def make_params_loss(model, sums: Callable | None = None) -> Callable:
     """``loss(params, batch) -> mean answer-token cross-entropy`` of the model run with ``params``.
 
     What a method's ``prepare`` (choosing what to train from data) differentiates.
+    ``sums``: another task's ``(params, model, batch) -> (loss sum, count)`` in place of
+    :func:`answer_xent` (the classification job's, :mod:`train.classify`).
     """
+    sums = answer_xent if sums is None else sums
 
     def loss(params, batch: TrainBatch):
-        total, count = answer_xent(params, model, batch)
+        total, count = sums(params, model, batch)
         return total / jnp.maximum(count, 1.0)
 
     return loss
 
 
-def make_loss_fn(method, model) -> Callable:
+def make_loss_fn(method, model, sums: Callable | None = None) -> Callable:
     """``loss(adapter, frozen, batch, rng) -> mean answer-token cross-entropy`` (plus the method's penalty)."""
-    params_loss = make_params_loss(model)
+    params_loss = make_params_loss(model, sums)
 
     def loss_fn(adapter, frozen, batch: TrainBatch, rng):
         loss = params_loss(method.apply(frozen, adapter, rng=rng), batch)
@@ -122,7 +125,7 @@ def make_loss_fn(method, model) -> Callable:
     return loss_fn
 
 
-def make_train_step(method, model, optimizer, shardings: dict | None = None) -> Callable:
+def make_train_step(method, model, optimizer, shardings: dict | None = None, sums: Callable | None = None) -> Callable:
     """Jitted ``step(adapter, opt_state, frozen, batch, rng) -> (adapter, opt_state, stats)``.
 
     A step whose loss, gradients or updated adapter are not finite changes nothing: it
@@ -131,7 +134,7 @@ def make_train_step(method, model, optimizer, shardings: dict | None = None) -> 
     "batch", "rng"}`` sharding trees (see :class:`Placement`) fix where every input and
     output lives.
     """
-    loss_fn = make_loss_fn(method, model)
+    loss_fn = make_loss_fn(method, model, sums)
 
     def step(adapter, opt_state, frozen, batch, rng):
         loss, grads = jax.value_and_grad(loss_fn)(adapter, frozen, batch, rng)
@@ -219,11 +222,12 @@ def enter_stage(current, stage, frozen, adapter, key) -> tuple[Any, Any]:
     return adapter, frozen_part(params, adapter)
 
 
-def make_eval_loss(method, model) -> Callable:
+def make_eval_loss(method, model, sums: Callable | None = None) -> Callable:
     """Jitted ``eval_loss(adapter, frozen, batch) -> (loss sum, token count)`` (no dropout)."""
+    sums = answer_xent if sums is None else sums
 
     def eval_loss(adapter, frozen, batch: TrainBatch):
-        return answer_xent(method.apply(frozen, adapter), model, batch)
+        return sums(method.apply(frozen, adapter), model, batch)
 
     return jax.jit(eval_loss)
 
@@ -253,6 +257,7 @@ def train_loop(
     rules: str = "default",
     checkpoints=None,
     resumed=None,
+    sums: Callable | None = None,
 ) -> Any:
     """Run ``cfg.steps`` optimizer steps; ``log`` receives one dict per event. Returns the adapter.
 
@@ -260,6 +265,8 @@ def train_loop(
     (a plain iterator cannot resume). ``mesh``/``rules``: where the arrays live (default:
     one device). ``checkpoints``: a :class:`train.checkpointing.Checkpoints` to save to;
     ``resumed``: the state to continue from (from :meth:`Checkpoints.resume_point`).
+    ``sums``: the task's ``(params, model, batch) -> (loss sum, count)`` (default: :func:`answer_xent`);
+    a batch needs ``tokens_BxT`` and ``attention_mask_BxT``.
 
     Raises:
         TrainingStopped: when more than ``cfg.max_bad_steps`` steps had a non-finite loss
@@ -296,7 +303,7 @@ def train_loop(
         raise ValueError("resuming needs batches as a function of the start batch, not an iterator")
 
     step_fn = None
-    eval_loss = make_eval_loss(current, model)
+    eval_loss = make_eval_loss(current, model, sums)
 
     def validate(step: int) -> float:
         start = time.perf_counter()
@@ -318,7 +325,7 @@ def train_loop(
             current, place = stage, Placement(mesh, rules, stage, model, frozen, adapter, optimizer)
             frozen, adapter = place.put(frozen, place.frozen), place.put(adapter, place.adapter)
             opt_state = place.put(opt_state, place.opt_state)
-            step_fn, eval_loss = None, make_eval_loss(current, model)
+            step_fn, eval_loss = None, make_eval_loss(current, model, sums)
             trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapter))
             log({"kind": "stage", "step": step, "stage": sum(start <= step for start, _ in method.stages),
                  "trainable": trainable})
@@ -326,7 +333,7 @@ def train_loop(
                 bar.write(f"step {step}: stage {stage.describe()}, {trainable:,} trainable parameters")
         batch = next(batches)
         if step_fn is None:
-            step_fn = make_train_step(current, model, optimizer, place.step_shardings(batch))
+            step_fn = make_train_step(current, model, optimizer, place.step_shardings(batch), sums)
         start = time.perf_counter()
         adapter, opt_state, stats = step_fn(adapter, opt_state, frozen, place.batch(batch),
                                             jax.random.fold_in(key, step))

@@ -134,6 +134,9 @@ class CheckpointNames(NamedTuple):
         gguf: the GGUF :class:`NameTable` (or None).
         gguf_architectures: ``general.architecture`` values this family reads.
         from_gguf_metadata: ``(metadata dict, tensor names, **overrides) -> config``.
+        hf_for_config: ``config -> NameTable``, when the Hugging Face names depend on the
+            config (BERT's ``bert.`` prefix in a ``*ForSequenceClassification`` checkpoint);
+            :attr:`jpeft.models.Model.names` then gives that table as ``hf``.
     """
 
     hf: NameTable | None = None
@@ -143,3 +146,4 @@ class CheckpointNames(NamedTuple):
     gguf: NameTable | None = None
     gguf_architectures: tuple[str, ...] = ()
     from_gguf_metadata: Callable[..., Any] | None = None
+    hf_for_config: Callable[[Any], NameTable] | None = None

@@ -189,19 +189,83 @@ def save_peft(folder: str | os.PathLike, model, method, params: Any, adapter: An
     ``params`` may be abstract (``jax.ShapeDtypeStruct``): only shapes are used. Methods
     without a PEFT codec are refused with a ValueError.
     """
+    from jpeft.methods import heads
+
     codec = getattr(method, "peft", None)
     if codec is None:
         raise ValueError(f"the {method.name!r} method has no Hugging Face PEFT format")
+    adapter, copies = heads.split(adapter)
     tensors, config = codec.export(method, params, adapter, model)
     if not tensors:
         raise ValueError("the adapter has no tensors to write")
-    config = {"peft_type": codec.peft_type, "task_type": "CAUSAL_LM",
+    if copies:  # PEFT's modules_to_save: whole weights under their own names
+        saved = _saved_module_tensors(model, copies)
+        tensors.update(saved)
+        config["modules_to_save"] = sorted({name.rsplit(".", 1)[0] for name in saved})
+    config = {"peft_type": codec.peft_type, "task_type": task_type(model),
               "base_model_name_or_path": base_model_name_or_path, **config, "inference_mode": True}
     files = {f"{PREFIX}{key}": np.ascontiguousarray(np.asarray(v, np.float32)) for key, v in tensors.items()}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(files, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+
+
+def task_type(model) -> str:
+    """PEFT's ``task_type`` for a model: ``SEQ_CLS`` with a classification head, ``FEATURE_EXTRACTION`` for
+    another encoder, else ``CAUSAL_LM``."""
+    family = getattr(model, "family", None)
+    if family is not None and family.classify is not None:
+        return "SEQ_CLS" if getattr(model.config, "num_labels", 0) else "FEATURE_EXTRACTION"
+    return "CAUSAL_LM"
+
+
+def _saved_module_tensors(model, copies: dict) -> dict[str, np.ndarray]:
+    """``{"<module>.weight": array}`` of whole trained weights (PEFT writes modules_to_save under the module's own name)."""
+    from jpeft.io import names as names_lib
+
+    out = {}
+    for path, array in copies.items():
+        found = _hf_names(model).to_name(path)
+        if found is None or stack.in_stack(path):
+            raise ValueError(f"{path!r} has no Hugging Face name, so it cannot be written as a PEFT module to save")
+        out[found[0]] = names_lib.to_file(np.asarray(array, np.float32), found[1], model.config)
+    return out
+
+
+def _take_saved_modules(folder: Path, config: dict, model, params, problems: list) -> dict:
+    """``{param path: array}`` of the ``modules_to_save`` tensors in the file (PEFT names them as the module's own).
+
+    A listed module the model does not know is skipped (PEFT's task defaults list ``score`` for
+    every classifier); one it knows whose tensors are not in the file is a problem.
+    """
+    from jpeft.io import names as names_lib
+
+    modules = tuple(config.get("modules_to_save") or ())
+    if not modules:
+        return {}
+    flat_params = tree.flatten(params)
+    out, seen = {}, set()
+    with safe_open(str(folder / WEIGHTS_FILE), framework="numpy") as f:
+        for key in f.keys():
+            name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            if not any(name.startswith(m + ".") and name.count(".") == m.count(".") + 1 for m in modules):
+                continue
+            found = _hf_names(model).to_path(name)
+            if found is None or found[0] not in flat_params:
+                problems.append(f"{name}: a module to save that the {model.name!r} model does not have")
+                continue
+            array = names_lib.to_model(f.get_tensor(key).astype(np.float32), found[1], model.config)
+            if tuple(array.shape) != tuple(flat_params[found[0]].shape):
+                problems.append(f"{name}: shape {tuple(array.shape)}, but the model's {found[0]!r} is "
+                                f"{tuple(flat_params[found[0]].shape)} (a head for another number of labels?)")
+                continue
+            out[found[0]] = array
+            seen.add(next(m for m in modules if name.startswith(m + ".")))
+    for m in modules:  # a module the model has but the file does not: its trained weights are missing
+        if m not in seen and _hf_names(model).to_path(m + ".weight") is not None:
+            problems.append(f"modules_to_save lists {m!r}, but the file holds none of its tensors")
+    return out
 
 
 # ----------------------------------------------------------------------------- load
@@ -220,8 +284,12 @@ def read_config(folder: Path) -> dict:
     return config
 
 
-def read_modules(folder: Path, codec: PeftCodec) -> dict[str, dict[str, np.ndarray]]:
-    """``{module: {tensor name: array}}`` from the safetensors file; unknown keys are an error."""
+def read_modules(folder: Path, codec: PeftCodec, saved_modules=()) -> dict[str, dict[str, np.ndarray]]:
+    """``{module: {tensor name: array}}`` from the safetensors file; unknown keys are an error.
+
+    Keys of whole ``saved_modules`` (PEFT's ``modules_to_save``, ``<module>.weight``) are skipped here.
+    """
+    saved = tuple(f"{PREFIX}{m}." for m in saved_modules)
     path = folder / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} is missing (only safetensors adapters are read)")
@@ -230,6 +298,8 @@ def read_modules(folder: Path, codec: PeftCodec) -> dict[str, dict[str, np.ndarr
     try:
         with safe_open(str(path), framework="numpy") as f:
             for key in f.keys():
+                if key.startswith(saved) and key.count(".") == next(s for s in saved if key.startswith(s)).count("."):
+                    continue
                 name = next((t for t in codec.tensor_names if key.startswith(PREFIX) and key.endswith("." + t)), None)
                 if name is None:
                     unexpected.append(key)
@@ -290,7 +360,7 @@ def load_peft(folder: str | os.PathLike, model, params: Any, *, base_model: str 
                       f"{base_model!r}; shapes are checked, but the weights may not be the ones it was trained on",
                       stacklevel=2)
     codec = _codec_for(config["peft_type"])
-    modules = read_modules(folder, codec)
+    modules = read_modules(folder, codec, config.get("modules_to_save") or ())
     flat_params = unstacked_leaves(params)
     tied_heads = set(getattr(model, "tied_tables", {}).values())
     by_path, problems = {}, []
@@ -305,8 +375,16 @@ def load_peft(folder: str | os.PathLike, model, params: Any, *, base_model: str 
         by_path[found[0]] = tensors
     if config.get("layers_to_transform") is None:
         problems.extend(layer_coverage([p for p in by_path if p in flat_params], flat_params))
-    method, flat_adapter = codec.load(config, by_path, params, model, problems)
+    copies = _take_saved_modules(folder, config, model, params, problems)
+    inner_config = {k: v for k, v in config.items() if k != "modules_to_save"}
+    method, flat_adapter = codec.load(inner_config, by_path, params, model, problems)
     if problems:
         raise CheckpointError(f"PEFT adapter {folder} does not fit the model ({len(problems)} problems): "
                               f"{listing(problems)}. Was it saved for another base model?")
-    return method, tree.unflatten(restack(flat_adapter, params))
+    adapter = tree.unflatten(restack(flat_adapter, params))
+    if copies:  # trained whole next to the method (jpeft.methods.heads)
+        from jpeft.methods import heads
+
+        method = heads.with_modules_to_save(method, [re.escape(p) for p in sorted(copies)])
+        adapter = {**adapter, heads.KEY: tree.unflatten(copies)}
+    return method, adapter

@@ -63,6 +63,8 @@ class Family(NamedTuple):
         tied_tables: ``config -> {table path: head path}``: embedding tables that are also the
             output head, and the path the head would have if it were its own weight (what
             checkpoint formats name it).
+        classify: ``(params, config, hidden_BxTxD, attention_mask_BxT) -> logits_BxC``: the
+            sequence-classification head of an encoder (None: the family has none).
     """
 
     name: str
@@ -77,6 +79,7 @@ class Family(NamedTuple):
     unstacked: Callable[[Any], Any] | None = None
     max_positions: Callable[[Any], int] | None = None
     tied_tables: Callable[[Any], dict[str, str]] | None = None
+    classify: Callable[..., Any] | None = None
 
 
 @jax.tree_util.register_static
@@ -125,6 +128,13 @@ class Model:
         if self.family.head is None:
             raise NotImplementedError(f"the {self.name!r} family has no language-model head")
         return self.family.head(params, self.config, hidden)
+
+    def classify(self, params: Any, hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """Class logits ``(B, num_labels)`` from ``forward``'s hidden states (encoders with a head)."""
+        if self.family.classify is None:
+            raise NotImplementedError(f"the {self.name!r} family has no sequence-classification head "
+                                      "(a decoder-only language model); use an encoder such as BERT")
+        return self.family.classify(params, self.config, hidden, attention_mask)
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> Any:
         if self.family.init_cache is None:
@@ -195,8 +205,11 @@ class Model:
 
     @property
     def names(self) -> Any:
-        """Checkpoint name tables (Hugging Face, GGUF), or ``None``."""
-        return self.family.names
+        """Checkpoint name tables (Hugging Face, GGUF), or ``None``; ``hf`` is this config's table."""
+        names = self.family.names
+        if names is not None and getattr(names, "hf_for_config", None) is not None:
+            return names._replace(hf=names.hf_for_config(self.config))
+        return names
 
     def unstacked(self) -> "Model":
         """This model with unrolled layers (``layers_{i}``), as checkpoint files name them."""
