@@ -175,7 +175,10 @@ def restack(flat_unstacked: dict, like: Any) -> dict:
 
 
 def _stack_length_fits(final_path: str, n: int, like: Any) -> bool:
-    lengths = {leaf.shape[0] for p, leaf in tree.flatten(like).items() if stack.in_stack(p)}
+    """Whether the stack holding ``final_path`` has ``n`` layers (a model may have several stacks: T5's encoder, decoder)."""
+    parts = final_path.split("/")
+    scope = "/".join(parts[:parts.index(stack.STACK) + 1]) + "/"
+    lengths = {leaf.shape[0] for p, leaf in tree.flatten(like).items() if p.startswith(scope)}
     return lengths == {n}
 
 
@@ -195,7 +198,8 @@ def save_peft(folder: str | os.PathLike, model, method, params: Any, adapter: An
     tensors, config = codec.export(method, params, adapter, model)
     if not tensors:
         raise ValueError("the adapter has no tensors to write")
-    config = {"peft_type": codec.peft_type, "task_type": "CAUSAL_LM",
+    task_type = "SEQ_2_SEQ_LM" if getattr(model, "is_encoder_decoder", False) else "CAUSAL_LM"
+    config = {"peft_type": codec.peft_type, "task_type": task_type,
               "base_model_name_or_path": base_model_name_or_path, **config, "inference_mode": True}
     files = {f"{PREFIX}{key}": np.ascontiguousarray(np.asarray(v, np.float32)) for key, v in tensors.items()}
     folder = Path(folder)
