@@ -135,6 +135,7 @@ class DataConfig:
     max_headline_tokens: int = _check(_positive, default=24)
     bucket_size: int = _check(_positive, default=64)
     max_train_articles: int | None = _check(_positive, default=None)
+    source_prefix: str = ""  # task: seq2seq: text before each article (e.g. "summarize: " for FLAN-T5)
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,7 @@ class RunConfig:
 
     name: str = "run"
     method: str = "lora"  # a name in jpeft.methods.registry
+    task: str = _check(_one_of("causal_lm", "seq2seq"), default="causal_lm")  # seq2seq: encoder-decoder (T5)
     out_dir: str = "runs"
     run_dir: str | None = None  # None: <out_dir>/<name>-<timestamp>
     progress: bool = True

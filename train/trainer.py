@@ -97,11 +97,15 @@ def answer_xent(params, model, batch: TrainBatch) -> tuple[jax.Array, jax.Array]
 def make_params_loss(model) -> Callable:
     """``loss(params, batch) -> mean answer-token cross-entropy`` of the model run with ``params``.
 
-    What a method's ``prepare`` (choosing what to train from data) differentiates.
+    What a method's ``prepare`` (choosing what to train from data) differentiates. An
+    encoder-decoder model's loss is :func:`train.seq2seq.target_xent` (teacher forcing).
     """
+    from train import seq2seq
+
+    xent = seq2seq.target_xent if getattr(model, "is_encoder_decoder", False) else answer_xent
 
     def loss(params, batch: TrainBatch):
-        total, count = answer_xent(params, model, batch)
+        total, count = xent(params, model, batch)
         return total / jnp.maximum(count, 1.0)
 
     return loss
