@@ -74,3 +74,56 @@ def test_peft_lora_on_q_and_v_loads_into_jpeft(torch_folder, tmp_path):
     method, adapter = load_peft(tmp_path, model, params)
     assert "decoder/layers/cross_attn/v_proj/kernel/a" in tree.flatten(adapter)
     np.testing.assert_allclose(jpeft_logits(model, method.apply(params, adapter))[REAL], want[REAL], atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["v1.1"])
+def test_ia3_in_the_t0_setting_scales_k_v_and_the_ffn_of_every_block_and_merges(torch_folder):
+    _, folder, _ = torch_folder
+    model, params = load_hf(folder)
+    method = jpeft.ia3(model=model)  # defaults: k_proj, v_proj, down_proj (its input: PEFT's feedforward)
+    adapter = randomized(method.init(jax.random.key(0), params), scale=1.0)
+    kinds = {p.split("/")[0] + "/" + "/".join(p.split("/")[2:4]) for p in tree.flatten(adapter)}
+    assert kinds == {"encoder/self_attn/k_proj", "encoder/self_attn/v_proj", "encoder/mlp/down_proj",
+                     "decoder/self_attn/k_proj", "decoder/self_attn/v_proj", "decoder/mlp/down_proj",
+                     "decoder/cross_attn/k_proj", "decoder/cross_attn/v_proj"}
+    applied = jpeft_logits(model, method.apply(params, adapter))
+    np.testing.assert_allclose(jpeft_logits(model, method.merge(params, adapter))[REAL], applied[REAL], atol=1e-4)
+
+
+def test_prompt_tuning_puts_virtual_tokens_before_the_encoder_input():
+    from jpeft.models import t5
+
+    model = t5.model(t5.T5Config(vocab_size=20, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
+                                 num_decoder_layers=1))
+    params = model.init(jax.random.key(0), stddev=0.3)
+    method = jpeft.prompt_tuning(num_virtual_tokens=3, init="normal", init_std=0.5, model=model)
+    adapter = method.init(jax.random.key(1), params)
+    source, decoder = jnp.array([[4, 7, 9, 1]]), jnp.array([[0, 5, 6]])
+    got, _ = model.forward(method.apply(params, adapter), source, decoder_tokens_BxT=decoder)
+    embeds = jnp.concatenate([adapter["prompt"]["embeddings"][None], params["shared"]["embedding"][source]], 1)
+    want, _ = model.forward(params, input_embeds_BxTxD=embeds, decoder_tokens_BxT=decoder)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # generation prefills the prompt with the source (the cache holds the encoder's n + S slots)
+    out = np.asarray(jpeft.models.generate(model, method.apply(params, adapter), source, max_new_tokens=3))
+    assert out.shape == (1, 3)
+
+
+def test_prefix_tuning_on_decoder_self_attention_decodes_the_same_with_the_cache():
+    from jpeft.models import generation, t5
+
+    model = t5.model(t5.T5Config(vocab_size=20, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4,
+                                 num_decoder_layers=2, scan_layers=True))
+    params = model.init(jax.random.key(0), stddev=0.3)
+    method = jpeft.prefix_tuning(num_virtual_tokens=2, init="normal", model=model)
+    adapter = randomized(method.init(jax.random.key(1), params), scale=1.0)
+    tuned = method.apply(params, adapter)
+    source = jnp.array([[4, 7, 9, 1], [3, 3, 8, 1]])
+    out = np.asarray(generation.generate(model, tuned, source, max_new_tokens=4))
+    decoder = np.zeros((2, 1), np.int32)  # the reference: the whole decoder re-run without a cache
+    for _ in range(4):
+        logits, _ = model.forward(tuned, source, decoder_tokens_BxT=jnp.asarray(decoder))
+        decoder = np.concatenate([decoder, np.asarray(logits[:, -1].argmax(-1))[:, None]], axis=1)
+    np.testing.assert_array_equal(out, decoder[:, 1:])
+    base_logits, _ = model.forward(params, source, decoder_tokens_BxT=jnp.asarray(decoder))
+    tuned_logits, _ = model.forward(tuned, source, decoder_tokens_BxT=jnp.asarray(decoder))
+    assert np.abs(np.asarray(tuned_logits - base_logits)).max() > 1e-3
