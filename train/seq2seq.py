@@ -15,7 +15,7 @@ Example:
     >>> batch = seq2seq_batch([data.Encoded([5, 6, 1], [7, 1])], pad_id=0, decoder_start_id=0,
     ...                       bucket_size=4, max_len=8, max_answer=3)
     >>> batch.tokens_BxT.tolist(), batch.decoder_tokens_BxT.tolist(), batch.targets_BxT.tolist()
-    ([[5, 6, 1, 0]], [[0, 7, 1]], [[7, 1, 0]])
+    ([[5, 6, 1, 0]], [[0, 7, 0]], [[7, 1, 0]])
 """
 
 from __future__ import annotations

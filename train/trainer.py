@@ -94,15 +94,22 @@ def answer_xent(params, model, batch: TrainBatch) -> tuple[jax.Array, jax.Array]
     return jnp.sum(jnp.where(valid_BxA, losses_BxA, 0.0)), jnp.sum(valid_BxA).astype(jnp.float32)
 
 
-def make_params_loss(model) -> Callable:
-    """``loss(params, batch) -> mean answer-token cross-entropy`` of the model run with ``params``.
+def xent_for(model) -> Callable:
+    """``(params, model, batch) -> (loss sum, token count)`` for the model's kind of job.
 
-    What a method's ``prepare`` (choosing what to train from data) differentiates. An
-    encoder-decoder model's loss is :func:`train.seq2seq.target_xent` (teacher forcing).
+    A decoder's is :func:`answer_xent`; an encoder-decoder's (T5) :func:`train.seq2seq.target_xent`.
     """
     from train import seq2seq
 
-    xent = seq2seq.target_xent if getattr(model, "is_encoder_decoder", False) else answer_xent
+    return seq2seq.target_xent if getattr(model, "is_encoder_decoder", False) else answer_xent
+
+
+def make_params_loss(model) -> Callable:
+    """``loss(params, batch) -> mean answer-token cross-entropy`` of the model run with ``params``.
+
+    What a method's ``prepare`` (choosing what to train from data) differentiates.
+    """
+    xent = xent_for(model)
 
     def loss(params, batch: TrainBatch):
         total, count = xent(params, model, batch)
@@ -224,8 +231,10 @@ def enter_stage(current, stage, frozen, adapter, key) -> tuple[Any, Any]:
 def make_eval_loss(method, model) -> Callable:
     """Jitted ``eval_loss(adapter, frozen, batch) -> (loss sum, token count)`` (no dropout)."""
 
+    xent = xent_for(model)
+
     def eval_loss(adapter, frozen, batch: TrainBatch):
-        return answer_xent(method.apply(frozen, adapter), model, batch)
+        return xent(method.apply(frozen, adapter), model, batch)
 
     return jax.jit(eval_loss)
 

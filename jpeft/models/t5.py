@@ -41,8 +41,10 @@ the input).
 Example:
     >>> import jax, jax.numpy as jnp
     >>> m = model(T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4))
-    >>> params = m.init(jax.random.key(0))
-    >>> logits, _ = m.forward(params, jnp.ones((1, 5), "int32"), decoder_tokens_BxT=jnp.zeros((1, 3), "int32"))
+    >>> sorted(m.hooks), m.layouts()["decoder/layers_0/cross_attn/q_proj/kernel"].kind
+    (['prefix', 'prompt'], 'kernel')
+    >>> logits, _ = jax.eval_shape(functools.partial(m.forward, decoder_tokens_BxT=jnp.zeros((1, 3), "int32")),
+    ...                            m.abstract_params(), jnp.ones((1, 5), "int32"))
     >>> logits.shape
     (1, 3, 32)
 """
@@ -386,7 +388,7 @@ def encode(params: dict, config: T5Config, tokens_BxS: jax.Array | None = None, 
 
     Example:
         >>> c = T5Config(vocab_size=8, d_model=8, d_kv=2, d_ff=8, num_layers=1, num_heads=4)
-        >>> encode(model(c).init(jax.random.key(0)), c, jnp.ones((2, 3), "int32"))["hidden"].shape
+        >>> jax.eval_shape(lambda p: encode(p, c, jnp.ones((2, 3), "int32")), model(c).abstract_params())["hidden"].shape
         (2, 3, 8)
     """
     c = config
@@ -447,11 +449,13 @@ def forward(params: dict, config: T5Config, tokens_BxT: jax.Array | None = None,
 
     Example:
         >>> c = T5Config(vocab_size=8, d_model=8, d_kv=2, d_ff=8, num_layers=1, num_heads=4)
-        >>> p = model(c).init(jax.random.key(0))
-        >>> first, cache = forward(p, c, jnp.ones((2, 3), "int32"), cache=init_cache(c, 2, 4))
-        >>> nxt, cache = forward(p, c, jnp.argmax(first[:, -1], -1)[:, None], cache=cache)
-        >>> nxt.shape, int(cache["index"])
-        ((2, 1, 8), 2)
+        >>> run = lambda p, tokens, cache: forward(p, c, tokens, cache=cache)
+        >>> p = model(c).abstract_params()
+        >>> first, cache = jax.eval_shape(run, p, jnp.ones((2, 3), "int32"), init_cache(c, 2, 4))
+        >>> sorted(cache), cache["cross"]["layers_0"]["k"].shape  # the source's keys/values are in the cache
+        (['cross', 'cross_mask', 'index', 'layers_0', 'mask', 'positions'], (2, 3, 4, 2))
+        >>> jax.eval_shape(run, p, jnp.ones((2, 1), "int32"), cache)[0].shape  # then decoder tokens, one a step
+        (2, 1, 8)
     """
     del prepend_virtual
     c = config
