@@ -2,6 +2,8 @@
 and in Hugging Face PEFT's format both ways (checked against peft + transformers), prompt tuning
 on the encoder input, IA3 in the T0 setting."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,13 +32,15 @@ def randomized(adapter, seed=1, scale=0.2):
 @pytest.mark.parametrize("variant", ["v1.1"])
 def test_lora_on_q_and_v_of_every_attention_merges_to_plain_weights(torch_folder):
     _, folder, _ = torch_folder
-    model, params = load_hf(folder, scan_layers=True)
+    model, params = load_hf(folder)
     method = jpeft.lora(rank=4, alpha=8, targets=r".*/(q|v)_proj/kernel", model=model)
     adapter = randomized(method.init(jax.random.key(0), params))
     kernels = {p.rsplit("/", 2)[0] for p in tree.flatten(adapter)}
-    assert kernels == {"encoder/layers/self_attn/q_proj", "encoder/layers/self_attn/v_proj",
-                       "decoder/layers/self_attn/q_proj", "decoder/layers/self_attn/v_proj",
-                       "decoder/layers/cross_attn/q_proj", "decoder/layers/cross_attn/v_proj"}
+    assert len(kernels) == 2 * 2 + 2 * 3 * 2  # q, v of 2 encoder layers; self and cross q, v of 3 decoder layers
+    kernels = {re.sub(r"layers_\d+", "layers_*", k) for k in kernels}
+    assert kernels == {"encoder/layers_*/self_attn/q_proj", "encoder/layers_*/self_attn/v_proj",
+                       "decoder/layers_*/self_attn/q_proj", "decoder/layers_*/self_attn/v_proj",
+                       "decoder/layers_*/cross_attn/q_proj", "decoder/layers_*/cross_attn/v_proj"}
     applied = jpeft_logits(model, method.apply(params, adapter))
     merged = method.merge(params, adapter)
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(merged))
@@ -44,7 +48,7 @@ def test_lora_on_q_and_v_of_every_attention_merges_to_plain_weights(torch_folder
     assert np.abs(applied - jpeft_logits(model, params)).max() > 1e-2  # the adapter does something
 
 
-@pytest.mark.parametrize("variant", ["t5", "v1.1"])
+@pytest.mark.parametrize("variant", ["v1.1", pytest.param("t5", marks=pytest.mark.slow)])
 def test_jpeft_lora_on_all_linear_layers_loads_into_peft(torch_folder, tmp_path):
     _, folder, _ = torch_folder
     model, params = load_hf(folder)
@@ -76,6 +80,7 @@ def test_peft_lora_on_q_and_v_loads_into_jpeft(torch_folder, tmp_path):
     np.testing.assert_allclose(jpeft_logits(model, method.apply(params, adapter))[REAL], want[REAL], atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["v1.1"])
 def test_ia3_in_the_t0_setting_scales_k_v_and_the_ffn_of_every_block_and_merges(torch_folder):
     _, folder, _ = torch_folder
@@ -90,6 +95,7 @@ def test_ia3_in_the_t0_setting_scales_k_v_and_the_ffn_of_every_block_and_merges(
     np.testing.assert_allclose(jpeft_logits(model, method.merge(params, adapter))[REAL], applied[REAL], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_prompt_tuning_puts_virtual_tokens_before_the_encoder_input():
     from jpeft.models import t5
 
@@ -108,6 +114,7 @@ def test_prompt_tuning_puts_virtual_tokens_before_the_encoder_input():
     assert out.shape == (1, 3)
 
 
+@pytest.mark.slow
 def test_prefix_tuning_on_decoder_self_attention_decodes_the_same_with_the_cache():
     from jpeft.models import generation, t5
 
