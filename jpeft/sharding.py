@@ -61,7 +61,8 @@ from jpeft.methods.base import Method, flatten_axes, inherited_axes
 
 Rules = Mapping[str, "str | tuple[str, ...] | None"]
 
-_WEIGHTS_REPLICATED = {"seq": None, "norm": None, "layers": None, "lora_rank": None}
+_WEIGHTS_REPLICATED = {"seq": None, "norm": None, "layers": None, "lora_rank": None,
+                       "relpos_buckets": None, "heads": None}  # T5's relative position bias table: small
 RULE_TABLES: dict[str, dict] = {
     # FSDP x tensor parallelism: the model dimension is split over fsdp (gathered per layer in the
     # forward pass), heads / MLP hidden / vocabulary over tensor (Megatron-style); batches over

@@ -38,7 +38,10 @@ MODEL_SOURCES = ("smollm2", "minilm")  # minilm: all-MiniLM-L6-v2 (BERT), for ta
 SCHEDULES = ("cosine", "linear", "slanted_triangular")  # slanted_triangular: ULMFiT's, warmup_steps = its rise
 DTYPES = ("float32", "bfloat16")
 QUANT_FORMATS = ("nf4", "int4", "int8")  # model.quantize: the frozen base on load (QLoRA)
-TASKS = ("headlines", "classify")  # classify: BBC News categories with an encoder (train/classify.py)
+# headlines: a decoder writes the headline after the article (train/run.py); seq2seq: an encoder-decoder
+# (T5) reads the article and writes the headline (train/seq2seq.py); classify: BBC News categories with an
+# encoder (train/classify.py)
+TASKS = ("headlines", "seq2seq", "classify")
 CLASSIFIER_INPUTS = ("pooler", "cls", "mean")
 
 
@@ -137,6 +140,7 @@ class DataConfig:
     max_headline_tokens: int = _check(_positive, default=24)
     bucket_size: int = _check(_positive, default=64)
     max_train_articles: int | None = _check(_positive, default=None)
+    source_prefix: str = ""  # task: seq2seq: text before each article (e.g. "summarize: " for FLAN-T5)
 
 
 @dataclass(frozen=True)

@@ -244,14 +244,16 @@ def prompt_batch(prompts: Sequence[list[int]], *, pad_id: int, bucket_size: int,
 
 
 def train_batches(
-    examples: Sequence[Encoded], *, batch_size: int, seed: int, start: int = 0, **shape
+    examples: Sequence[Encoded], *, batch_size: int, seed: int, start: int = 0, make=None, **shape
 ) -> Iterator[TrainBatch]:
     """Endless shuffled batches (a new permutation each epoch, seeded).
 
     Batch ``i`` is a pure function of ``(seed, i)``: ``start`` skips the first
     ``start`` batches without building them, so a resumed run sees exactly the
-    batches an uninterrupted one would.
+    batches an uninterrupted one would. ``make(examples, **shape)`` builds a batch
+    (default :func:`train_batch`; :func:`train.seq2seq.seq2seq_batch` for seq2seq jobs).
     """
+    make = train_batch if make is None else make
     rng = np.random.default_rng(seed)
     if len(examples) < batch_size:
         raise ValueError(f"{len(examples)} training examples are fewer than batch_size={batch_size}")
@@ -263,7 +265,7 @@ def train_batches(
         order = rng.permutation(len(examples))
         for b in range(offset, per_epoch):
             chosen = [examples[i] for i in order[b * batch_size : (b + 1) * batch_size]]
-            yield train_batch(chosen, **shape)
+            yield make(chosen, **shape)
         offset = 0
 
 

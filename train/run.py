@@ -18,7 +18,7 @@ import numpy as np
 import jpeft
 from jpeft.checkpoint import restore_adapter, save_adapter
 from jpeft.methods import registry
-from train import checkpointing, data, distributed, evaluate, model, report, run_folder, trainer
+from train import checkpointing, data, distributed, evaluate, model, report, run_folder, seq2seq, trainer
 from train.config import ConfigError, RunConfig, describe, to_dict
 
 
@@ -105,7 +105,8 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
                           "language-model head; use task: classify with it, or a decoder (model.source: smollm2)")
 
     with timer("data"):
-        task = Task(cfg, tokenizer)
+        seq2seq.check_task(cfg.task, model_, tokenizer)
+        task = seq2seq.Seq2SeqTask(cfg, tokenizer, model_) if cfg.task == "seq2seq" else Task(cfg, tokenizer)
     print(
         f"data: {len(task.split.train)} train / {len(task.split.val)} val / {len(task.split.test)} test articles;"
         f" training on {len(task.train)}, ROUGE on {len(task.test)}; max sequence {task.fmt.max_len} tokens"

@@ -96,6 +96,16 @@ def answer_xent(params, model, batch: TrainBatch) -> tuple[jax.Array, jax.Array]
     return jnp.sum(jnp.where(valid_BxA, losses_BxA, 0.0)), jnp.sum(valid_BxA).astype(jnp.float32)
 
 
+def xent_for(model) -> Callable:
+    """``(params, model, batch) -> (loss sum, token count)`` for the model's kind of job.
+
+    A decoder's is :func:`answer_xent`; an encoder-decoder's (T5) :func:`train.seq2seq.target_xent`.
+    """
+    from train import seq2seq
+
+    return seq2seq.target_xent if getattr(model, "is_encoder_decoder", False) else answer_xent
+
+
 def make_params_loss(model, sums: Callable | None = None) -> Callable:
     """``loss(params, batch) -> mean answer-token cross-entropy`` of the model run with ``params``.
 
@@ -103,7 +113,7 @@ def make_params_loss(model, sums: Callable | None = None) -> Callable:
     ``sums``: another task's ``(params, model, batch) -> (loss sum, count)`` in place of
     :func:`answer_xent` (the classification job's, :mod:`train.classify`).
     """
-    sums = answer_xent if sums is None else sums
+    sums = xent_for(model) if sums is None else sums
 
     def loss(params, batch: TrainBatch):
         total, count = sums(params, model, batch)
@@ -224,7 +234,7 @@ def enter_stage(current, stage, frozen, adapter, key) -> tuple[Any, Any]:
 
 def make_eval_loss(method, model, sums: Callable | None = None) -> Callable:
     """Jitted ``eval_loss(adapter, frozen, batch) -> (loss sum, token count)`` (no dropout)."""
-    sums = answer_xent if sums is None else sums
+    sums = xent_for(model) if sums is None else sums
 
     def eval_loss(adapter, frozen, batch: TrainBatch):
         return sums(method.apply(frozen, adapter), model, batch)

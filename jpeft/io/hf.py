@@ -171,6 +171,18 @@ def load_hf(folder: str | Path, *, dtype=jnp.float32, quantize=None, **overrides
 # ----------------------------------------------------------------------------- save
 
 
+def _per_layer(params: Any) -> dict:
+    """``{unrolled path: leaf}``: every ``layers`` stack, at any depth (``encoder/layers``), split per layer."""
+    out = {}
+    for path, leaf in tree.flatten(params).items():
+        if stack.in_stack(path):
+            array = ops.as_array(leaf)
+            out.update({stack.unstacked_path(path, i): array[i] for i in range(array.shape[0])})
+        else:
+            out[path] = leaf
+    return out
+
+
 def save_hf(folder: str | Path, model: Model, params: Any) -> None:
     """Write ``config.json`` and ``model.safetensors`` (Hugging Face layout) for ``params``.
 
@@ -180,7 +192,7 @@ def save_hf(folder: str | Path, model: Model, params: Any) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     table = _hf_table(model)
     tensors = {}
-    for path, leaf in tree.flatten(stack.unstack_layers(params)).items():
+    for path, leaf in _per_layer(params).items():
         found = table.to_name(path)
         if found is None:
             raise ValueError(f"{path!r} has no Hugging Face name in the {model.name!r} name table")

@@ -175,7 +175,10 @@ def restack(flat_unstacked: dict, like: Any) -> dict:
 
 
 def _stack_length_fits(final_path: str, n: int, like: Any) -> bool:
-    lengths = {leaf.shape[0] for p, leaf in tree.flatten(like).items() if stack.in_stack(p)}
+    """Whether the stack holding ``final_path`` has ``n`` layers (a model may have several stacks: T5's encoder, decoder)."""
+    parts = final_path.split("/")
+    scope = "/".join(parts[:parts.index(stack.STACK) + 1]) + "/"
+    lengths = {leaf.shape[0] for p, leaf in tree.flatten(like).items() if p.startswith(scope)}
     return lengths == {n}
 
 
@@ -213,7 +216,9 @@ def save_peft(folder: str | os.PathLike, model, method, params: Any, adapter: An
 
 def task_type(model) -> str:
     """PEFT's ``task_type`` for a model: ``SEQ_CLS`` with a classification head, ``FEATURE_EXTRACTION`` for
-    another encoder, else ``CAUSAL_LM``."""
+    another encoder, ``SEQ_2_SEQ_LM`` for an encoder-decoder, else ``CAUSAL_LM``."""
+    if getattr(model, "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"
     family = getattr(model, "family", None)
     if family is not None and family.classify is not None:
         return "SEQ_CLS" if getattr(model.config, "num_labels", 0) else "FEATURE_EXTRACTION"

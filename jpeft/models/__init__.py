@@ -10,13 +10,13 @@ attention), :mod:`~jpeft.models.kv_cache` and :mod:`~jpeft.models.generation`.
 Example:
     >>> from jpeft import models
     >>> models.registry.names()
-    ['bert', 'llama']
+    ['bert', 'llama', 't5']
 """
 
-from jpeft.models import bert, llama, registry
+from jpeft.models import bert, llama, registry, t5
 from jpeft.models.generation import generate
 from jpeft.models.hooks import HookPoint
 from jpeft.models.model import Family, Model
 from jpeft.models.spec import ParamSpec
 
-__all__ = ["Family", "HookPoint", "Model", "ParamSpec", "bert", "generate", "llama", "registry"]
+__all__ = ["Family", "HookPoint", "Model", "ParamSpec", "bert", "generate", "llama", "registry", "t5"]

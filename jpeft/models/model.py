@@ -65,6 +65,8 @@ class Family(NamedTuple):
             checkpoint formats name it).
         classify: ``(params, config, hidden_BxTxD, attention_mask_BxT) -> logits_BxC``: the
             sequence-classification head of an encoder (None: the family has none).
+        encode: ``(params, config, tokens_BxS, attention_mask_BxS=None) -> encoded`` for
+            encoder-decoder models (``None``: a decoder-only or encoder-only model).
     """
 
     name: str
@@ -80,6 +82,7 @@ class Family(NamedTuple):
     max_positions: Callable[[Any], int] | None = None
     tied_tables: Callable[[Any], dict[str, str]] | None = None
     classify: Callable[..., Any] | None = None
+    encode: Callable[..., Any] | None = None
 
 
 @jax.tree_util.register_static
@@ -140,6 +143,17 @@ class Model:
         if self.family.init_cache is None:
             raise NotImplementedError(f"the {self.name!r} family has no key/value cache (not a decoder)")
         return self.family.init_cache(self.config, batch, max_len, dtype)
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        """Whether the model reads a source with an encoder and writes a target with a decoder (T5)."""
+        return self.family.encode is not None
+
+    def encode(self, params: Any, tokens_BxS: jax.Array, attention_mask_BxS: jax.Array | None = None) -> Any:
+        """An encoder-decoder model's encoder output for a source (what its decoder attends to)."""
+        if self.family.encode is None:
+            raise NotImplementedError(f"the {self.name!r} family has no encoder (not an encoder-decoder model)")
+        return self.family.encode(params, self.config, tokens_BxS, attention_mask_BxS=attention_mask_BxS)
 
     @property
     def tied_tables(self) -> dict[str, str]:

@@ -13,7 +13,7 @@ Example:
     >>> family_for_hf("gpt2")
     Traceback (most recent call last):
     ...
-    ValueError: Unsupported model_type 'gpt2'; supported: ['bert', 'llama', 'mistral', 'qwen2'].
+    ValueError: Unsupported model_type 'gpt2'; supported: ['bert', 'llama', 'mistral', 'qwen2', 't5'].
 """
 
 from __future__ import annotations

@@ -1,0 +1,174 @@
+"""Sequence-to-sequence jobs (``task: seq2seq``): source -> target on an encoder-decoder model (T5).
+
+The BBC article -> headline task as a seq2seq job: the source is an optional instruction
+(``data.source_prefix``, e.g. ``"summarize: "`` for FLAN-T5) plus the article truncated to
+``data.max_article_tokens`` and the end token; the target is the headline and the end token.
+Training is teacher forcing: the decoder reads ``decoder_start_token_id`` then the target
+shifted right, and the loss is the cross-entropy of every target token (padding excluded).
+Evaluation generates from the source with the model's cache (:mod:`train.evaluate` and
+:func:`jpeft.models.generation.generate` unchanged) and scores ROUGE.
+
+A ``Seq2SeqBatch`` names the source ``tokens_BxT`` / ``attention_mask_BxT`` as a causal
+batch names its input, so placement, token counts and the training loop take either.
+
+Example:
+    >>> batch = seq2seq_batch([data.Encoded([5, 6, 1], [7, 1])], pad_id=0, decoder_start_id=0,
+    ...                       bucket_size=4, max_len=8, max_answer=3)
+    >>> batch.tokens_BxT.tolist(), batch.decoder_tokens_BxT.tolist(), batch.targets_BxT.tolist()
+    ([[5, 6, 1, 0]], [[0, 7, 0]], [[7, 1, 0]])
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from train import data
+from train.config import ConfigError
+
+
+
+class Seq2SeqFormat:
+    """Articles as seq2seq sources and headline targets (the interface of :class:`train.data.PromptFormat`)."""
+
+    def __init__(self, tokenizer, *, max_article_tokens: int, max_headline_tokens: int, source_prefix: str = ""):
+        self.tokenizer = tokenizer
+        self.max_article_tokens = max_article_tokens
+        self.max_headline_tokens = max_headline_tokens
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise ValueError("the tokenizer has no eos token to end the source and the headline with")
+        self._prefix_ids = self._ids(source_prefix) if source_prefix else []
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @property
+    def max_prompt_len(self) -> int:
+        """Longest source."""
+        return len(self._prefix_ids) + self.max_article_tokens + 1
+
+    @property
+    def max_len(self) -> int:
+        """Longest source + target (for the run's summary line)."""
+        return self.max_prompt_len + self.max_headline_tokens + 1
+
+    def prompts(self, articles: Sequence[data.Article]) -> list[list[int]]:
+        """The sources: prefix + truncated article + end token."""
+        cut = [a.body[: 12 * self.max_article_tokens] for a in articles]
+        ids = self.tokenizer(cut, add_special_tokens=False)["input_ids"] if cut else []
+        return [self._prefix_ids + i[: self.max_article_tokens] + [self.eos_id] for i in ids]
+
+    def answer(self, article: data.Article) -> list[int]:
+        return self._ids(article.headline)[: self.max_headline_tokens] + [self.eos_id]
+
+    def encode(self, articles: Sequence[data.Article]) -> list[data.Encoded]:
+        return [data.Encoded(p, self.answer(a)) for p, a in zip(self.prompts(articles), articles)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = list(ids)
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+class Seq2SeqBatch(NamedTuple):
+    """A teacher-forcing batch: right-padded sources, decoder inputs (target shifted right) and targets."""
+
+    tokens_BxT: np.ndarray          # source ids
+    attention_mask_BxT: np.ndarray  # 1 on real source tokens
+    decoder_tokens_BxT: np.ndarray  # decoder_start_id, then the target shifted right
+    targets_BxT: np.ndarray
+    loss_mask_BxT: np.ndarray       # 1 on real target tokens
+
+
+def seq2seq_batch(examples: Sequence[data.Encoded], *, pad_id: int, decoder_start_id: int, bucket_size: int,
+                  max_len: int, max_answer: int) -> Seq2SeqBatch:
+    """Sources padded to a bucket length (at most ``max_len``), targets to ``max_answer`` (cut to it)."""
+    s = data.bucket_length(max(len(e.prompt) for e in examples), bucket_size=bucket_size, max_len=max_len)
+    b = len(examples)
+    source = np.full((b, s), pad_id, np.int32)
+    source_mask = np.zeros((b, s), np.int32)
+    decoder = np.full((b, max_answer), pad_id, np.int32)
+    targets = np.full((b, max_answer), pad_id, np.int32)
+    loss_mask = np.zeros((b, max_answer), np.float32)
+    for i, e in enumerate(examples):
+        src, tgt = e.prompt[:s], e.answer[:max_answer]
+        source[i, :len(src)], source_mask[i, :len(src)] = src, 1
+        targets[i, :len(tgt)], loss_mask[i, :len(tgt)] = tgt, 1.0
+        decoder[i, :len(tgt)] = [decoder_start_id, *tgt[:-1]]
+    return Seq2SeqBatch(source, source_mask, decoder, targets, loss_mask)
+
+
+def target_xent(params: Any, model: Any, batch: Seq2SeqBatch):
+    """``(sum of target-token cross-entropies, number of target tokens)`` with teacher forcing."""
+    logits_BxTxV, _ = model.forward(params, batch.tokens_BxT, attention_mask_BxT=batch.attention_mask_BxT,
+                                    decoder_tokens_BxT=batch.decoder_tokens_BxT,
+                                    decoder_mask_BxT=batch.loss_mask_BxT > 0)
+    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch.targets_BxT)
+    return jnp.sum(losses_BxT * batch.loss_mask_BxT), jnp.sum(batch.loss_mask_BxT)
+
+
+def check_task(task: str, model: Any, tokenizer: Any) -> None:
+    """A :class:`ConfigError` when the job's ``task`` does not fit the model, or the tokenizer does not fit it.
+
+    Example:
+        >>> from jpeft.models import llama
+        >>> m = llama.model(llama.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
+        ...                                   num_heads=2))
+        >>> check_task("seq2seq", m, None)
+        Traceback (most recent call last):
+        ...
+        train.config.ConfigError: task: seq2seq needs an encoder-decoder model (T5), but the model is a 'llama' decoder; use task: headlines, or point model.hf_folder at a T5 folder
+    """
+    encoder_decoder = bool(getattr(model, "is_encoder_decoder", False))
+    if task == "seq2seq" and not encoder_decoder:
+        raise ConfigError(f"task: seq2seq needs an encoder-decoder model (T5), but the model is a {model.name!r} "
+                          "decoder; use task: headlines, or point model.hf_folder at a T5 folder")
+    if task == "headlines" and encoder_decoder:
+        raise ConfigError(f"the model is a {model.name!r} encoder-decoder, which reads a source and writes a target: "
+                          "set task: seq2seq (task: headlines is for decoder-only models)")
+    vocab = getattr(model.config, "vocab_size", None)
+    if hasattr(tokenizer, "__len__") and vocab is not None and len(tokenizer) > vocab:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab} rows: "
+                          "ids past the table would be read as garbage. Use the model's own tokenizer (put its "
+                          "tokenizer files in model.hf_folder)")
+
+
+class Seq2SeqTask:
+    """Encoded examples and fixed batches of a seq2seq run (the interface of :class:`train.run.Task`)."""
+
+    def __init__(self, cfg, tokenizer, model):
+        dc = cfg.data
+        directory = dc.dir
+        if directory is None:
+            from jpeft import assets
+
+            directory = assets.bbc_news_dir()
+        try:
+            articles = data.load_bbc(directory)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"data.dir={str(directory)!r} cannot be read as the BBC News corpus: {err}") from None
+        self.split = data.split_articles(articles, seed=dc.split_seed, val_fraction=dc.val_fraction,
+                                         test_fraction=dc.test_fraction)
+        self.fmt = Seq2SeqFormat(tokenizer, max_article_tokens=dc.max_article_tokens,
+                                 max_headline_tokens=dc.max_headline_tokens, source_prefix=dc.source_prefix)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.fmt.eos_id
+        train_articles = self.split.train[: dc.max_train_articles]
+        bs = cfg.train.batch_size
+        if len(train_articles) < bs or len(self.split.val) < bs:
+            raise ConfigError(f"train.batch_size={bs} is larger than the {len(train_articles)} training or "
+                              f"{len(self.split.val)} validation articles; lower train.batch_size")
+        self.train = self.fmt.encode(train_articles)
+        val = self.fmt.encode(self.split.val[: cfg.train.val_batches * bs])
+        shape = dict(pad_id=self.pad_id, decoder_start_id=getattr(model.config, "decoder_start_token_id", 0),
+                     bucket_size=dc.bucket_size, max_len=self.fmt.max_prompt_len,
+                     max_answer=dc.max_headline_tokens + 1)
+        self.val_batches = [seq2seq_batch(val[i:i + bs], **shape) for i in range(0, len(val) - bs + 1, bs)]
+        self.batches_from = lambda start: data.train_batches(
+            self.train, batch_size=bs, seed=cfg.train.seed, start=start, make=seq2seq_batch, **shape)
+        self.batches = self.batches_from(0)
+        self.test = self.split.test[: cfg.eval.test_articles]
