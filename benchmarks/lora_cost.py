@@ -12,11 +12,14 @@ frozen weights. The other methods are compared with LoRA on the default job's ta
   full-size gradient of ``dW``.
 * LoKr applies its Kronecker product without forming it.
 * BitFit (the norm scales of a model without biases) trains no matmul weight at all.
+* VeRA (PEFT's default r=256) runs ``((x @ A^T) * lambda_d) @ B^T * lambda_b`` through shared
+  frozen projections, never forming ``dW``.
+* OFT (PEFT's default blocks of 32) rotates each layer's input blockwise before the frozen matmul.
 
     python benchmarks/lora_cost.py [--batch 8] [--seq 256] [--rank 8]
 
 The last lines are ``lora_over_full_flops=<ratio>`` (all-linear targets), then
-``<method>_over_lora_flops=<ratio>`` for dora, loha, lokr and bitfit.
+``<method>_over_lora_flops=<ratio>`` for dora, loha, lokr, bitfit, vera and oft.
 """
 
 from __future__ import annotations
@@ -88,13 +91,16 @@ def main() -> None:
         "loha": jpeft.loha(rank=args.rank, targets=TARGETS["attention"], model=model),
         "lokr": jpeft.lokr(rank=args.rank, targets=TARGETS["attention"], model=model),
         "bitfit": jpeft.bitfit(model=model),
+        "vera": jpeft.vera(rank=256, targets=TARGETS["attention"], model=model),
+        "oft": jpeft.oft(block_size=32, targets=TARGETS["attention"], model=model),
     }
     over_lora = {}
     for name, method in others.items():
         adapter = jax.eval_shape(method.init, key, params)
         cost = grad_step_cost(loss_for(method, model), adapter, params, tokens)
         over_lora[name] = cost.flops / lora_flops["attention"]
-        label = name if name == "bitfit" else f"{name} r={args.rank} attention"
+        label = {"bitfit": name, "vera": "vera r=256 attention", "oft": "oft b=32 attention"}.get(
+            name, f"{name} r={args.rank} attention")
         print(f"{label:<24}{jpeft.param_report(params, adapter).trainable:>14,}"
               f"{cost.flops / 1e9:>14.1f}{cost.flops / full_cost.flops:>10.3f}")
     print(f"lora_over_full_flops={ratio:.3f}")

@@ -54,6 +54,8 @@ METHODS = {
     "pir": ("pir", []),
     "loha": ("loha", []),
     "lokr": ("lokr", []),
+    "vera": ("vera", []),
+    "oft": ("oft", []),
     "full": ("full", []),
 }
 
