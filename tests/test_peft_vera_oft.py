@@ -70,7 +70,7 @@ SLOW = pytest.mark.slow  # more PEFT options and layouts, beyond the default lan
 
 
 @pytest.mark.parametrize("name, scan_layers, merge", [
-    ("vera", False, True), ("oft", True, False),
+    ("vera", False, False), ("oft", True, False),
     pytest.param("vera", True, True, marks=SLOW), pytest.param("oft", False, True, marks=SLOW),
     pytest.param("oft-r-exact-shared", False, False, marks=SLOW),
     pytest.param("oft-neumann3", False, False, marks=SLOW)])
