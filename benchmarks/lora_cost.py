@@ -16,11 +16,14 @@ frozen weights. The other methods are compared with LoRA on the default job's ta
   ``x @ W + s ((x @ a) * e) @ b`` and adds its orthogonality penalty to the loss; its budget
   schedule runs in the optimizer update, so for it (and LoRA) the whole step, gradient plus
   AdamW update (wrapped by the schedule), is compiled too: ``adalora_step_over_lora_step_flops``.
+* VeRA (PEFT's default r=256) runs ``((x @ A^T) * lambda_d) @ B^T * lambda_b`` through shared
+  frozen projections, never forming ``dW``.
+* OFT (PEFT's default blocks of 32) rotates each layer's input blockwise before the frozen matmul.
 
     python benchmarks/lora_cost.py [--batch 8] [--seq 256] [--rank 8] [--methods adalora ...]
 
 The last lines are ``lora_over_full_flops=<ratio>`` (all-linear targets), then
-``<method>_over_lora_flops=<ratio>`` for dora, loha, lokr, bitfit and adalora, and
+``<method>_over_lora_flops=<ratio>`` for dora, loha, lokr, bitfit, adalora, vera and oft, and
 ``adalora_step_over_lora_step_flops=<ratio>``.
 """
 
@@ -112,6 +115,8 @@ def main() -> None:
         "bitfit": jpeft.bitfit(model=model),
         "adalora": jpeft.adalora(init_r=12, target_r=8, alpha=32, targets=TARGETS["attention"], tinit=8, tfinal=8,
                                  total_step=40, model=model),
+        "vera": jpeft.vera(rank=256, targets=TARGETS["attention"], model=model),
+        "oft": jpeft.oft(block_size=32, targets=TARGETS["attention"], model=model),
     }
     over_lora = {}
     for name, method in others.items():
@@ -120,7 +125,8 @@ def main() -> None:
         adapter = jax.eval_shape(method.init, key, params)
         cost = grad_step_cost(loss_for(method, model), adapter, params, tokens)
         over_lora[name] = cost.flops / lora_flops["attention"]
-        label = {"bitfit": name, "adalora": "adalora r=12->8 attention"}.get(name, f"{name} r={args.rank} attention")
+        label = {"bitfit": name, "adalora": "adalora r=12->8 attention", "vera": "vera r=256 attention",
+                 "oft": "oft b=32 attention"}.get(name, f"{name} r={args.rank} attention")
         print(f"{label:<24}{jpeft.param_report(params, adapter).trainable:>14,}"
               f"{cost.flops / 1e9:>14.1f}{cost.flops / full_cost.flops:>10.3f}")
     print(f"lora_over_full_flops={ratio:.3f}")

@@ -55,6 +55,8 @@ METHODS = {
     "loha": ("loha", []),
     "lokr": ("lokr", []),
     "adalora": ("adalora", []),
+    "vera": ("vera", []),
+    "oft": ("oft", []),
     "full": ("full", []),
 }
 

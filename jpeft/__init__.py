@@ -23,6 +23,7 @@ from jpeft.methods.lokr import LokrWeight, lokr
 from jpeft.methods.lora import LoraWeight, dora, lora
 from jpeft.methods.mixed import MixedAdapters
 from jpeft.methods.multi import AdapterBank
+from jpeft.methods.oft import OftWeight, oft
 from jpeft.methods.prefix import fold as fold_prefix
 from jpeft.methods.prefix import prefix_tuning
 from jpeft.methods.prompt import fold as fold_prompt
@@ -30,6 +31,7 @@ from jpeft.methods.prompt import p_tuning, prompt_tuning
 from jpeft.methods.selective import bitfit, selective
 from jpeft.methods.sparse import pir
 from jpeft.methods.ulmfit import ulmfit
+from jpeft.methods.vera import VeraWeight, vera
 from jpeft.report import ParamReport, param_report
 from jpeft.tree import Rule, RuleError
 
@@ -44,9 +46,11 @@ __all__ = [
     "LoraWeight",
     "Method",
     "MixedAdapters",
+    "OftWeight",
     "ParamReport",
     "Rule",
     "RuleError",
+    "VeraWeight",
     "adalora",
     "bitfit",
     "bottleneck",
@@ -61,6 +65,7 @@ __all__ = [
     "loha",
     "lokr",
     "lora",
+    "oft",
     "p_tuning",
     "prefix_tuning",
     "prompt_tuning",
@@ -72,5 +77,6 @@ __all__ = [
     "selective",
     "tree",
     "ulmfit",
+    "vera",
 ]
 __version__ = "0.1.0"

@@ -66,6 +66,10 @@ class PeftCodec(NamedTuple):
             ``params`` (stacked or not) and the leaves may be per layer (they are restacked).
             What does not fit is appended to ``problems`` (one line each), not raised.
         describes: what the tensors are, for messages (``"LoRA factors"``).
+        shared_keys: whole file keys of tensors that belong to no module (VeRA's
+            ``base_model.vera_A``): ``export`` returns them under these keys, written as they
+            are (no ``base_model.model.`` prefix), and ``load`` gets them as its keyword
+            argument ``shared={key: array}`` (a missing one is absent from it).
     """
 
     peft_type: str
@@ -73,6 +77,7 @@ class PeftCodec(NamedTuple):
     export: Callable[..., tuple[dict[str, np.ndarray], dict]]
     load: Callable[..., tuple[Any, dict]]
     describes: str = "adapter tensors"
+    shared_keys: tuple[str, ...] = ()
 
 
 _CODECS: dict[str, PeftCodec] = {}
@@ -207,7 +212,8 @@ def save_peft(folder: str | os.PathLike, model, method, params: Any, adapter: An
         config["modules_to_save"] = sorted({name.rsplit(".", 1)[0] for name in saved})
     config = {"peft_type": codec.peft_type, "task_type": task_type(model),
               "base_model_name_or_path": base_model_name_or_path, **config, "inference_mode": True}
-    files = {f"{PREFIX}{key}": np.ascontiguousarray(np.asarray(v, np.float32)) for key, v in tensors.items()}
+    files = {(key if key in codec.shared_keys else f"{PREFIX}{key}"): np.ascontiguousarray(np.asarray(v, np.float32))
+             for key, v in tensors.items()}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(files, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -289,10 +295,15 @@ def read_config(folder: Path) -> dict:
     return config
 
 
+SHARED = ""
+"""The entry of :func:`read_modules`' result that holds a codec's ``shared_keys`` tensors (by whole key)."""
+
+
 def read_modules(folder: Path, codec: PeftCodec, saved_modules=()) -> dict[str, dict[str, np.ndarray]]:
     """``{module: {tensor name: array}}`` from the safetensors file; unknown keys are an error.
 
-    Keys of whole ``saved_modules`` (PEFT's ``modules_to_save``, ``<module>.weight``) are skipped here.
+    Keys of whole ``saved_modules`` (PEFT's ``modules_to_save``, ``<module>.weight``) are skipped here;
+    tensors under the codec's ``shared_keys`` are in the entry :data:`SHARED` (when there are any).
     """
     saved = tuple(f"{PREFIX}{m}." for m in saved_modules)
     path = folder / WEIGHTS_FILE
@@ -303,6 +314,9 @@ def read_modules(folder: Path, codec: PeftCodec, saved_modules=()) -> dict[str, 
     try:
         with safe_open(str(path), framework="numpy") as f:
             for key in f.keys():
+                if key in codec.shared_keys:
+                    modules[SHARED][key] = f.get_tensor(key).astype(np.float32)
+                    continue
                 if key.startswith(saved) and key.count(".") == next(s for s in saved if key.startswith(s)).count("."):
                     continue
                 name = next((t for t in codec.tensor_names if key.startswith(PREFIX) and key.endswith("." + t)), None)
@@ -366,6 +380,7 @@ def load_peft(folder: str | os.PathLike, model, params: Any, *, base_model: str 
                       stacklevel=2)
     codec = _codec_for(config["peft_type"])
     modules = read_modules(folder, codec, config.get("modules_to_save") or ())
+    shared = modules.pop(SHARED, {})
     flat_params = unstacked_leaves(params)
     tied_heads = set(getattr(model, "tied_tables", {}).values())
     by_path, problems = {}, []
@@ -382,7 +397,8 @@ def load_peft(folder: str | os.PathLike, model, params: Any, *, base_model: str 
         problems.extend(layer_coverage([p for p in by_path if p in flat_params], flat_params))
     copies = _take_saved_modules(folder, config, model, params, problems)
     inner_config = {k: v for k, v in config.items() if k != "modules_to_save"}
-    method, flat_adapter = codec.load(inner_config, by_path, params, model, problems)
+    extra = {"shared": shared} if codec.shared_keys else {}
+    method, flat_adapter = codec.load(inner_config, by_path, params, model, problems, **extra)
     if problems:
         raise CheckpointError(f"PEFT adapter {folder} does not fit the model ({len(problems)} problems): "
                               f"{listing(problems)}. Was it saved for another base model?")

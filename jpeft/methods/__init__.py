@@ -7,3 +7,4 @@ The builders are re-exported at the top level (``jpeft.lora``, ``jpeft.full``);
 from jpeft.methods import bottleneck, full, ia3, lora, lora_peft, prefix, prompt, registry  # noqa: F401  (registers)
 from jpeft.methods import delta_peft, loha, lokr, selective, sparse, ulmfit  # noqa: F401  (registers)
 from jpeft.methods import adalora, adalora_peft  # noqa: F401  (registers)
+from jpeft.methods import oft, vera, vera_peft  # noqa: F401  (registers)

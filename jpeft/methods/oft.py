@@ -1,0 +1,336 @@
+"""OFT: a block-diagonal orthogonal rotation of each adapted layer's input (Qiu et al., 2023; PEFT 0.21's ``OFTConfig``).
+
+For a kernel seen as the matrix ``(I, O)`` (input axes flattened row-major, then output
+axes), the input is cut into ``n = I / b`` blocks of ``b`` features and each block is
+rotated by its own orthogonal ``R_i (b, b)``: ``y = (x @ blockdiag(R_1..R_n)) @ W``, so the
+merged kernel is ``W' = blockdiag(R) @ W`` (torch's ``(O, I)`` weight: ``W'^T = R W^T``, PEFT's
+``merge``). As in PEFT 0.14 and later:
+
+* each ``R_i`` is the Cayley transform of a skew-symmetric ``Q_i`` whose strict upper
+  triangle (row-major) is the trainable vector: the adapter holds ``R (*lead, n, b(b-1)/2)``
+  (PEFT's ``oft_R.weight``); ``R_i = (I - Q_i)(I + Q_i)^-1`` exactly, or with
+  ``use_cayley_neumann`` (PEFT's default) its truncated Neumann series
+  ``I + 2Q + 2Q^2 + ... + 2Q^(k-2) + Q^(k-1)`` for ``k = num_cayley_neumann_terms`` (PEFT's
+  loop, term for term, including its ``k = 3`` case);
+* ``block_size`` (PEFT's ``oft_block_size``, default 32) or ``r`` (the number of blocks)
+  decides the blocks, one of them non-zero; a size that does not divide ``I`` is adjusted
+  as PEFT's ``adjust_oft_parameters`` does (with its warning);
+* ``block_share``: one ``R`` for all blocks of a weight (``R (*lead, 1, b(b-1)/2)``);
+* init: ``Q = 0``, so every ``R_i`` is the identity and a fresh adapter changes nothing, exactly.
+
+``apply`` never forms a full-size weight: each op reshapes ``x`` to ``(..., n, b)``, rotates
+the blocks (``n b^2`` multiply-adds per row) and runs the frozen matmul on the result, so a
+4-bit base stays 4-bit and gets no gradient. ``merge`` forms ``blockdiag(R) @ W`` per weight.
+
+Not supported: ``coft`` (PEFT's constrained OFT projects the parameters in place on every
+forward, a training-time state update jpeft's functional step does not make; a file with it
+is refused), ``module_dropout`` (training-only: a file trained with it loads exactly, with a
+warning), embedding and convolution layers, ``bias`` other than ``none``, ``modules_to_save``.
+
+Example:
+    >>> import jax, jax.numpy as jnp, jpeft
+    >>> params = {"dense": {"kernel": jnp.ones((8, 3))}}
+    >>> method = jpeft.oft(block_size=4, targets=r".*/kernel")
+    >>> adapter = method.init(jax.random.key(0), params)
+    >>> adapter["dense"]["kernel"]["R"].shape      # 2 blocks of 4: 6 = 4 * 3 / 2 per block
+    (2, 6)
+    >>> x = jnp.arange(8.0)
+    >>> bool(jnp.all(jpeft.ops.linear(x, method.apply(params, adapter)["dense"]["kernel"]) == x @ params["dense"]["kernel"]))
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpeft import ops, tree
+from jpeft.errors import CheckpointError, SettingError
+from jpeft.io import peft_format
+from jpeft.layout import layouts_for
+from jpeft.methods import delta, registry
+from jpeft.methods.base import Method
+import jpeft.models.stack as stack
+
+
+def adjust(in_features: int, value: int) -> int:
+    """PEFT's ``adjust_oft_parameters``: the divisor of ``in_features`` nearest ``value`` (the lower on a tie).
+
+    Example:
+        >>> adjust(576, 32), adjust(100, 32), adjust(20, 32)
+        (32, 25, 20)
+    """
+    if value >= in_features:
+        return in_features
+    higher = value
+    while higher <= in_features and in_features % higher != 0:
+        higher += 1
+    lower = value
+    while lower > 1 and in_features % lower != 0:
+        lower -= 1
+    return lower if value - lower <= higher - value else higher
+
+
+def blocks(in_size: int, block_size: int, r: int) -> tuple[int, int]:
+    """``(block size, number of blocks)`` of a weight with ``in_size`` inputs, as PEFT's ``update_layer`` picks them.
+
+    Example:
+        >>> blocks(576, 32, 0), blocks(1536, 0, 8)
+        ((32, 18), (192, 8))
+    """
+    if r == 0:
+        size = block_size
+        if in_size % size != 0 or size > in_size:
+            size = adjust(in_size, size)
+            warnings.warn(f"OFT: block_size {block_size} does not divide a weight's {in_size} inputs; adjusted to "
+                          f"{size} (as PEFT does)", stacklevel=4)
+        return size, in_size // size
+    count = r
+    if in_size % count != 0 or count > in_size:
+        count = adjust(in_size, count)
+        warnings.warn(f"OFT: r={r} blocks do not divide a weight's {in_size} inputs; adjusted to {count} "
+                      "(as PEFT does)", stacklevel=4)
+    return in_size // count, count
+
+
+def rotations(vec_NxE: jax.Array, block_size: int, neumann_terms: int) -> jax.Array:
+    """The orthogonal blocks ``(n, b, b)`` of PEFT's ``_cayley_batch`` for upper-triangle vectors ``(n, b(b-1)/2)``.
+
+    ``neumann_terms = 0``: the exact Cayley transform ``(I - Q)(I + Q)^-1``.
+
+    Example:
+        >>> r = rotations(jnp.array([[0.1, 0.2, 0.3]]), 3, 0)
+        >>> bool(jnp.allclose(r[0] @ r[0].T, jnp.eye(3), atol=1e-6))
+        True
+    """
+    rows, cols = np.triu_indices(block_size, 1)
+    n = vec_NxE.shape[0]
+    upper = jnp.zeros((n, block_size, block_size), vec_NxE.dtype).at[:, rows, cols].set(vec_NxE)
+    q = upper - jnp.swapaxes(upper, -1, -2)
+    eye = jnp.broadcast_to(jnp.eye(block_size, dtype=vec_NxE.dtype), q.shape)
+    if neumann_terms == 0:      # R (I + Q) = I - Q, solved as (I + Q)^T R^T = (I - Q)^T
+        return jnp.swapaxes(jnp.linalg.solve(jnp.swapaxes(eye + q, -1, -2), jnp.swapaxes(eye - q, -1, -2)), -1, -2)
+    r = eye
+    if neumann_terms > 1:
+        r = r + 2.0 * q
+        if neumann_terms > 2:
+            power = q @ q
+            r = r + 2.0 * power
+            for _ in range(3, neumann_terms - 1):
+                power = power @ q
+                r = r + 2.0 * power
+            r = r + power @ q
+    return r
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class OftWeight(delta.DeltaWeight):
+    """A weight whose input is rotated blockwise first: ops run ``(x @ blockdiag(R)) @ W``, never ``W'``.
+
+    ``factors["R"]`` is ``(*lead, n or 1, b(b-1)/2)``; the block size follows from its last axis.
+    ``neumann_terms``: PEFT's ``num_cayley_neumann_terms``, or 0 for the exact Cayley transform.
+    """
+
+    neumann_terms: int = dataclasses.field(default=5, metadata=dict(static=True))
+
+    @property
+    def block_size(self) -> int:
+        elements = self.factors["R"].shape[-1]
+        return int(round((1 + math.sqrt(1 + 8 * elements)) / 2))
+
+    def _blocks(self, vec, dtype) -> jax.Array:
+        """``(n, b, b)`` rotations of one unstacked weight (a shared block repeated ``n`` times)."""
+        r = rotations(vec.astype(jnp.float32), self.block_size, self.neumann_terms).astype(dtype)
+        return jnp.broadcast_to(r, (self.in_size // self.block_size, *r.shape[1:]))
+
+    def _rotate(self, x_NxI: jax.Array) -> jax.Array:
+        r_nxbxb = self._blocks(self.factors["R"], x_NxI.dtype)
+        x_blocks = x_NxI.reshape(*x_NxI.shape[:-1], *r_nxbxb.shape[:2])
+        return jnp.einsum("...rk,rkc->...rc", x_blocks, r_nxbxb).reshape(x_NxI.shape)
+
+    def materialize(self, dtype=None) -> jax.Array:
+        def one(vec, base):
+            r_nxbxb = self._blocks(vec, jnp.float32)
+            w = base.reshape(*r_nxbxb.shape[:2], -1)
+            return jnp.einsum("rkc,rco->rko", r_nxbxb, w).reshape(base.shape)
+
+        fn = one
+        for _ in range(self.lead):
+            fn = jax.vmap(fn)
+        return fn(self.factors["R"], ops.as_array(self.base, jnp.float32)).astype(dtype or self.dtype)
+
+    def linear(self, x: jax.Array) -> jax.Array:
+        self._unstacked("linear")
+        return ops.linear(self._rotate(x), self.base)
+
+    def einsum(self, subscripts: str, x: jax.Array) -> jax.Array:
+        self._unstacked("einsum")
+        x_sub, w_in, w_out, out = ops.split_subscripts(subscripts, self.inputs)
+        kept = "".join(c for c in x_sub if c not in w_in)
+        x_in_last = jnp.einsum(f"{x_sub}->{kept}{w_in}", x)        # the weight's input axes last, in its order
+        lead_shape = x_in_last.shape[:len(kept)]
+        x_rot = self._rotate(x_in_last.reshape(*lead_shape, self.in_size)).reshape(x_in_last.shape)
+        return ops.einsum(f"{kept}{w_in},{w_in}{w_out}->{out}", x_rot, self.base)
+
+    @staticmethod
+    def factor_axes(name: str, in_axes: tuple, out_axes: tuple) -> tuple:
+        """The blocks' parameters mix the weight's input features: replicated (they are small)."""
+        return (None, None)
+
+
+def _kind(block_size: int, r: int, block_share: bool, neumann_terms: int) -> delta.DeltaKind:
+    def shapes(d_in: tuple, d_out: tuple, rank: int) -> delta.Shapes:
+        size, count = blocks(math.prod(d_in), block_size, r)
+        return {"R": (1 if block_share else count, size * (size - 1) // 2)}
+
+    def init(key, shapes: delta.Shapes, in_size: int, out_size: int, rank: int, dtype) -> dict:
+        del key
+        return {"R": jnp.zeros(shapes["R"], dtype)}            # Q = 0: every block is the identity
+
+    label = f"oft b={block_size}" if r == 0 else f"oft r={r}"
+    return delta.DeltaKind("oft", "OFT", shapes, init, OftWeight, lambda _: label,
+                           options=(("neumann_terms", neumann_terms),))
+
+
+def oft(
+    block_size: int = 32,
+    r: int = 0,
+    targets: tree.Targets = r".*/(q|k|v|o)_proj/kernel",
+    *,
+    block_share: bool = False,
+    use_cayley_neumann: bool = True,
+    num_cayley_neumann_terms: int = 5,
+    coft: bool = False,
+    dtype=jnp.float32,
+    model: Any = None,
+) -> Method:
+    """Builds an OFT method (defaults: Hugging Face PEFT 0.21's ``OFTConfig``: blocks of 32, Cayley-Neumann, 5 terms).
+
+    Args:
+        block_size: PEFT's ``oft_block_size`` (0 when ``r`` is given).
+        r: the number of blocks per weight instead (PEFT's ``r``; 0 when ``block_size`` is given).
+        targets: which kernels to adapt (regexes, predicates or :class:`jpeft.Rule` objects
+            without per-rule settings).
+        block_share: one rotation shared by all blocks of a weight.
+        use_cayley_neumann: the truncated Neumann series instead of the exact inverse.
+        num_cayley_neumann_terms: the series' terms (PEFT's loop; see the module docstring).
+        coft: PEFT's constrained OFT; not supported (an error).
+        dtype: dtype of the trainable vectors.
+        model: the :class:`jpeft.models.Model` whose parameters are adapted.
+
+    Returns:
+        A :class:`jpeft.Method`; its adapter holds ``R (n, b(b-1)/2)`` per kernel (``(1, ...)`` when shared).
+    """
+    for name, value in (("block_size", block_size), ("r", r), ("num_cayley_neumann_terms", num_cayley_neumann_terms)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise SettingError(name, value, "must be an integer >= 0", what="OFT")
+    if (block_size != 0) == (r != 0):
+        raise SettingError("block_size", block_size, f"and r={r}: give exactly one of them non-zero (PEFT's rule: "
+                           "r blocks of block_size make the input size)", what="OFT")
+    if block_size == 1:
+        raise SettingError("block_size", block_size, "must be at least 2 (a 1 x 1 rotation has no parameter)",
+                           what="OFT")
+    for name, value in (("block_share", block_share), ("use_cayley_neumann", use_cayley_neumann), ("coft", coft)):
+        if not isinstance(value, bool):
+            raise SettingError(name, value, "must be true or false", what="OFT")
+    if coft:
+        raise SettingError("coft", coft, "is not supported: PEFT's constrained OFT rewrites its parameters in place "
+                           "on every forward pass; use coft=false", what="OFT")
+    if use_cayley_neumann and num_cayley_neumann_terms == 0:
+        raise SettingError("num_cayley_neumann_terms", 0, "must be >= 1 with use_cayley_neumann", what="OFT")
+    rules = tree.as_rules(targets)
+    for rule in rules:
+        if rule.settings:
+            raise ValueError(f"{rule!r} has per-rule settings {sorted(rule.settings)}; OFT's block size is one for "
+                             "all targets (PEFT's); give block_size= or r= to jpeft.oft")
+    terms = num_cayley_neumann_terms if use_cayley_neumann else 0
+    method = delta.delta_method(_kind(block_size, r, block_share, terms), 1, 1.0, rules, dtype=dtype, model=model)
+    settings = {"oft_block_size": block_size, "r": r, "block_share": block_share,
+                "use_cayley_neumann": use_cayley_neumann, "num_cayley_neumann_terms": num_cayley_neumann_terms}
+    codec = CODEC._replace(export=lambda *args: _export(*args, settings=settings))
+    label = (f"oft b={block_size}" if r == 0 else f"oft r={r}") + (" shared" if block_share else "")
+    return method._replace(peft=codec, label=label)
+
+
+registry.register("oft", oft)
+
+
+# ----------------------------------------------------------------------------- PEFT format (peft_type: OFT)
+
+
+def _export(method, params: Any, adapter: Any, model, *, settings: dict) -> tuple[dict, dict]:
+    """Per module ``oft_R.weight (n or 1, b(b-1)/2)``: the same vector, no transpose."""
+    applied = tree.flatten(method.apply(params, adapter))
+    tensors = {}
+    for path, weight in sorted((p, w) for p, w in applied.items() if isinstance(w, OftWeight)):
+        vec = np.asarray(weight.factors["R"], np.float32)
+        layers = [(path, vec)]
+        if stack.in_stack(path):
+            layers = [(stack.unstacked_path(path, i), vec[i]) for i in range(weight.shape[0])]
+        for layer_path, v in layers:
+            tensors[f"{peft_format.module_of(model, layer_path)}.oft_R.weight"] = v
+    if not tensors:
+        return {}, {}
+    config = {"target_modules": sorted(k.rsplit(".oft_R", 1)[0] for k in tensors), "module_dropout": 0.0,
+              "coft": False, "eps": 6e-5, "init_weights": True, "fan_in_fan_out": False, "bias": "none",
+              "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
+              "peft_version": "0.21.2", **settings}     # the parameterization implemented here (PEFT >= 0.18)
+    return tensors, config
+
+
+def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, model,
+          problems: list[str]) -> tuple[Any, dict]:
+    if "oft_block_size" not in config:
+        raise CheckpointError("the OFT adapter has no oft_block_size: it was saved by PEFT before 0.14, whose OFT "
+                              "jpeft does not read")
+    for key, ok in (("coft", not config.get("coft")), ("modules_to_save", not config.get("modules_to_save")),
+                    ("bias", config.get("bias", "none") == "none"), ("fan_in_fan_out", not config.get("fan_in_fan_out"))):
+        if not ok:
+            raise CheckpointError(f"OFT adapters with {key}={config[key]!r} are not supported")
+    if config.get("module_dropout"):
+        warnings.warn(f"the OFT adapter was trained with module_dropout={config['module_dropout']}; its outputs load "
+                      "exactly, but jpeft trains on without it", stacklevel=3)
+    block_size, r = int(config.get("oft_block_size", 32)), int(config.get("r", 0))
+    share = bool(config.get("block_share", False))
+    flat_params = peft_format.unstacked_leaves(params)
+    layouts = layouts_for(params, model=model)
+    stacked = any(stack.in_stack(p) for p in tree.flatten(params))
+    leaves, finals = {}, set()
+    for path, tensors in sorted(modules.items()):
+        module = peft_format.module_of(model, path)
+        if path not in flat_params:
+            problems.append(f"{module}: an OFT adapter for the tied output head, which jpeft does not adapt")
+            continue
+        final = stack.stacked_path(path)[0] if stacked else path
+        layout, shape = layouts[final], tuple(flat_params[path].shape)
+        if layout.kind != "kernel":
+            problems.append(f"{module}: OFT adapts linear layers only here, and this weight is a {layout.kind}")
+            continue
+        lead = layout.lead - (1 if final != path else 0)
+        in_size = math.prod(shape[lead:lead + layout.inputs])
+        size, count = blocks(in_size, block_size, r)
+        want = (1 if share else count, size * (size - 1) // 2)
+        got = tuple(tensors["oft_R.weight"].shape)
+        if got != want:
+            problems.append(f"{module}: oft_R.weight {got} does not fit {in_size} inputs in blocks of {size} "
+                            f"(want {want})")
+            continue
+        leaves[f"{path}/R"] = tensors["oft_R.weight"]
+        finals.add(final)
+    if problems:
+        return None, {}
+    method = oft(block_size=block_size, r=r, targets=[tree.Rule(re.escape(p)) for p in sorted(finals)],
+                 block_share=share, use_cayley_neumann=bool(config.get("use_cayley_neumann", True)),
+                 num_cayley_neumann_terms=int(config.get("num_cayley_neumann_terms", 5)), model=model)
+    return method, leaves
+
+
+CODEC = peft_format.register_codec(peft_format.PeftCodec("OFT", ("oft_R.weight",), _export, _load, "OFT rotations"))
