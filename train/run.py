@@ -241,18 +241,7 @@ class Task:
 
     def __init__(self, cfg: RunConfig, tokenizer):
         dc = cfg.data
-        directory = dc.dir
-        if directory is None:
-            from jpeft import assets
-
-            directory = assets.bbc_news_dir()
-        try:
-            articles = data.load_bbc(directory)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"data.dir={str(directory)!r} cannot be read as the BBC News corpus: {err}") from None
-        self.split = data.split_articles(
-            articles, seed=dc.split_seed, val_fraction=dc.val_fraction, test_fraction=dc.test_fraction
-        )
+        _, self.split = data.configured_split(dc)
         self.fmt = data.PromptFormat(
             tokenizer, max_article_tokens=dc.max_article_tokens, max_headline_tokens=dc.max_headline_tokens
         )

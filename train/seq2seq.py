@@ -143,17 +143,7 @@ class Seq2SeqTask:
 
     def __init__(self, cfg, tokenizer, model):
         dc = cfg.data
-        directory = dc.dir
-        if directory is None:
-            from jpeft import assets
-
-            directory = assets.bbc_news_dir()
-        try:
-            articles = data.load_bbc(directory)
-        except (OSError, ValueError) as err:
-            raise ConfigError(f"data.dir={str(directory)!r} cannot be read as the BBC News corpus: {err}") from None
-        self.split = data.split_articles(articles, seed=dc.split_seed, val_fraction=dc.val_fraction,
-                                         test_fraction=dc.test_fraction)
+        _, self.split = data.configured_split(dc)
         self.fmt = Seq2SeqFormat(tokenizer, max_article_tokens=dc.max_article_tokens,
                                  max_headline_tokens=dc.max_headline_tokens, source_prefix=dc.source_prefix)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.fmt.eos_id
