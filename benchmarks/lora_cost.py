@@ -48,6 +48,9 @@ SMOLLM2_135M = llama.LlamaConfig(
     num_kv_heads=3, rope_theta=100000.0, rms_norm_eps=1e-5, max_position_embeddings=8192,
     tie_word_embeddings=True)
 
+COMPARED = ("dora", "loha", "lokr", "bitfit", "adalora", "vera", "oft")
+"""The methods compared with LoRA's step (the last lines, in this order)."""
+
 TARGETS = {
     "attention": r".*/(q|k|v|o)_proj/kernel",
     "all-linear": r".*/(q|k|v|o|gate|up|down)_proj/kernel",
@@ -82,8 +85,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--methods", nargs="+", default=["dora", "loha", "lokr", "bitfit", "adalora"],
-                        choices=["dora", "loha", "lokr", "bitfit", "adalora"], help="which methods to compare with LoRA")
+    parser.add_argument("--methods", nargs="+", default=list(COMPARED), choices=list(COMPARED),
+                        help="which methods to compare with LoRA")
     args = parser.parse_args()
 
     model = llama.model(SMOLLM2_135M)
