@@ -107,8 +107,8 @@ def _count_traces(monkeypatch) -> list:
 
     traces, make = [], trainer.make_loss_fn
 
-    def counting(method, model):
-        loss_fn = make(method, model)
+    def counting(method, model, sums=None):
+        loss_fn = make(method, model, sums)
 
         def traced(*args):
             traces.append(method.describe())
