@@ -84,6 +84,55 @@ class Plan(NamedTuple):
         return tuple(self.shape[i] for i in self.perm) if self.perm else self.shape
 
 
+class LayerMethod(NamedTuple):
+    """How jpeft computes one method of a layer class: ``plan`` (what it reads) and ``run`` (the computation)."""
+
+    plan: Callable[..., dict]
+    run: Callable[..., Any]
+
+
+class LayerRegistry:
+    """The layer classes (of one Flax API: linen or nnx) whose methods jpeft computes itself.
+
+    Example:
+        >>> class Base: ...
+        >>> class Proj(Base):
+        ...     def __call__(self, x): return x
+        >>> layers = LayerRegistry(Base, "a toy")
+        >>> layers.register(Proj, "__call__", plan=dict, run=lambda m, w, x: x)
+        >>> sorted(layers.methods_for(Proj())), layers.class_names()
+        (['__call__'], 'Proj')
+    """
+
+    def __init__(self, base: type, api: str):
+        self.base, self.api = base, api
+        self.rules: dict[type, dict[str, LayerMethod]] = {}
+
+    def register(self, cls: type, method: str, plan: Callable[..., dict], run: Callable[..., Any]) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, self.base)):
+            raise InteropError(f"register takes {self.api} Module class, got {cls!r}")
+        if not callable(getattr(cls, method, None)):
+            raise InteropError(f"{cls.__name__} has no method {method!r}")
+        self.rules.setdefault(cls, {})[method] = LayerMethod(plan, run)
+
+    def methods_for(self, module) -> dict[str, LayerMethod]:
+        """``{method name: rule}`` for ``module``: the most derived registered class's rule of each method,
+        unless ``module``'s class overrides that method (then jpeft does not know what it computes)."""
+        own, out = type(module), {}
+        for cls in reversed(own.__mro__):
+            for name, rule in self.rules.get(cls, {}).items():
+                if getattr(own, name) is getattr(cls, name):
+                    out[name] = rule
+        return out
+
+    def registered(self, module) -> bool:
+        """Whether ``module``'s class or a base of it is registered."""
+        return any(cls in self.rules for cls in type(module).__mro__)
+
+    def class_names(self) -> str:
+        return ", ".join(sorted(c.__name__ for c in self.rules))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Transposed(ops.WeightWrapper):

@@ -33,7 +33,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 from flax import linen as nn
@@ -41,17 +41,9 @@ from flax.core import meta, unfreeze
 
 from jpeft import ops, tree
 from jpeft.interop import layers
-from jpeft.interop.core import FlaxModel, InteropError, build
+from jpeft.interop.core import FlaxModel, InteropError, LayerMethod, LayerRegistry, build
 
-
-class LayerMethod(NamedTuple):
-    """How jpeft computes one method of a layer class: ``plan`` (what it reads) and ``run`` (the computation)."""
-
-    plan: Callable[..., dict]
-    run: Callable[..., Any]
-
-
-_RULES: dict[type, dict[str, LayerMethod]] = {}
+_LAYERS = LayerRegistry(nn.Module, "a linen")
 
 
 def register(cls: type, method: str, plan: Callable[..., dict], run: Callable[..., Any]) -> None:
@@ -73,24 +65,15 @@ def register(cls: type, method: str, plan: Callable[..., dict], run: Callable[..
         ...          plan=lambda m, x: {"w": Contraction("...i,io->...o", x.ndim)},
         ...          run=lambda m, w, x: w.einsum("w", "...i,io->...o", x))
     """
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise InteropError(f"register takes a linen Module class, got {cls!r}")
-    if not callable(getattr(cls, method, None)):
-        raise InteropError(f"{cls.__name__} has no method {method!r}")
-    _RULES.setdefault(cls, {})[method] = LayerMethod(plan, run)
+    _LAYERS.register(cls, method, plan, run)
 
 
 def _rule_for(module: nn.Module, method: str) -> LayerMethod | None:
-    own = type(module)
-    for cls in own.__mro__:
-        found = _RULES.get(cls, {}).get(method)
-        if found is not None:
-            return found if getattr(own, method) is getattr(cls, method) else None
-    return None
+    return _LAYERS.methods_for(module).get(method)
 
 
 def _registered(module: nn.Module) -> bool:
-    return any(cls in _RULES for cls in type(module).__mro__)
+    return _LAYERS.registered(module)
 
 
 register(nn.Dense, "__call__", layers.dense_plan, layers.dense_run)
@@ -145,7 +128,7 @@ def wrap(module: nn.Module, variables: Any, *args, method: str | Callable | None
     jax.eval_shape(traced, params)
     if not records:
         raise InteropError(f"{type(module).__name__} called none of the layers jpeft computes (known: "
-                           f"{', '.join(sorted(c.__name__ for c in _RULES))}); register its layer classes")
+                           f"{_LAYERS.class_names()}); register its layer classes")
 
     def runner(by_site, applied, call_args, call_kwargs):
         planned = {f"{'/'.join(p)}/{n}" if p else n for p, s in model.sites.items() for n in s.plans}

@@ -32,7 +32,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,17 +40,9 @@ from flax import nnx
 
 from jpeft import ops, tree
 from jpeft.interop import layers
-from jpeft.interop.core import FlaxModel, InteropError, build, path_str
+from jpeft.interop.core import FlaxModel, InteropError, LayerMethod, LayerRegistry, build, path_str
 
-
-class LayerMethod(NamedTuple):
-    """How jpeft computes one method of a layer class: ``plan`` (what it reads) and ``run`` (the computation)."""
-
-    plan: Callable[..., dict]
-    run: Callable[..., Any]
-
-
-_RULES: dict[type, dict[str, LayerMethod]] = {}
+_LAYERS = LayerRegistry(nnx.Module, "an nnx")
 
 
 def register(cls: type, method: str, plan: Callable[..., dict], run: Callable[..., Any]) -> None:
@@ -68,20 +60,11 @@ def register(cls: type, method: str, plan: Callable[..., dict], run: Callable[..
         >>> register(Proj, "__call__", plan=lambda m, x: {"w": Contraction("...i,io->...o", x.ndim)},
         ...          run=lambda m, w, x: w.einsum("w", "...i,io->...o", x))
     """
-    if not (isinstance(cls, type) and issubclass(cls, nnx.Module)):
-        raise InteropError(f"register takes an nnx Module class, got {cls!r}")
-    if not callable(getattr(cls, method, None)):
-        raise InteropError(f"{cls.__name__} has no method {method!r}")
-    _RULES.setdefault(cls, {})[method] = LayerMethod(plan, run)
+    _LAYERS.register(cls, method, plan, run)
 
 
 def _methods_for(module) -> dict[str, LayerMethod]:
-    own, out = type(module), {}
-    for cls in reversed(own.__mro__):
-        for name, rule in _RULES.get(cls, {}).items():
-            if getattr(own, name) is getattr(cls, name):
-                out[name] = rule
-    return out
+    return _LAYERS.methods_for(module)
 
 
 register(nnx.Linear, "__call__", layers.dense_plan, layers.dense_run)
@@ -172,7 +155,7 @@ def wrap(module: nnx.Module, *args, method: str | None = None, **kwargs) -> Flax
     jax.eval_shape(traced, params)
     if not records:
         raise InteropError(f"{type(module).__name__} called none of the layers jpeft computes (known: "
-                           f"{', '.join(sorted(c.__name__ for c in _RULES))}); register its layer classes")
+                           f"{_LAYERS.class_names()}); register its layer classes")
 
     def runner(by_site, applied, call_args, call_kwargs):
         planned = {path_str(p) + f"/{n}" for p, s in model.sites.items() for n in s.plans}
