@@ -85,12 +85,16 @@ def tiny_t5_folder(tmp_path_factory, tokenizer):
     return _t5_folder(tmp_path_factory.mktemp("tiny-t5"), tokenizer)
 
 
-def test_the_shipped_t5_config_is_valid_and_its_placeholder_folder_is_named():
+@pytest.mark.parametrize("job", ["lora", "qlora", "prefix_tuning"])
+def test_the_shipped_t5_configs_are_valid_and_their_placeholder_folder_is_named(job):
     from train import config as config_lib
     from train import model as model_lib
 
-    cfg = config_lib.load_config(str(REPO / "configs" / "t5_bbc_lora.yaml"))
-    assert (cfg.task, cfg.method, cfg.lora.rank, cfg.lora.targets) == ("seq2seq", "lora", 32, ".*/(q|v)_proj/kernel")
+    cfg = config_lib.load_config(str(REPO / "configs" / f"t5_bbc_{job}.yaml"))
+    assert (cfg.task, cfg.method) == ("seq2seq", "prefix_tuning" if job == "prefix_tuning" else "lora")
+    if job != "prefix_tuning":  # the lab's setting
+        assert (cfg.lora.rank, cfg.lora.targets) == (32, ".*/(q|v)_proj/kernel")
+    assert cfg.model.quantize == ("nf4" if job == "qlora" else None)
     with pytest.raises(model_lib.ModelSourceError, match="/path/to/flan-t5-base"):
         model_lib.resolve(cfg.model)
 
@@ -124,14 +128,22 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, capsys, tok
     assert f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has 64 rows" in err
 
 
+SHIPPED_T5_JOBS = {
+    "lora": ["lora.rank=4", "lora.alpha=8", "lora.dropout=0.0", "lora.targets=.*/kernel"],
+    "qlora": ["lora.rank=4", "lora.alpha=8", "lora.dropout=0.0", "lora.targets=.*/kernel", "model.quant_block_size=16"],
+    "prefix_tuning": ["prefix_tuning.num_virtual_tokens=4", "prefix_tuning.hidden_size=16"],
+}
+
+
 @pytest.mark.slow
-def test_a_seq2seq_lora_job_runs_end_to_end_on_a_tiny_t5(tmp_path, tiny_t5_folder, bbc_dir):
+@pytest.mark.parametrize("job", list(SHIPPED_T5_JOBS))
+def test_a_shipped_seq2seq_job_runs_end_to_end_on_a_tiny_t5(tmp_path, tiny_t5_folder, bbc_dir, job):
     from train import config as config_lib
     from train import run
 
-    cfg = config_lib.load_config(str(REPO / "configs" / "t5_bbc_lora.yaml"), [
+    cfg = config_lib.load_config(str(REPO / "configs" / f"t5_bbc_{job}.yaml"), [
         f"model.hf_folder={tiny_t5_folder}", f"run_dir={tmp_path / 'run'}", "progress=false", f"data.dir={bbc_dir}",
-        "lora.rank=4", "lora.alpha=8", "lora.dropout=0.0", "lora.targets=.*/kernel", "data.max_article_tokens=24",
+        *SHIPPED_T5_JOBS[job], "data.max_article_tokens=24",
         "data.max_headline_tokens=12", "data.bucket_size=32", "data.max_train_articles=8", "train.steps=12",
         "train.batch_size=4", "train.lr=3e-2", "train.warmup_steps=1", "train.eval_every=6", "train.val_batches=1",
         "eval.test_articles=4", "eval.batch_size=4", "eval.max_new_tokens=4"])
@@ -140,6 +152,5 @@ def test_a_seq2seq_lora_job_runs_end_to_end_on_a_tiny_t5(tmp_path, tiny_t5_folde
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(losses) == 12 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1, losses
-    assert [r["model"] for r in records if r["kind"] == "rouge"] == ["base", "lora r=4"] or len(
-        [r for r in records if r["kind"] == "rouge"]) == 2
+    assert len([r for r in records if r["kind"] == "rouge"]) == 2
     assert {"summary.json", "predictions_base.jsonl", "predictions_tuned.jsonl"} <= set(os.listdir(run_dir))

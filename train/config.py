@@ -91,6 +91,7 @@ class ModelConfig:
     dtype: str = _check(_one_of(*DTYPES), default="float32")
     scan_layers: bool = True
     quantize: str | None = _check(_one_of(*QUANT_FORMATS), default=None)  # nf4 + method lora = QLoRA
+    quant_block_size: int = _check(_positive, default=64)  # weights per absmax scale (must divide the in-dim)
 
 
 class MethodSection(dict):

@@ -89,7 +89,8 @@ def load(cfg: ModelConfig) -> Loaded:
     """
     kind, path = resolve(cfg)
     dtype = jnp.dtype(cfg.dtype)
-    settings = dict(dtype=dtype, scan_layers=cfg.scan_layers, quantize=cfg.quantize)
+    quantize = cfg.quantize and {"format": cfg.quantize, "block_size": cfg.quant_block_size}
+    settings = dict(dtype=dtype, scan_layers=cfg.scan_layers, quantize=quantize)
     if kind == "gguf":
         from jpeft.io.gguf import load_gguf, load_gguf_tokenizer
 

@@ -59,19 +59,25 @@ def as_leaf_fn(quantize, model: Model | None = None):
     ``None``: no quantization; a format name (``"nf4"``, ``"int4"``, ``"int8"``):
     :func:`jpeft.quant.quantize_on_load` of every kernel inside the layers
     (:func:`jpeft.quant.layer_kernels`) with that format and its defaults (block size 64;
-    double quantization for NF4); anything else is used as is: a
+    double quantization for NF4); a dict: that function's keyword arguments, e.g.
+    ``{"format": "nf4", "block_size": 32}``; anything else is used as is: a
     ``leaf_fn(path, array) -> leaf``. It is called once per leaf of the final tree, with
     its final path and a ``jax.Array`` in the load ``dtype``.
 
     Example:
         >>> as_leaf_fn("nf4").rules
         (Rule('layer_kernels'),)
+        >>> as_leaf_fn({"format": "int4", "block_size": 32}).defaults["block_size"]
+        32
     """
     if quantize is None or callable(quantize):
         return quantize
     if isinstance(quantize, str):
         return quant.quantize_on_load(None, format=quantize, model=model)
-    raise TypeError(f"quantize= takes None, a format name such as 'nf4', or a leaf_fn from "
+    if isinstance(quantize, dict):
+        return quant.quantize_on_load(**{"targets": None, **quantize, "model": model})
+    raise TypeError(f"quantize= takes None, a format name such as 'nf4', a dict of quantize_on_load settings, "
+                    f"or a leaf_fn from "
                     f"jpeft.quant.quantize_on_load; got {type(quantize).__name__}")
 
 

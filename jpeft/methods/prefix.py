@@ -1,15 +1,19 @@
 """Prefix tuning: trained keys and values in front of every attention layer's (Li & Liang, 2021).
 
 Each layer attends to ``n`` extra key/value rows besides the real tokens' keys and
-values. The adapter holds them for all layers at once::
+values. The adapter holds them for all layers at once, per key/value hook point the model
+declares::
 
     {"prefix": {"key": (L, n, K*H), "value": (L, n, K*H)}}
 
 (``L`` layers, ``K`` key/value heads of size ``H``; keys are used as they are, no RoPE).
-``apply`` attaches them at the model's ``prefix`` hook point (a ``kv``
-:class:`~jpeft.models.hooks.HookPoint`), so the same adapter works whether the model
-stacks its layers or not. The prefix takes the first ``n`` slots of the sequence (and of
-a KV cache); the real tokens start at position ``n``, as in Hugging Face PEFT.
+``apply`` attaches them at the model's hook points (``kv``
+:class:`~jpeft.models.hooks.HookPoint` values), so the same adapter works whether the model
+stacks its layers or not. A decoder-only model and BERT have one point, ``prefix``; T5 has
+three (``encoder_prefix``, ``prefix`` for the decoder's self-attention and ``cross_prefix``),
+and the adapter has one entry per point fed (``hook_points=`` chooses). The prefix takes
+the first ``n`` slots of the sequence (and of a KV cache); the real tokens start at
+position ``n``, as in Hugging Face PEFT.
 
 A direct prefix starts either from the base model's own keys and values of a text
 (``init="text"``: the fresh adapter is exactly that text written before every input,
@@ -18,7 +22,7 @@ prefix in key/value space disturbs a pretrained model and, on SmolLM2, diverged)
 
 With ``projection=True`` (the paper's reparameterisation, PEFT's ``prefix_projection``)
 training runs an MLP ``prefix = W2 tanh(W1 e + b1) + b2`` over free embeddings ``e``;
-the adapter is ``{"prefix_encoder": {...}}`` and :func:`fold` turns it into the direct
+the adapter is ``{"prefix_encoder": {...}}`` (one output layer per hook point) and :func:`fold` turns it into the direct
 form above for saving and inference. ``apply`` accepts both forms.
 
 A prefix cannot be folded into the base weights: ``merge`` returns the base
@@ -52,41 +56,60 @@ from jpeft.methods import registry
 from jpeft.methods.base import Method, text_ids, tile_ids
 import jpeft.models.hooks as hooks
 
-_DIRECT = {"prefix/key", "prefix/value"}
-_ENCODER = {"prefix_encoder/embedding", "prefix_encoder/dense_in/kernel", "prefix_encoder/dense_in/bias",
-            "prefix_encoder/dense_out/kernel", "prefix_encoder/dense_out/bias"}
-
-
-def _points(model: Any) -> tuple[hooks.HookPoint, int]:
-    """The model's ``prefix`` hook point and its width ``D`` (the encoder's embedding width)."""
+def _points(model: Any, names: Sequence[str] | None) -> tuple[list[hooks.HookPoint], int]:
+    """The key/value hook points to feed (every one the model has, or ``names``) and the model width ``D``."""
     if model is None:
-        raise ValueError("prefix tuning feeds the model's 'prefix' hook point: pass model= (a jpeft.models.Model)")
-    point = model.hook("prefix")
-    if point.kind != "kv":
-        raise ValueError(f"the {model.name!r} model's 'prefix' hook is not a key/value hook")
+        raise ValueError("prefix tuning feeds the model's key/value hook points: pass model= (a jpeft.models.Model)")
+    kv = [p for p in model.hooks.values() if p.kind == "kv"]
+    if not kv:
+        raise ValueError(f"the {model.name!r} model has no key/value hook point, so it cannot take a prefix")
+    if names is not None:
+        known = {p.name: p for p in kv}
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise SettingError("hook_points", tuple(names), f"must name some of the {model.name!r} model's key/value "
+                               f"hook points {sorted(known)}")
+        kv = [known[n] for n in dict.fromkeys(names)]
     prompt = model.hooks.get("prompt")
-    return point, (prompt.width if prompt is not None else point.width)
+    return kv, (prompt.width if prompt is not None else kv[0].width)
 
 
-def encode(adapter: Any) -> tuple[jax.Array, jax.Array]:
-    """``(key, value)``, each ``(L, n, K*H)``, of a prefix adapter (direct or projected).
+def _out_name(point_name: str) -> str:
+    """The prefix encoder's output layer for one hook point (``dense_out`` for ``prefix``)."""
+    return "dense_out" if point_name == "prefix" else f"dense_out_{point_name}"
+
+
+def _leaves(names: Sequence[str], projection: bool) -> set[str]:
+    if not projection:
+        return {f"{n}/{kv}" for n in names for kv in ("key", "value")}
+    return {"prefix_encoder/embedding", "prefix_encoder/dense_in/kernel", "prefix_encoder/dense_in/bias"} | {
+        f"prefix_encoder/{_out_name(n)}/{w}" for n in names for w in ("kernel", "bias")}
+
+
+def encode(adapter: Any) -> dict:
+    """``{hook point: {"key", "value"}}``, each ``(L, n, K*H)``, of a prefix adapter (direct or projected).
 
     Example:
         >>> import jax.numpy as jnp
-        >>> encode({"prefix": {"key": jnp.zeros((2, 3, 8)), "value": jnp.ones((2, 3, 8))}})[1].shape
+        >>> encode({"prefix": {"key": jnp.zeros((2, 3, 8)), "value": jnp.ones((2, 3, 8))}})["prefix"]["value"].shape
         (2, 3, 8)
     """
-    if "prefix" in adapter:
-        return adapter["prefix"]["key"], adapter["prefix"]["value"]
+    if "prefix_encoder" not in adapter:
+        return {name: {"key": rows["key"], "value": rows["value"]} for name, rows in adapter.items()}
     enc = adapter["prefix_encoder"]
     h_NxE = jnp.tanh(enc["embedding"] @ enc["dense_in"]["kernel"] + enc["dense_in"]["bias"])
-    kv_2xLxNxKH = jnp.einsum("ne,eslk->slnk", h_NxE, enc["dense_out"]["kernel"])
-    kv_2xLxNxKH = kv_2xLxNxKH + enc["dense_out"]["bias"][:, :, None, :]
-    return kv_2xLxNxKH[0], kv_2xLxNxKH[1]
+    out = {}
+    for layer_name, dense in enc.items():
+        if not layer_name.startswith("dense_out"):
+            continue
+        kv_2xLxNxKH = jnp.einsum("ne,eslk->slnk", h_NxE, dense["kernel"]) + dense["bias"][:, :, None, :]
+        point_name = "prefix" if layer_name == "dense_out" else layer_name[len("dense_out_"):]
+        out[point_name] = {"key": kv_2xLxNxKH[0], "value": kv_2xLxNxKH[1]}
+    return out
 
 
 def fold(adapter: Any) -> dict:
-    """The direct form ``{"prefix": {"key", "value"}}`` of a prefix adapter.
+    """The direct form ``{hook point: {"key", "value"}}`` of a prefix adapter.
 
     Folds the training-time MLP reparameterisation away; use it before saving. A direct
     adapter is returned as it is.
@@ -101,8 +124,7 @@ def fold(adapter: Any) -> dict:
         >>> fold(adapter)["prefix"]["value"].shape
         (2, 4, 8)
     """
-    key_LxNxKH, value_LxNxKH = encode(adapter)
-    return {"prefix": {"key": key_LxNxKH, "value": value_LxNxKH}}
+    return encode(adapter)
 
 
 def _text_prefix(params: Any, model: Any, init_ids: Sequence[int], n: int, dtype) -> dict:
@@ -131,6 +153,7 @@ def prefix_tuning(
     dtype=jnp.float32,
     model: Any = None,
     tokenizer: Any = None,
+    hook_points: Sequence[str] | None = None,
 ) -> Method:
     """Builds a prefix-tuning method.
 
@@ -153,6 +176,10 @@ def prefix_tuning(
         model: the :class:`jpeft.models.Model` (its ``prefix`` hook point, and for
             ``init="text"`` the keys and values of the text).
         tokenizer: turns ``init_text`` into ids.
+        hook_points: the model's key/value hook points to feed; default every one it
+            declares (a decoder-only model or BERT: ``prefix``; T5: ``encoder_prefix``,
+            ``prefix`` and ``cross_prefix``, the paper's encoder-decoder setting). Hugging
+            Face PEFT's T5 prefix feeds the decoder's self-attention only: ``("prefix",)``.
 
     Returns:
         A :class:`jpeft.Method`; its ``apply`` and ``merge`` accept direct and projected
@@ -187,47 +214,51 @@ def prefix_tuning(
     elif has_text:
         raise SettingError("init", init, "does not read a text; drop init_text/init_ids or use init='text'")
     init_ids = text_ids(init_text, init_ids, tokenizer, "prefix_tuning")
-    point, d_model = _points(model)
-    expected = _ENCODER if projection else _DIRECT
-    num_layers, kv_width = point.layers, point.width
+    points, d_model = _points(model, hook_points)
+    names = [p.name for p in points]
+    if init == "text" and names != ["prefix"]:
+        raise SettingError("init", init, f"starts only the 'prefix' hook point from a text, but this method feeds "
+                           f"{names}; pass hook_points=('prefix',) or use init='normal'")
+    expected = _leaves(names, projection)
 
     def init_fn(key: jax.Array, params: Any) -> dict:
         n = num_virtual_tokens
         if init == "text":
             return {"prefix": _text_prefix(params, model, init_ids, n, dtype)}
+        keys = iter(jax.random.split(key, 3 + 2 * len(points)))
         if not projection:
-            k_key, k_value = jax.random.split(key)
-            shape = (num_layers, n, kv_width)
-            return {"prefix": {"key": init_std * jax.random.normal(k_key, shape, dtype),
-                               "value": init_std * jax.random.normal(k_value, shape, dtype)}}
+            return {p.name: {"key": init_std * jax.random.normal(next(keys), (p.layers, n, p.width), dtype),
+                             "value": init_std * jax.random.normal(next(keys), (p.layers, n, p.width), dtype)}
+                    for p in points}
         hidden = hidden_size or d_model
-        keys = jax.random.split(key, 5)
         uniform = lambda k, shape, fan_in: jax.random.uniform(k, shape, dtype, -1 / math.sqrt(fan_in),
                                                               1 / math.sqrt(fan_in))
-        return {"prefix_encoder": {
-            "embedding": jax.random.normal(keys[0], (n, d_model), dtype),
-            "dense_in": {"kernel": uniform(keys[1], (d_model, hidden), d_model),
-                         "bias": uniform(keys[2], (hidden,), d_model)},
-            "dense_out": {"kernel": uniform(keys[3], (hidden, 2, num_layers, kv_width), hidden),
-                          "bias": uniform(keys[4], (2, num_layers, kv_width), hidden)},
-        }}
+        encoder = {"embedding": jax.random.normal(next(keys), (n, d_model), dtype),
+                   "dense_in": {"kernel": uniform(next(keys), (d_model, hidden), d_model),
+                                "bias": uniform(next(keys), (hidden,), d_model)}}
+        for p in points:
+            encoder[_out_name(p.name)] = {"kernel": uniform(next(keys), (hidden, 2, p.layers, p.width), hidden),
+                                          "bias": uniform(next(keys), (2, p.layers, p.width), hidden)}
+        return {"prefix_encoder": encoder}
 
     def apply_fn(params: Any, adapter: Any, *, rng: jax.Array | None = None) -> dict:
         del rng
         model.check_params(params)
         leaves = set(tree.flatten(adapter))
-        if leaves != expected and leaves != _DIRECT:
+        direct = _leaves(names, projection=False)
+        if leaves != expected and leaves != direct:
             raise ValueError(
-                f"this is not a prefix_tuning adapter: expected leaves {sorted(expected)}"
-                f"{'' if expected == _DIRECT else f' (or, folded, {sorted(_DIRECT)})'}, got {sorted(leaves)[:6]}. "
-                "Was it made by another method?")
-        if leaves == _ENCODER:
-            if adapter["prefix_encoder"]["embedding"].shape[-1] != d_model:
-                raise ValueError(f"the prefix encoder's embeddings are "
-                                 f"{adapter['prefix_encoder']['embedding'].shape[-1]} wide but this model's are "
-                                 f"{d_model}; was the adapter made for another model?")
-        key_LxNxKH, value_LxNxKH = encode(adapter)
-        return hooks.attach(params, point, {"key": key_LxNxKH, "value": value_LxNxKH})
+                f"this is not a prefix_tuning adapter for hook points {names}: expected leaves {sorted(expected)}"
+                f"{'' if expected == direct else f' (or, folded, {sorted(direct)})'}, got {sorted(leaves)[:6]}. "
+                "Was it made by another method, or for other hook points?")
+        if "prefix_encoder" in adapter and adapter["prefix_encoder"]["embedding"].shape[-1] != d_model:
+            raise ValueError(f"the prefix encoder's embeddings are "
+                             f"{adapter['prefix_encoder']['embedding'].shape[-1]} wide but this model's are "
+                             f"{d_model}; was the adapter made for another model?")
+        rows = encode(adapter)
+        for point in points:
+            params = hooks.attach(params, point, rows[point.name])
+        return params
 
     label = "prefix_tuning" + (" (text init)" if init == "text" else " (random init)") + (
         ", projection" if projection else "")

@@ -205,11 +205,13 @@ class Model:
                              f"{detail}. Was the adapter made for another model?")
 
     def virtual_tokens(self, params: Any) -> int:
-        """Slots that a prompt or prefix in ``params`` takes before the input (0: none)."""
-        lengths = {n: k for n, k in hooks_lib.virtual_lengths(params, self.hooks).items() if k}
-        if len(lengths) > 1:
-            raise ValueError(f"params carry several input adapters {lengths}; use one at a time.")
-        return next(iter(lengths.values()), 0)
+        """The most slots that a prompt or prefix in ``params`` takes before an input (0: none).
+
+        A prefix adapter may feed several key/value hook points at once (T5's encoder,
+        decoder and cross-attention); each takes the same ``n`` slots before its own input.
+        A model refuses combinations it cannot run (a prompt and a prefix together) itself.
+        """
+        return max(hooks_lib.virtual_lengths(params, self.hooks).values(), default=0)
 
     @property
     def num_layers(self) -> int:

@@ -34,15 +34,18 @@ source and starts the decoder with ``decoder_start_token_id`` (the encoder's key
 values go into the cache), later calls feed decoder tokens. That is the decoder-only call
 pattern, so :func:`jpeft.models.generation.generate` generates from a source unchanged.
 
-Hook points: ``prompt`` (virtual tokens before the encoder input, prompt tuning) and
-``prefix`` (key/value rows in every decoder self-attention layer, as decoder tokens before
-the input).
+Hook points: ``prompt`` (virtual tokens before the encoder input, prompt tuning) and three
+key/value points for prefix tuning, as Li & Liang (2021) put prefixes in an encoder-decoder:
+``encoder_prefix`` (rows in every encoder self-attention layer, as source tokens before the
+input), ``prefix`` (rows in every decoder self-attention layer, as decoder tokens before the
+input) and ``cross_prefix`` (rows every decoder cross-attention layer attends to besides the
+encoder's output).
 
 Example:
     >>> import jax, jax.numpy as jnp
     >>> m = model(T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4))
     >>> sorted(m.hooks), m.layouts()["decoder/layers_0/cross_attn/q_proj/kernel"].kind
-    (['prefix', 'prompt'], 'kernel')
+    (['cross_prefix', 'encoder_prefix', 'prefix', 'prompt'], 'kernel')
     >>> logits, _ = jax.eval_shape(functools.partial(m.forward, decoder_tokens_BxT=jnp.zeros((1, 3), "int32")),
     ...                            m.abstract_params(), jnp.ones((1, 5), "int32"))
     >>> logits.shape
@@ -258,7 +261,9 @@ def hook_points(c: T5Config) -> dict[str, hooks.HookPoint]:
     """Where input methods feed the model (see the module docstring)."""
     inner, n = c.num_heads * c.d_kv, c.num_decoder_layers
     return {"prompt": hooks.HookPoint("prompt", "tokens", c.d_model, source="shared/embedding"),
-            "prefix": hooks.HookPoint("prefix", "kv", inner, layers=n, scope="decoder")}
+            "encoder_prefix": hooks.HookPoint("encoder_prefix", "kv", inner, layers=c.num_layers, scope="encoder"),
+            "prefix": hooks.HookPoint("prefix", "kv", inner, layers=n, scope="decoder"),
+            "cross_prefix": hooks.HookPoint("cross_prefix", "kv", inner, layers=n, scope="decoder")}
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -330,9 +335,12 @@ def _norm(x, p, c):
     return blocks.rms_norm(x, p["scale"], c.layer_norm_epsilon)
 
 
-def _encoder_layer(p, x_BxTxD, *, c, bias, allowed):
+def _encoder_layer(p, x_BxTxD, *, c, bias, allowed, use_prefix):
     h = _norm(x_BxTxD, p["self_attn_norm"], c)
     q, k, v = (_heads(h, p["self_attn"][f"{n}_proj"]["kernel"], c) for n in "qkv")
+    if use_prefix:  # this layer's encoder_prefix rows before the source's keys and values
+        prefix = hooks.get(p, "encoder_prefix")
+        k, v = blocks.with_rows(prefix["key"], k), blocks.with_rows(prefix["value"], v)
     x_BxTxD = x_BxTxD + _output(p["self_attn"], _attend(q, k, v, bias, allowed), c)
     return x_BxTxD + _mlp(p["mlp"], c, _norm(x_BxTxD, p["mlp_norm"], c))
 
@@ -404,20 +412,30 @@ def encode(params: dict, config: T5Config, tokens_BxS: jax.Array | None = None, 
     if hooks.length(params, point):
         prompt_BxNxD, virtual_BxN = hooks.tokens_for_rows(hooks.read(params, point), b, x.dtype)
         x, mask_BxS = jnp.concatenate([prompt_BxNxD, x], 1), jnp.concatenate([virtual_BxN, mask_BxS], 1)
-    slots = jnp.arange(x.shape[1])
-    bias = position_bias(params["encoder"]["relative_attention_bias"]["embedding"], c, slots, slots,
+    # An encoder prefix's rows act as source tokens before the input: key slots 0..n-1, always visible.
+    n = hooks.length(params, hook_points(c)["encoder_prefix"])
+    query_S, key_S = n + jnp.arange(x.shape[1]), jnp.arange(n + x.shape[1])
+    bias = position_bias(params["encoder"]["relative_attention_bias"]["embedding"], c, query_S, key_S,
                          bidirectional=True)
-    allowed = jnp.broadcast_to(mask_BxS[:, None, :], (b, x.shape[1], x.shape[1]))
+    keys_BxS = jnp.concatenate([jnp.ones((b, n), bool), mask_BxS], axis=1)
+    allowed = jnp.broadcast_to(keys_BxS[:, None, :], (b, x.shape[1], n + x.shape[1]))
     x, _ = _run(params["encoder"], c, c.num_layers,
-                functools.partial(_encoder_layer, c=c, bias=bias, allowed=allowed), x)
+                functools.partial(_encoder_layer, c=c, bias=bias, allowed=allowed, use_prefix=n > 0), x)
     return {"hidden": _norm(x, params["encoder"]["final_norm"], c), "mask": mask_BxS}
 
 
 def _cross_keys_values(params: dict, c: T5Config, hidden_BxSxD) -> dict:
-    """Every decoder layer's cross-attention keys and values of the encoder output, keyed like the layers."""
+    """Every decoder layer's cross-attention keys and values of the encoder output, keyed like the layers.
+
+    A ``cross_prefix`` value puts its rows before them (``(B, n + S, N, H)``).
+    """
     def kv(p):
-        return {"k": _heads(hidden_BxSxD, p["cross_attn"]["k_proj"]["kernel"], c),
-                "v": _heads(hidden_BxSxD, p["cross_attn"]["v_proj"]["kernel"], c)}
+        k = _heads(hidden_BxSxD, p["cross_attn"]["k_proj"]["kernel"], c)
+        v = _heads(hidden_BxSxD, p["cross_attn"]["v_proj"]["kernel"], c)
+        prefix = hooks.get(p, "cross_prefix")
+        if prefix is not None:
+            k, v = blocks.with_rows(prefix["key"], k), blocks.with_rows(prefix["value"], v)
+        return {"k": k, "v": v}
     part = params["decoder"]
     if c.scan_layers:
         layers = part["layers"]
@@ -473,7 +491,10 @@ def forward(params: dict, config: T5Config, tokens_BxT: jax.Array | None = None,
                 raise ValueError("pass decoder_tokens_BxT (the target shifted right, after decoder_start_token_id) "
                                  "or a cache to start decoding")
             decoder_tokens_BxT = jnp.full((encoded["hidden"].shape[0], 1), c.decoder_start_token_id, jnp.int32)
-        cross, cross_mask = _cross_keys_values(params, c, encoded["hidden"]), encoded["mask"]
+        n_cross = hooks.length(params, hook_points(c)["cross_prefix"])  # rows always visible before the source
+        cross = _cross_keys_values(params, c, encoded["hidden"])
+        cross_mask = jnp.concatenate([jnp.ones((encoded["mask"].shape[0], n_cross), bool),
+                                      encoded["mask"].astype(bool)], axis=1)
     x = ops.embed(decoder_tokens_BxT, params["shared"]["embedding"], c.compute_dtype)
     b, t = x.shape[:2]
     mask_BxT = jnp.ones((b, t), bool) if decoder_mask_BxT is None else jnp.asarray(decoder_mask_BxT).astype(bool)
