@@ -96,14 +96,18 @@ class LoraWeight(ops.OverBase):
         return jnp.where(mask, x / keep, 0).astype(x.dtype)
 
     def update(self, x: jax.Array, subscripts: str | None = None) -> jax.Array:
-        """The low-rank term ``s * (x @ A) @ B`` alone (no dropout), for ``linear`` or an ``einsum``."""
+        """The low-rank term ``s * (x @ A) @ B`` alone (no dropout), for ``linear`` or an ``einsum``.
+
+        ``s`` multiplies the rank-``r`` intermediate, not the output: the same product, but
+        the backward pass then scales ``(.., r)`` values instead of the ``(.., out)`` gradient.
+        """
         if subscripts is None:
-            return self.scale * ((x @ self.a.astype(x.dtype)) @ self.b.astype(x.dtype))
+            return ((x @ self.a.astype(x.dtype)) * self.scale) @ self.b.astype(x.dtype)
         x_sub, w_in, w_out, out = ops.split_subscripts(subscripts, self.inputs)
         r = ops.free_letter(subscripts)
         kept = "".join(c for c in x_sub if c not in w_in)
-        h = jnp.einsum(f"{x_sub},{w_in}{r}->{kept}{r}", x, self.a.astype(x.dtype))
-        return self.scale * jnp.einsum(f"{kept}{r},{r}{w_out}->{out}", h, self.b.astype(x.dtype))
+        h = jnp.einsum(f"{x_sub},{w_in}{r}->{kept}{r}", x, self.a.astype(x.dtype)) * self.scale
+        return jnp.einsum(f"{kept}{r},{r}{w_out}->{out}", h, self.b.astype(x.dtype))
 
     def linear(self, x: jax.Array) -> jax.Array:
         return ops.linear(x, self.base) + self.update(self._dropout(x))
@@ -122,7 +126,7 @@ class LoraWeight(ops.OverBase):
         if not self.tie_output:
             return y
         # x @ (W + s A B).T  =  x @ W.T + s (x @ B.T) @ A.T
-        return y + self.scale * ((x @ self.b.astype(x.dtype).T) @ self.a.astype(x.dtype).T)
+        return y + ((x @ self.b.astype(x.dtype).T) * self.scale) @ self.a.astype(x.dtype).T
 
     def delta(self) -> jax.Array:
         """``A @ B`` contracted over the rank, float32, of the weight's shape."""
