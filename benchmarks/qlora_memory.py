@@ -11,7 +11,10 @@ the round-trip error ``||deq(W) - W|| / ||W||`` over all matrices. Then, from XL
 compiled memory analysis, the memory of one QLoRA train step (NF4 + double quant
 base) against one LoRA step with a bfloat16 base (both: LoRA rank 8 on all linear
 layers, bfloat16 compute, Adam), and their step-time ratio measured in this run.
-The last line is ``nf4_bits_per_param=<x>``.
+Last, at a shape where the weights dominate (a random 1B-parameter Llama, batch 1 x 128,
+abstract arrays: nothing is allocated), the peak memory of the two steps from the compiled
+memory analysis: ``qlora_over_bf16_lora_peak_1b=<ratio>``. The last line is
+``nf4_bits_per_param=<x>``.
 
 On CPU, XLA computes bfloat16 dots in float32, so temp sizes and times there are
 indicative only; the frozen-weight bytes are backend independent.
@@ -31,7 +34,7 @@ import optax
 import jpeft
 from jpeft import quant, tree
 from jpeft.models import llama
-from shapes import smollm2_135m
+from shapes import llama_1b, smollm2_135m
 
 MATRICES = r".*/(kernel|embedding)"
 LORA_TARGETS = r".*/(q|k|v|o|gate|up|down)_proj/kernel"
@@ -115,8 +118,7 @@ def step_table(params, config, batch: int, seq: int, steps: int) -> None:
         opt_state = optimizer.init(adapter)
         compiled = step.lower(adapter, opt_state, frozen, tokens).compile()
         mem = compiled.memory_analysis()
-        peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-                + mem.temp_size_in_bytes)
+        peak = _peak(mem)
         adapter, opt_state, loss = compiled(adapter, opt_state, frozen, tokens)  # warm-up
         loss.block_until_ready()
         start = time.perf_counter()
@@ -130,6 +132,43 @@ def step_table(params, config, batch: int, seq: int, steps: int) -> None:
     print(f"step-time ratio QLoRA/LoRA: {qlora / lora:.2f} (measured in this run, {steps} steps each)")
 
 
+def _peak(mem) -> int:
+    """XLA's peak bytes of a compiled step: arguments + outputs - donated + temporaries."""
+    return mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+
+
+SCAN_1B = True
+
+
+def peak_at_1b(batch: int, seq: int) -> float:
+    """Peak memory of a QLoRA (NF4 + double quant) step over that of a bf16-base LoRA step, 1B Llama."""
+    config = llama_1b(dtype="bfloat16", scan_layers=SCAN_1B)
+    method = jpeft.lora(rank=8, alpha=16, targets=LORA_TARGETS)
+    optimizer = optax.adam(1e-4)
+    step = make_step(config, method, optimizer)
+    float_params = jax.eval_shape(lambda k: llama.init_params(config, k), jax.random.key(0))
+    bases = {"LoRA, bf16 base": jax.eval_shape(lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), p),
+                                               float_params),
+             "QLoRA, nf4+dq base": jax.eval_shape(lambda p: quant.quantize(p, MATRICES, format="nf4"), float_params)}
+    tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
+    n = sum(x.size for x in jax.tree.leaves(float_params))
+    print(f"\n1B Llama ({n / 1e9:.2f}B parameters), batch {batch} x seq {seq}, LoRA r=8 on all linear layers: "
+          f"XLA compiled memory analysis ({jax.default_backend()}, abstract arrays)")
+    print(f"{'':20s} {'all args':>13s} {'temp':>13s} {'peak':>13s}")
+    peaks = {}
+    for name, frozen in bases.items():
+        adapter = jax.eval_shape(method.init, jax.random.key(2), frozen)
+        opt_state = jax.eval_shape(optimizer.init, adapter)
+        mem = step.lower(adapter, opt_state, frozen, tokens).compile().memory_analysis()
+        peaks[name] = _peak(mem)
+        print(f"{name:20s} {mib(mem.argument_size_in_bytes):>13s} {mib(mem.temp_size_in_bytes):>13s} "
+              f"{mib(peaks[name]):>13s}")
+    lora, qlora = peaks.values()
+    print("(on CPU, XLA computes bfloat16 dots in float32 and converts the scanned bf16 weights to float32 "
+          "before the loop, which inflates the bf16 LoRA's temporaries; on GPU/TPU the dots are bf16)")
+    return qlora / lora
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=4)
@@ -140,6 +179,8 @@ def main() -> None:
     params = llama.init_params(config, jax.random.key(0))
     nf4_bits = weight_table(params)
     step_table(params, config, args.batch, args.seq, args.steps)
+    ratio = peak_at_1b(batch=1, seq=128)
+    print(f"qlora_over_bf16_lora_peak_1b={ratio:.3f}")
     print(f"nf4_bits_per_param={nf4_bits:.4f}")
 
 

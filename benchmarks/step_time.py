@@ -12,7 +12,7 @@ matmul at the step's own shapes, timed in the same process, gives the machine's 
 ``step_over_flop_floor`` is the step's median time over ``FLOPs / rate``.
 
     python benchmarks/step_time.py [--methods lora,full] [--rounds 2] [--batch 4] [--seq 128]
-        [--rank 8] [--targets q,k,v,o] [--dtype float32] [--quantize nf4]
+        [--rank 8] [--targets q,k,v,o] [--dtype float32] [--quantize nf4] [--layers scan|unrolled]
 
 With ``--quantize nf4`` (or int4) jpeft's frozen projections are 4-bit (QLoRA); torch has
 no CPU 4-bit path, so that row is jpeft's alone and its ratio is against jpeft's LoRA step.
@@ -48,6 +48,8 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--targets", default="q,k,v,o", help="projection names LoRA adapts")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--layers", default="scan", choices=("scan", "unrolled"),
+                        help="jpeft's layers: one scanned body (the trainer's default) or unrolled")
     parser.add_argument("--quantize", default=None, choices=(None, "nf4", "int4", "int8"),
                         help="also time QLoRA: jpeft's frozen projections in this format")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per process")
@@ -163,7 +165,7 @@ def jpeft_worker(args) -> dict:
     from jpeft.models import llama
     from shapes import smollm2_135m
 
-    config = smollm2_135m(scan_layers=True, dtype=args.dtype, param_dtype=args.dtype)
+    config = smollm2_135m(scan_layers=args.layers == "scan", dtype=args.dtype, param_dtype=args.dtype)
     model = llama.model(config)
     params = jax.jit(model.init)(jax.random.key(0))
     step, adapter, opt_state, frozen = _jpeft_step(args, model, params)
@@ -246,7 +248,8 @@ def main(argv=None) -> None:
     if args.quantize:
         methods.append("qlora")
     stacks = [s for s in args.stacks.split(",") if s]
-    print(f"SmolLM2-135M shapes, batch {args.batch} x seq {args.seq}, {args.dtype}, LoRA r={args.rank} on "
+    print(f"SmolLM2-135M shapes ({args.layers} layers in jpeft), batch {args.batch} x seq {args.seq}, {args.dtype}, "
+          f"LoRA r={args.rank} on "
           f"{args.targets}; median of {args.steps} steps after {args.warmup}; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
     results: dict[tuple[str, str], list[dict]] = {}
