@@ -137,12 +137,9 @@ def _peak(mem) -> int:
     return mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
 
 
-SCAN_1B = True
-
-
 def peak_at_1b(batch: int, seq: int) -> float:
     """Peak memory of a QLoRA (NF4 + double quant) step over that of a bf16-base LoRA step, 1B Llama."""
-    config = llama_1b(dtype="bfloat16", scan_layers=SCAN_1B)
+    config = llama_1b(dtype="bfloat16", scan_layers=True)
     method = jpeft.lora(rank=8, alpha=16, targets=LORA_TARGETS)
     optimizer = optax.adam(1e-4)
     step = make_step(config, method, optimizer)
