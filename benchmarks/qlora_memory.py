@@ -106,7 +106,9 @@ def step_table(params, config, batch: int, seq: int, steps: int) -> None:
     tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, config.vocab_size)
     bases = {
         "LoRA, bf16 base": jax.tree.map(lambda x: x.astype(jnp.bfloat16), params),
-        "QLoRA, nf4+dq base": quant.quantize(params, MATRICES, format="nf4"),
+        # model= blocks the embedding table along its width: lookups and the tied head then
+        # dequantize only the rows they need (see jpeft.quant.array)
+        "QLoRA, nf4+dq base": quant.quantize(params, MATRICES, format="nf4", model=llama.model(config)),
     }
     step = make_step(config, method, optimizer)
     print(f"\none train step, batch {batch} x seq {seq}, LoRA r=8 on all linear layers, bf16 compute, "
@@ -146,7 +148,8 @@ def peak_at_1b(batch: int, seq: int) -> float:
     float_params = jax.eval_shape(lambda k: llama.init_params(config, k), jax.random.key(0))
     bases = {"LoRA, bf16 base": jax.eval_shape(lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), p),
                                                float_params),
-             "QLoRA, nf4+dq base": jax.eval_shape(lambda p: quant.quantize(p, MATRICES, format="nf4"), float_params)}
+             "QLoRA, nf4+dq base": jax.eval_shape(lambda p: quant.quantize(p, MATRICES, format="nf4",
+                                                                           model=llama.model(config)), float_params)}
     tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
     n = sum(x.size for x in jax.tree.leaves(float_params))
     print(f"\n1B Llama ({n / 1e9:.2f}B parameters), batch {batch} x seq {seq}, LoRA r=8 on all linear layers: "

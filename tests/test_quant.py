@@ -296,6 +296,28 @@ def test_backward_keeps_no_float_weight(qlora, capsys):
         assert f"f32{shape}" not in saved and f"bf16{shape}" not in saved, saved
 
 
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_a_large_tied_head_is_dequantized_a_slice_of_rows_at_a_time(monkeypatch, fmt):
+    from jpeft.quant import array
+
+    table = quant.quantize_array(jax.random.normal(jax.random.key(0), (1024, 128)), fmt, block_size=32, axis=-1)
+    x = jax.random.normal(jax.random.key(1), (2, 3, 128))
+    loss = lambda x, q: jnp.sum(jnp.sin(q.attend(x)))
+    whole = jax.jit(jax.value_and_grad(loss))
+    want_value, want_grad = whole(x, table)
+    dense = x @ table.materialize().T
+    np.testing.assert_allclose(jax.jit(lambda x, q: q.attend(x))(x, table), dense, rtol=1e-5, atol=1e-5)
+
+    monkeypatch.setattr(array, "ATTEND_CHUNK_BYTES", 128 * 2**10)  # the table is 512 KiB as float32
+    assert table._attend_chunks(4) == 16
+    sliced = jax.jit(jax.value_and_grad(loss))
+    value, grad = sliced(x, table)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-4)  # sums over 1024 rows in another order
+    temp = lambda f: f.lower(x, table).compile().memory_analysis().temp_size_in_bytes
+    assert temp(sliced) < 512 * 2**10 <= temp(whole)  # no float copy of the whole table
+
+
 def test_eval_shape_and_lora_init_on_abstract(qlora):
     params, _, method, _ = qlora
     abstract = jax.eval_shape(lambda p: quant.quantize(p, TARGETS, axes=AXES), params)

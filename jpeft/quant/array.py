@@ -23,7 +23,9 @@ from ``codes``, so it stays right when scan slices the leading axis off.
 The weight is frozen: integer codes can only be inputs of ``jax.grad``, and the
 float scales are wrapped in ``stop_gradient``. :meth:`linear` and :meth:`attend`
 dequantize under ``jax.checkpoint``, so the backward pass dequantizes again instead
-of keeping a float copy of every weight alive between forward and backward.
+of keeping a float copy of every weight alive between forward and backward. A large
+table used as a tied output head (:meth:`attend`) is dequantized a slice of rows at a
+time (:data:`ATTEND_CHUNK_BYTES`), so a 128k-row vocabulary never exists whole in float.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -50,6 +52,11 @@ import numpy as np
 
 from jpeft import ops, tree
 from jpeft.quant import formats, packing
+
+
+# A tied head whose dequantized table would take more than this many bytes (in the compute
+# dtype) is dequantized in slices of rows of about this size each (see QuantizedArray.attend).
+ATTEND_CHUNK_BYTES = 256 * 2**20
 
 
 class QuantizationError(ValueError):
@@ -174,8 +181,28 @@ class QuantizedArray(ops.WeightWrapper):
         return _dequantize_einsum(subscripts, x, self)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        """``x @ W.T`` (tied output head): dequantizes in ``x.dtype``, then multiplies."""
-        return _dequantize_matmul_t(x, self)
+        """``x @ W.T`` (tied output head): dequantizes in ``x.dtype``, then multiplies.
+
+        A ``(vocab, dim)`` table blocked along ``dim`` whose float form would be larger
+        than :data:`ATTEND_CHUNK_BYTES` is dequantized and multiplied one slice of rows at
+        a time (forward and backward), so no float copy of the whole table is made.
+        """
+        chunks = self._attend_chunks(jnp.dtype(x.dtype).itemsize)
+        if chunks == 1:
+            return _dequantize_matmul_t(x, self)
+        return _chunked_attend(x, self, chunks)
+
+    def _attend_chunks(self, itemsize: int) -> int:
+        """How many row slices :meth:`attend` cuts the table into (1: none)."""
+        if self.ndim != 2 or self.axis % 2 != 1:
+            return 1
+        rows, cols = self.shape
+        if rows * cols * itemsize <= ATTEND_CHUNK_BYTES:
+            return 1
+        chunks = math.ceil(rows * cols * itemsize / ATTEND_CHUNK_BYTES) * 4
+        while rows % chunks:  # slices of equal size: the smallest count at least that which divides the rows
+            chunks += 1
+        return chunks
 
     def partition_specs(self, axes: tuple, spec_for) -> "QuantizedArray":
         """Specs for the arrays held, derived from the logical weight's ``axes``.
@@ -225,6 +252,22 @@ def _dequantize_matmul(x: jax.Array, q: QuantizedArray) -> jax.Array:
 @jax.checkpoint
 def _dequantize_matmul_t(x: jax.Array, q: QuantizedArray) -> jax.Array:
     return x @ q.materialize(x.dtype).T
+
+
+def _chunked_attend(x: jax.Array, q: QuantizedArray, chunks: int) -> jax.Array:
+    """``x @ W.T`` for a ``(vocab, dim)`` table, ``vocab / chunks`` rows dequantized at a time."""
+    rows = q.shape[0]
+    absmax_CxRxB = jax.lax.stop_gradient(q.absmax()).reshape(chunks, rows // chunks, -1)
+    codes_CxRxP = q.codes.reshape(chunks, rows // chunks, -1)
+
+    @jax.checkpoint
+    def one_slice(codes_RxP, absmax_RxB):
+        codes = packing.unpack(codes_RxP, -1) if q.fmt.packed else codes_RxP
+        w_RxD = decode_blocks(codes, q.fmt, absmax_RxB, q.block_size, -1).astype(x.dtype)
+        return x @ w_RxD.T
+
+    logits_Cx___xR = jax.lax.map(lambda slice_: one_slice(*slice_), (codes_CxRxP, absmax_CxRxB))
+    return jnp.moveaxis(logits_Cx___xR, 0, -2).reshape(*x.shape[:-1], rows)
 
 
 @functools.partial(jax.checkpoint, static_argnums=(0,))
