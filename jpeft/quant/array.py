@@ -55,7 +55,8 @@ from jpeft.quant import formats, packing
 
 
 # A tied head whose dequantized table would take more than this many bytes (in the compute
-# dtype) is dequantized in slices of rows of about this size each (see QuantizedArray.attend).
+# dtype) is dequantized in slices of rows of about a quarter of this size each (see
+# QuantizedArray.attend).
 ATTEND_CHUNK_BYTES = 256 * 2**20
 
 
