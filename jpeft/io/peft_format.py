@@ -153,6 +153,44 @@ def unstacked_leaves(tree_: Any) -> dict:
     return out
 
 
+class KernelModule(NamedTuple):
+    """One module of a PEFT file that adapts a linear layer (see :func:`kernel_modules`)."""
+
+    path: str            # the unrolled weight path, ``layers_3/self_attn/q_proj/kernel``
+    final: str           # that path in ``params`` (stacked: ``layers/self_attn/q_proj/kernel``)
+    module: str          # the Hugging Face module name, for messages
+    tensors: dict        # the file's tensors of this module, by name
+    shape: tuple         # the weight's shape without the stacked layer axis
+    lead: int            # its leading (batch) axes, then ``inputs`` input axes, then outputs
+    inputs: int
+
+
+def kernel_modules(model, params: Any, modules: dict, problems: list, method: str):
+    """The file's ``modules`` that adapt a linear layer of ``params``, each as a :class:`KernelModule`.
+
+    A module for the tied output head (no weight of its own in ``params``) or for a weight
+    that is not a kernel is skipped with a line in ``problems`` naming ``method``. Codecs of
+    methods that adapt kernels only (OFT, VeRA) read their modules through this.
+    """
+    from jpeft.layout import layouts_for  # jpeft.layout reads models; keep this module's imports light
+
+    flat_params = unstacked_leaves(params)
+    layouts = layouts_for(params, model=model)
+    stacked = any(stack.in_stack(p) for p in tree.flatten(params))
+    for path, tensors in sorted(modules.items()):
+        module = module_of(model, path)
+        if path not in flat_params:
+            problems.append(f"{module}: a {method} adapter for the tied output head, which jpeft does not adapt")
+            continue
+        final = stack.stacked_path(path)[0] if stacked else path
+        layout = layouts[final]
+        if layout.kind != "kernel":
+            problems.append(f"{module}: {method} adapts linear layers only here, and this weight is a {layout.kind}")
+            continue
+        yield KernelModule(path, final, module, tensors, tuple(flat_params[path].shape),
+                           layout.lead - (1 if final != path else 0), layout.inputs)
+
+
 def restack(flat_unstacked: dict, like: Any) -> dict:
     """Per-layer entries back into ``layers`` stacks where ``like`` (the params) stacks its layers.
 

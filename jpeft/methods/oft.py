@@ -54,7 +54,6 @@ import numpy as np
 from jpeft import ops, tree
 from jpeft.errors import CheckpointError, SettingError
 from jpeft.io import peft_format
-from jpeft.layout import layouts_for
 from jpeft.methods import delta, registry
 from jpeft.methods.base import Method
 import jpeft.models.stack as stack
@@ -300,22 +299,10 @@ def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, 
                       "exactly, but jpeft trains on without it", stacklevel=3)
     block_size, r = int(config.get("oft_block_size", 32)), int(config.get("r", 0))
     share = bool(config.get("block_share", False))
-    flat_params = peft_format.unstacked_leaves(params)
-    layouts = layouts_for(params, model=model)
-    stacked = any(stack.in_stack(p) for p in tree.flatten(params))
     leaves, finals = {}, set()
-    for path, tensors in sorted(modules.items()):
-        module = peft_format.module_of(model, path)
-        if path not in flat_params:
-            problems.append(f"{module}: an OFT adapter for the tied output head, which jpeft does not adapt")
-            continue
-        final = stack.stacked_path(path)[0] if stacked else path
-        layout, shape = layouts[final], tuple(flat_params[path].shape)
-        if layout.kind != "kernel":
-            problems.append(f"{module}: OFT adapts linear layers only here, and this weight is a {layout.kind}")
-            continue
-        lead = layout.lead - (1 if final != path else 0)
-        in_size = math.prod(shape[lead:lead + layout.inputs])
+    for m in peft_format.kernel_modules(model, params, modules, problems, "OFT"):
+        module, tensors = m.module, m.tensors
+        in_size = math.prod(m.shape[m.lead:m.lead + m.inputs])
         size, count = blocks(in_size, block_size, r)
         want = (1 if share else count, size * (size - 1) // 2)
         got = tuple(tensors["oft_R.weight"].shape)
@@ -323,8 +310,8 @@ def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, 
             problems.append(f"{module}: oft_R.weight {got} does not fit {in_size} inputs in blocks of {size} "
                             f"(want {want})")
             continue
-        leaves[f"{path}/R"] = tensors["oft_R.weight"]
-        finals.add(final)
+        leaves[f"{m.path}/R"] = tensors["oft_R.weight"]
+        finals.add(m.final)
     if problems:
         return None, {}
     method = oft(block_size=block_size, r=r, targets=[tree.Rule(re.escape(p)) for p in sorted(finals)],

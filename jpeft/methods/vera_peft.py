@@ -29,7 +29,6 @@ import numpy as np
 from jpeft import tree
 from jpeft.errors import CheckpointError
 from jpeft.io import peft_format
-from jpeft.layout import layouts_for
 import jpeft.models.stack as stack
 
 SHARED_A, SHARED_B = "base_model.vera_A", "base_model.vera_B"
@@ -90,22 +89,10 @@ def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, 
     if pair.rank != rank:
         problems.append(f"{SHARED_A} has r={pair.rank}, but the config says r={rank}")
         return None, {}
-    flat_params = peft_format.unstacked_leaves(params)
-    layouts = layouts_for(params, model=model)
-    stacked = any(stack.in_stack(p) for p in tree.flatten(params))
     leaves, finals = {}, set()
-    for path, tensors in sorted(modules.items()):
-        module = peft_format.module_of(model, path)
-        if path not in flat_params:
-            problems.append(f"{module}: a VeRA adapter for the tied output head, which jpeft does not adapt")
-            continue
-        final = stack.stacked_path(path)[0] if stacked else path
-        layout, shape = layouts[final], tuple(flat_params[path].shape)
-        if layout.kind != "kernel":
-            problems.append(f"{module}: VeRA adapts linear layers only, and this weight is a {layout.kind}")
-            continue
-        lead = layout.lead - (1 if final != path else 0)
-        d_in, d_out = shape[lead:lead + layout.inputs], shape[lead + layout.inputs:]
+    for m in peft_format.kernel_modules(model, params, modules, problems, "VeRA"):
+        module, tensors, shape = m.module, m.tensors, m.shape
+        d_in, d_out = shape[m.lead:m.lead + m.inputs], shape[m.lead + m.inputs:]
         if set(tensors) != set(_TENSORS):
             problems.append(f"{module}: has {', '.join(sorted(tensors))}, but a VeRA module has {', '.join(_TENSORS)}")
             continue
@@ -116,9 +103,9 @@ def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, 
         if bad:
             problems.append(f"{module}: {', '.join(bad)} do not fit a weight of shape {shape} at r={rank}")
             continue
-        leaves[f"{path}/lambda_b"] = tensors["vera_lambda_b"].reshape(d_out)
-        leaves[f"{path}/lambda_d"] = tensors["vera_lambda_d"]
-        finals.add(final)
+        leaves[f"{m.path}/lambda_b"] = tensors["vera_lambda_b"].reshape(d_out)
+        leaves[f"{m.path}/lambda_d"] = tensors["vera_lambda_d"]
+        finals.add(m.final)
     if problems:
         return None, {}
     method = vera(rank=rank, targets=[tree.Rule(re.escape(p)) for p in sorted(finals)],
