@@ -227,6 +227,45 @@ def test_quantized_sharded_forward_matches_unsharded(tmp_path):
     assert fraction_per_device(sharded_qparams) <= (total / 8 + not_split) / total
 
 
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_sliced_quantized_tied_head_on_a_vocab_sharded_mesh(monkeypatch, fmt):
+    """A tied head cut into row slices (QuantizedArray.attend) while its vocabulary is split over
+    devices: same logits and LoRA gradients as the whole table on one device."""
+    from jpeft.quant import array
+
+    config = llama.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                               num_heads=4, num_kv_heads=2, scan_layers=True, tie_word_embeddings=True)
+    method = jpeft.lora(rank=4, targets=r".*/(q|v)_proj/kernel", model=llama.model(config))
+    quantize = lambda p: quant.quantize(p, r"embed_tokens/embedding|.*/(q|k|v|o)_proj/kernel", fmt,
+                                        block_size=32, model=llama.model(config))
+    params, adapter, batch = model_and_adapter(config, method)
+    qparams = quantize(params)
+    grad_fn = jax.value_and_grad(make_loss(config, method), has_aux=True)
+    (ref_loss, ref_logits), ref_grads = jax.jit(grad_fn)(adapter, qparams, batch)
+    table = qparams["embed_tokens"]["embedding"]
+    assert table._attend_chunks(4) == 1  # 64 KiB as float32: one piece by default
+
+    monkeypatch.setattr(array, "ATTEND_CHUNK_BYTES", 16 * 2**10)
+    assert table._attend_chunks(4) == 16  # slices of 16 rows; each device holds 128 of the 256
+    sliced_calls = []
+    monkeypatch.setattr(array, "_chunked_attend",
+                        lambda *args, f=array._chunked_attend: sliced_calls.append(args[2]) or f(*args))
+    mesh, rules = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2}), sharding.load_rules("default")
+    axes = llama.param_axes(config)
+    qparams_sh = sharding.shardings_for(jax.eval_shape(quantize, params), axes, mesh, rules)
+    assert qparams_sh["embed_tokens"]["embedding"].codes.spec == PartitionSpec("tensor", "fsdp")
+    adapter_sh = sharding.adapter_shardings(method, adapter, axes, mesh, rules)
+    batch_sh = placement.batch_shardings(batch, mesh, rules)
+    step = jax.jit(grad_fn, in_shardings=(adapter_sh, qparams_sh, batch_sh))
+    (loss, logits), grads = step(jax.device_put(adapter, adapter_sh), jax.device_put(qparams, qparams_sh),
+                                 jax.device_put(batch, batch_sh))
+
+    assert sliced_calls == [16]  # the sharded step took the sliced path
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5 * np.abs(ref_logits).max())
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    assert_trees_close(grads, ref_grads, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
