@@ -297,10 +297,12 @@ def test_backward_keeps_no_float_weight(qlora, capsys):
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "int8"])
-def test_a_large_tied_head_is_dequantized_a_slice_of_rows_at_a_time(monkeypatch, fmt):
+@pytest.mark.parametrize("axis", [-1, -2], ids=["blocked_along_dim", "blocked_along_vocab"])
+def test_a_large_tied_head_is_dequantized_a_slice_of_rows_at_a_time(monkeypatch, fmt, axis):
+    """Also for a table blocked along its rows (quantized as if it were a kernel, without model=)."""
     from jpeft.quant import array
 
-    table = quant.quantize_array(jax.random.normal(jax.random.key(0), (1024, 128)), fmt, block_size=32, axis=-1)
+    table = quant.quantize_array(jax.random.normal(jax.random.key(0), (1024, 128)), fmt, block_size=32, axis=axis)
     x = jax.random.normal(jax.random.key(1), (2, 3, 128))
     loss = lambda x, q: jnp.sum(jnp.sin(q.attend(x)))
     whole = jax.jit(jax.value_and_grad(loss))
@@ -309,13 +311,36 @@ def test_a_large_tied_head_is_dequantized_a_slice_of_rows_at_a_time(monkeypatch,
     np.testing.assert_allclose(jax.jit(lambda x, q: q.attend(x))(x, table), dense, rtol=1e-5, atol=1e-5)
 
     monkeypatch.setattr(array, "ATTEND_CHUNK_BYTES", 128 * 2**10)  # the table is 512 KiB as float32
-    assert table._attend_chunks(4) == 16
+    assert table._attend_chunks(4) == 16  # 64 rows a slice: two whole blocks of 32 rows when blocked along rows
     sliced = jax.jit(jax.value_and_grad(loss))
     value, grad = sliced(x, table)
     np.testing.assert_allclose(value, want_value, rtol=1e-5)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-4)  # sums over 1024 rows in another order
     temp = lambda f: f.lower(x, table).compile().memory_analysis().temp_size_in_bytes
     assert temp(sliced) < 512 * 2**10 <= temp(whole)  # no float copy of the whole table
+
+
+def test_slices_of_a_table_blocked_along_rows_hold_whole_blocks_and_bytes(monkeypatch):
+    from jpeft.quant import array
+
+    monkeypatch.setattr(array, "ATTEND_CHUNK_BYTES", 8 * 2**10)  # 4 x 8 = 32 slices wanted for 63 KiB
+    along_dim = quant.quantize_array(jnp.ones((96, 168)), "nf4", block_size=24, axis=-1)
+    assert along_dim._attend_chunks(4) == 32  # slices of 3 rows
+    along_rows = quant.quantize_array(jnp.ones((96, 168)), "nf4", block_size=6, axis=-2)
+    assert along_rows._attend_chunks(4) == 16  # 16 blocks of 6 rows: no more slices than blocks
+    along_rows = quant.quantize_array(jnp.ones((96, 168)), "int8", block_size=4, axis=-2)
+    assert along_rows._attend_chunks(4) == 24  # 24 blocks of 4 rows
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "int8"])
+@pytest.mark.parametrize("axis", [-1, -2], ids=["blocked_along_dim", "blocked_along_vocab"])
+def test_embedding_lookup_dequantizes_only_the_rows_it_reads(fmt, axis):
+    table = quant.quantize_array(jax.random.normal(jax.random.key(0), (256, 64)), fmt, block_size=32, axis=axis)
+    ids_BxT = jnp.array([[0, 1, 2, 31, 32, 255], [33, 64, 100, 101, 254, 0]])
+    lookup = jax.jit(lambda q, ids: q.embed(ids, jnp.float32))
+    np.testing.assert_allclose(lookup(table, ids_BxT), table.materialize()[ids_BxT], rtol=1e-6, atol=1e-6)
+    temp = lookup.lower(table, ids_BxT).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 256 * 64 * 4 // 4  # a float table would take 64 KiB; 12 rows are 3 KiB
 
 
 def test_eval_shape_and_lora_init_on_abstract(qlora):

@@ -184,8 +184,8 @@ class QuantizedArray(ops.WeightWrapper):
     def attend(self, x: jax.Array) -> jax.Array:
         """``x @ W.T`` (tied output head): dequantizes in ``x.dtype``, then multiplies.
 
-        A ``(vocab, dim)`` table blocked along ``dim`` whose float form would be larger
-        than :data:`ATTEND_CHUNK_BYTES` is dequantized and multiplied one slice of rows at
+        A ``(vocab, dim)`` table whose float form would be larger than
+        :data:`ATTEND_CHUNK_BYTES` is dequantized and multiplied one slice of rows at
         a time (forward and backward), so no float copy of the whole table is made.
         """
         chunks = self._attend_chunks(jnp.dtype(x.dtype).itemsize)
@@ -194,14 +194,20 @@ class QuantizedArray(ops.WeightWrapper):
         return _chunked_attend(x, self, chunks)
 
     def _attend_chunks(self, itemsize: int) -> int:
-        """How many row slices :meth:`attend` cuts the table into (1: none)."""
-        if self.ndim != 2 or self.axis % 2 != 1:
+        """How many row slices :meth:`attend` cuts the table into (1: none).
+
+        A slice holds whole blocks: any number of rows for a table blocked along ``dim``; a
+        multiple of the block size for one blocked along ``vocab`` (4-bit block sizes are
+        even, so packed bytes stay whole too). At most one slice per such unit of rows.
+        """
+        if self.ndim != 2:
             return 1
         rows, cols = self.shape
         if rows * cols * itemsize <= ATTEND_CHUNK_BYTES:
             return 1
-        chunks = math.ceil(rows * cols * itemsize / ATTEND_CHUNK_BYTES) * 4
-        while rows % chunks:  # slices of equal size: the smallest count at least that which divides the rows
+        units = rows if self.axis % 2 == 1 else rows // self.block_size
+        chunks = min(math.ceil(rows * cols * itemsize / ATTEND_CHUNK_BYTES) * 4, units)
+        while units % chunks:  # slices of equal size: the smallest count at least that which divides
             chunks += 1
         return chunks
 
@@ -233,14 +239,29 @@ class QuantizedArray(ops.WeightWrapper):
                                    scales_mean=jax.sharding.PartitionSpec(*lead))
 
     def embed(self, ids: jax.Array, dtype) -> jax.Array:
-        """Rows ``W[ids]`` in ``dtype``; for tables blocked along ``dim`` only those rows are dequantized."""
-        if self.ndim != 2 or self.axis % self.ndim != 1:  # not a (vocab, dim) table blocked along dim
+        """Rows ``W[ids]`` in ``dtype``; only those rows are dequantized.
+
+        A ``(vocab, dim)`` table may be blocked along ``dim`` (what ``quantize(...,
+        model=)`` does) or along ``vocab`` (a table quantized as if it were a kernel, e.g.
+        without ``model=``): either way a row's codes and its absmax values are gathered.
+        """
+        if self.ndim != 2:
             return jnp.take(self.materialize(dtype), ids, axis=0)
-        absmax = jnp.take(jax.lax.stop_gradient(self.absmax()), ids, axis=0)
-        codes = jnp.take(self.codes, ids, axis=0)
+        absmax = jax.lax.stop_gradient(self.absmax())
+        if self.axis % 2 == 1:  # blocked along dim: a row holds whole blocks
+            codes = jnp.take(self.codes, ids, axis=0)
+            if self.fmt.packed:
+                codes = packing.unpack(codes, -1)
+            return decode_blocks(codes, self.fmt, jnp.take(absmax, ids, axis=0), self.block_size, -1).astype(dtype)
+        # Blocked along vocab: row i shares its absmax with the block of rows i // block_size,
+        # and (packed) its byte with its pair row, in the high nibble for an even i.
         if self.fmt.packed:
-            codes = packing.unpack(codes, -1)
-        return decode_blocks(codes, self.fmt, absmax, self.block_size, -1).astype(dtype)
+            byte = jnp.take(self.codes, ids // 2, axis=0)
+            codes = jnp.where((ids % 2 == 0)[..., None], byte >> 4, byte & 0xF)
+        else:
+            codes = jnp.take(self.codes, ids, axis=0)
+        row_absmax = jnp.take(absmax, ids // self.block_size, axis=0)
+        return (formats.decode(codes, self.fmt) * row_absmax).astype(dtype)
 
 
 # Under jax.checkpoint the backward pass recomputes the dequantized weight from the
@@ -257,14 +278,14 @@ def _dequantize_matmul_t(x: jax.Array, q: QuantizedArray) -> jax.Array:
 
 def _chunked_attend(x: jax.Array, q: QuantizedArray, chunks: int) -> jax.Array:
     """``x @ W.T`` for a ``(vocab, dim)`` table, ``vocab / chunks`` rows dequantized at a time."""
-    rows = q.shape[0]
-    absmax_CxRxB = jax.lax.stop_gradient(q.absmax()).reshape(chunks, rows // chunks, -1)
-    codes_CxRxP = q.codes.reshape(chunks, rows // chunks, -1)
+    rows, axis = q.shape[0], q.axis % 2 - 2  # -1: blocked along dim, -2: along vocab
+    absmax_CxRxB = jax.lax.stop_gradient(q.absmax()).reshape(chunks, -1, q.blocks_shape[1])
+    codes_CxRxP = q.codes.reshape(chunks, -1, q.codes.shape[1])
 
     @jax.checkpoint
     def one_slice(codes_RxP, absmax_RxB):
-        codes = packing.unpack(codes_RxP, -1) if q.fmt.packed else codes_RxP
-        w_RxD = decode_blocks(codes, q.fmt, absmax_RxB, q.block_size, -1).astype(x.dtype)
+        codes = packing.unpack(codes_RxP, axis) if q.fmt.packed else codes_RxP
+        w_RxD = decode_blocks(codes, q.fmt, absmax_RxB, q.block_size, axis).astype(x.dtype)
         return x @ w_RxD.T
 
     logits_Cx___xR = jax.lax.map(lambda slice_: one_slice(*slice_), (codes_CxRxP, absmax_CxRxB))
