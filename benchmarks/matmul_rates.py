@@ -28,7 +28,8 @@ import os
 import statistics
 import subprocess
 import sys
-import time
+
+from step_time import _timed
 
 MARK = "RESULT "
 # (in, out) of each projection of SmolLM2-135M: q and o, k and v, gate and up, down, the tied head.
@@ -38,13 +39,7 @@ LAYERS = 30
 
 
 def _median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(_timed(fn, 1, repeats))
 
 
 def jax_worker(m: int, repeats: int) -> dict:
