@@ -193,6 +193,11 @@ class QuantizedArray(ops.WeightWrapper):
             return _dequantize_matmul_t(x, self)
         return _chunked_attend(x, self, chunks)
 
+    @property
+    def _along_dim(self) -> bool:
+        """For a ``(vocab, dim)`` table: blocked along ``dim`` (else along ``vocab``)."""
+        return self.axis % 2 == 1
+
     def _attend_chunks(self, itemsize: int) -> int:
         """How many row slices :meth:`attend` cuts the table into (1: none).
 
@@ -205,7 +210,7 @@ class QuantizedArray(ops.WeightWrapper):
         rows, cols = self.shape
         if rows * cols * itemsize <= ATTEND_CHUNK_BYTES:
             return 1
-        units = rows if self.axis % 2 == 1 else rows // self.block_size
+        units = rows if self._along_dim else rows // self.block_size
         chunks = min(math.ceil(rows * cols * itemsize / ATTEND_CHUNK_BYTES) * 4, units)
         while units % chunks:  # slices of equal size: the smallest count at least that which divides
             chunks += 1
@@ -248,16 +253,16 @@ class QuantizedArray(ops.WeightWrapper):
         if self.ndim != 2:
             return jnp.take(self.materialize(dtype), ids, axis=0)
         absmax = jax.lax.stop_gradient(self.absmax())
-        if self.axis % 2 == 1:  # blocked along dim: a row holds whole blocks
+        if self._along_dim:  # a row holds whole blocks
             codes = jnp.take(self.codes, ids, axis=0)
             if self.fmt.packed:
                 codes = packing.unpack(codes, -1)
             return decode_blocks(codes, self.fmt, jnp.take(absmax, ids, axis=0), self.block_size, -1).astype(dtype)
         # Blocked along vocab: row i shares its absmax with the block of rows i // block_size,
-        # and (packed) its byte with its pair row, in the high nibble for an even i.
+        # and (packed) its bytes with its pair row: unpack the pair, keep row i's half.
         if self.fmt.packed:
-            byte = jnp.take(self.codes, ids // 2, axis=0)
-            codes = jnp.where((ids % 2 == 0)[..., None], byte >> 4, byte & 0xF)
+            pair_Ix2xD = packing.unpack(jnp.take(self.codes, ids // 2, axis=0)[..., None, :], -2)
+            codes = jnp.take_along_axis(pair_Ix2xD, (ids % 2)[..., None, None], axis=-2)[..., 0, :]
         else:
             codes = jnp.take(self.codes, ids, axis=0)
         row_absmax = jnp.take(absmax, ids // self.block_size, axis=0)
@@ -278,7 +283,7 @@ def _dequantize_matmul_t(x: jax.Array, q: QuantizedArray) -> jax.Array:
 
 def _chunked_attend(x: jax.Array, q: QuantizedArray, chunks: int) -> jax.Array:
     """``x @ W.T`` for a ``(vocab, dim)`` table, ``vocab / chunks`` rows dequantized at a time."""
-    rows, axis = q.shape[0], q.axis % 2 - 2  # -1: blocked along dim, -2: along vocab
+    rows, axis = q.shape[0], -1 if q._along_dim else -2
     absmax_CxRxB = jax.lax.stop_gradient(q.absmax()).reshape(chunks, -1, q.blocks_shape[1])
     codes_CxRxP = q.codes.reshape(chunks, -1, q.codes.shape[1])
 
