@@ -10,7 +10,7 @@ import pytest
 
 import jpeft
 from jpeft.checkpoint import save_adapter
-from jpeft.io.peft_format import save_peft
+from jpeft.io.peft import save_peft
 from jpeft.models import generation, llama
 from train import data
 from train import generate as cli

@@ -10,7 +10,7 @@ from safetensors.numpy import load_file, save_file
 
 import jpeft
 from jpeft.io.hf import CheckpointError, load_hf
-from jpeft.io.peft_format import load_peft, save_peft
+from jpeft.io.peft import load_peft, save_peft
 from jpeft.models import llama
 import reference
 
