@@ -12,7 +12,7 @@ Example:
 from __future__ import annotations
 
 from jpeft.errors import CheckpointError
-from jpeft.io.peft import adalora, delta, lora, oft, vera
+from jpeft.io.peft import adalora, delta, ia3, lora, oft, prompt, vera
 from jpeft.io.peft.common import PeftCodec
 
 BY_METHOD: dict[str, PeftCodec] = {
@@ -23,6 +23,10 @@ BY_METHOD: dict[str, PeftCodec] = {
     "adalora": adalora.CODEC,
     "vera": vera.CODEC,
     "oft": oft.CODEC,
+    "ia3": ia3.CODEC,
+    "prompt_tuning": prompt.PROMPT_TUNING,
+    "p_tuning": prompt.P_TUNING,
+    "prefix_tuning": prompt.PREFIX_TUNING,
 }
 
 BY_PEFT_TYPE: dict[str, PeftCodec] = {codec.peft_type: codec for codec in BY_METHOD.values()}

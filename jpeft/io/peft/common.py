@@ -55,6 +55,9 @@ class PeftCodec(NamedTuple):
             ``base_model.vera_A``): ``export`` returns them under these keys, written as they
             are (no ``base_model.model.`` prefix), and ``load`` gets them as its keyword
             argument ``shared={key: array}`` (a missing one is absent from it).
+        prefix: the key prefix of the file's module tensors (and of ``modules_to_save`` copies):
+            ``base_model.model.`` for methods that wrap layers, ``base_model.`` for prompt learning
+            (PEFT wraps no layer there, so the model sits one level higher).
     """
 
     peft_type: str
@@ -63,6 +66,7 @@ class PeftCodec(NamedTuple):
     load: Callable[..., tuple[Any, dict]]
     describes: str = "adapter tensors"
     shared_keys: tuple[str, ...] = ()
+    prefix: str = PREFIX
 
 
 def listing(items, limit: int = _SHOWN) -> str:
@@ -218,7 +222,8 @@ def read_modules(folder: Path, codec: PeftCodec, saved_modules=()) -> dict[str, 
     Keys of whole ``saved_modules`` (PEFT's ``modules_to_save``, ``<module>.weight``) are skipped here;
     tensors under the codec's ``shared_keys`` are in the entry :data:`SHARED` (when there are any).
     """
-    saved = tuple(f"{PREFIX}{m}." for m in saved_modules)
+    prefix = codec.prefix
+    saved = tuple(f"{prefix}{m}." for m in saved_modules)
     path = folder / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"{path} is missing (only safetensors adapters are read)")
@@ -232,16 +237,16 @@ def read_modules(folder: Path, codec: PeftCodec, saved_modules=()) -> dict[str, 
                     continue
                 if key.startswith(saved) and key.count(".") == next(s for s in saved if key.startswith(s)).count("."):
                     continue
-                name = next((t for t in codec.tensor_names if key.startswith(PREFIX) and key.endswith("." + t)), None)
+                name = next((t for t in codec.tensor_names if key.startswith(prefix) and key.endswith("." + t)), None)
                 if name is None:
                     unexpected.append(key)
                     continue
-                modules[key[len(PREFIX):-len(name) - 1]][name] = f.get_tensor(key).astype(np.float32)
+                modules[key[len(prefix):-len(name) - 1]][name] = f.get_tensor(key).astype(np.float32)
     except SafetensorError as err:
         raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
     if unexpected:
         raise CheckpointError(
-            f"{path} has {len(unexpected)} keys that are not {codec.describes} under '{PREFIX}': "
+            f"{path} has {len(unexpected)} keys that are not {codec.describes} under '{prefix}': "
             f"{listing(unexpected)}; was it saved for another model or format?")
     return dict(modules)
 

@@ -36,7 +36,7 @@ from jpeft import tree
 from jpeft.errors import CheckpointError
 from jpeft.io import names as names_lib
 from jpeft.io.peft import codecs
-from jpeft.io.peft.common import (CONFIG_FILE, PREFIX, SHARED, WEIGHTS_FILE, hf_names, layer_coverage, listing,
+from jpeft.io.peft.common import (CONFIG_FILE, SHARED, WEIGHTS_FILE, hf_names, layer_coverage, listing,
                                   read_config, read_modules, restack, unstacked_leaves)
 from jpeft.methods import heads
 import jpeft.models.stack as stack
@@ -63,7 +63,7 @@ def save_peft(folder: str | os.PathLike, model, method, params: Any, adapter: An
         config["modules_to_save"] = sorted({name.rsplit(".", 1)[0] for name in saved})
     config = {"peft_type": codec.peft_type, "task_type": task_type(model),
               "base_model_name_or_path": base_model_name_or_path, **config, "inference_mode": True}
-    files = {(key if key in codec.shared_keys else f"{PREFIX}{key}"): np.ascontiguousarray(np.asarray(v, np.float32))
+    files = {(key if key in codec.shared_keys else f"{codec.prefix}{key}"): np.ascontiguousarray(np.asarray(v, np.float32))
              for key, v in tensors.items()}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,7 +93,7 @@ def _saved_module_tensors(model, copies: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def _take_saved_modules(folder: Path, config: dict, model, params, problems: list) -> dict:
+def _take_saved_modules(folder: Path, config: dict, model, params, problems: list, prefix: str) -> dict:
     """``{param path: array}`` of the ``modules_to_save`` tensors in the file (PEFT names them as the module's own).
 
     A listed module the model does not know is skipped (PEFT's task defaults list ``score`` for
@@ -106,7 +106,7 @@ def _take_saved_modules(folder: Path, config: dict, model, params, problems: lis
     out, seen = {}, set()
     with safe_open(str(folder / WEIGHTS_FILE), framework="numpy") as f:
         for key in f.keys():
-            name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            name = key.removeprefix(prefix)
             if not any(name.startswith(m + ".") and name.count(".") == m.count(".") + 1 for m in modules):
                 continue
             found = hf_names(model).to_path(name)
@@ -160,7 +160,7 @@ def load_peft(folder: str | os.PathLike, model, params: Any, *, base_model: str 
         by_path[found[0]] = tensors
     if config.get("layers_to_transform") is None:
         problems.extend(layer_coverage([p for p in by_path if p in flat_params], flat_params))
-    copies = _take_saved_modules(folder, config, model, params, problems)
+    copies = _take_saved_modules(folder, config, model, params, problems, codec.prefix)
     inner_config = {k: v for k, v in config.items() if k != "modules_to_save"}
     extra = {"shared": shared} if codec.shared_keys else {}
     method, flat_adapter = codec.load(inner_config, by_path, params, model, problems, **extra)
