@@ -126,6 +126,34 @@ def rotations(vec_NxE: jax.Array, block_size: int, neumann_terms: int) -> jax.Ar
     return r
 
 
+ROTATIONS = "rotations"
+"""The factor an exact-Cayley :class:`OftWeight` carries its blocks ``(*lead, n or 1, b, b)`` in (see below)."""
+
+
+def with_exact_rotations(params: Any) -> Any:
+    """Every exact-Cayley :class:`OftWeight` in ``params`` with its rotation blocks made now, for all layers at once.
+
+    The exact transform solves a ``b x b`` system per block. Made inside the layers' ``lax.scan``
+    (stacked layers), those solves hung on jax 0.10.2's CPU backend; made here, in one batched
+    solve per weight before the model runs, the scan body only multiplies. Gradients flow
+    through the solve to ``R`` as before. The Neumann series (no solve) stays in the layers.
+
+    Example:
+        >>> params = {"w": OftWeight(jnp.ones((2, 4, 3)), {"R": jnp.zeros((2, 2, 1))}, neumann_terms=0)}
+        >>> with_exact_rotations(params)["w"].factors[ROTATIONS].shape   # 2 layers, 2 blocks of 2 x 2
+        (2, 2, 2, 2)
+    """
+    def made(leaf):
+        if not isinstance(leaf, OftWeight) or leaf.neumann_terms != 0 or ROTATIONS in leaf.factors:
+            return leaf
+        vec = leaf.factors["R"]
+        blocks_NxBxB = rotations(vec.reshape(-1, vec.shape[-1]).astype(jnp.float32), leaf.block_size, 0)
+        blocks = blocks_NxBxB.reshape(*vec.shape[:-1], leaf.block_size, leaf.block_size)
+        return dataclasses.replace(leaf, factors={**leaf.factors, ROTATIONS: blocks})
+
+    return jax.tree.map(made, params, is_leaf=lambda x: isinstance(x, OftWeight))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class OftWeight(delta.DeltaWeight):
@@ -142,26 +170,30 @@ class OftWeight(delta.DeltaWeight):
         elements = self.factors["R"].shape[-1]
         return int(round((1 + math.sqrt(1 + 8 * elements)) / 2))
 
-    def _blocks(self, vec, dtype) -> jax.Array:
-        """``(n, b, b)`` rotations of one unstacked weight (a shared block repeated ``n`` times)."""
-        r = rotations(vec.astype(jnp.float32), self.block_size, self.neumann_terms).astype(dtype)
+    def _blocks(self, factors: dict, dtype) -> jax.Array:
+        """``(n, b, b)`` rotations of one unstacked weight (a shared block repeated ``n`` times): the
+        ``rotations`` made before the layers run (:func:`with_exact_rotations`), else made here."""
+        if ROTATIONS in factors:
+            r = factors[ROTATIONS].astype(dtype)
+        else:
+            r = rotations(factors["R"].astype(jnp.float32), self.block_size, self.neumann_terms).astype(dtype)
         return jnp.broadcast_to(r, (self.in_size // self.block_size, *r.shape[1:]))
 
     def _rotate(self, x_NxI: jax.Array) -> jax.Array:
-        r_nxbxb = self._blocks(self.factors["R"], x_NxI.dtype)
+        r_nxbxb = self._blocks(self.factors, x_NxI.dtype)
         x_blocks = x_NxI.reshape(*x_NxI.shape[:-1], *r_nxbxb.shape[:2])
         return jnp.einsum("...rk,rkc->...rc", x_blocks, r_nxbxb).reshape(x_NxI.shape)
 
     def materialize(self, dtype=None) -> jax.Array:
-        def one(vec, base):
-            r_nxbxb = self._blocks(vec, jnp.float32)
+        def one(factors, base):
+            r_nxbxb = self._blocks(factors, jnp.float32)
             w = base.reshape(*r_nxbxb.shape[:2], -1)
             return jnp.einsum("rkc,rco->rko", r_nxbxb, w).reshape(base.shape)
 
         fn = one
         for _ in range(self.lead):
             fn = jax.vmap(fn)
-        return fn(self.factors["R"], ops.as_array(self.base, jnp.float32)).astype(dtype or self.dtype)
+        return fn(self.factors, ops.as_array(self.base, jnp.float32)).astype(dtype or self.dtype)
 
     def linear(self, x: jax.Array) -> jax.Array:
         self._unstacked("linear")
@@ -252,7 +284,13 @@ def oft(
     settings = {"block_size": block_size, "r": r, "block_share": block_share,
                 "use_cayley_neumann": use_cayley_neumann, "num_cayley_neumann_terms": num_cayley_neumann_terms}
     label = (f"oft b={block_size}" if r == 0 else f"oft r={r}") + (" shared" if block_share else "")
-    return method._replace(settings=settings, label=label)
+    if use_cayley_neumann:
+        return method._replace(settings=settings, label=label)
+
+    def apply_fn(params: Any, adapter: Any, *, rng: jax.Array | None = None) -> Any:
+        return with_exact_rotations(method.apply(params, adapter, rng=rng))
+
+    return method._replace(apply=apply_fn, settings=settings, label=label)
 
 
 registry.register("oft", oft)
