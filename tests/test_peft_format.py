@@ -220,3 +220,25 @@ def test_a_wrong_prefix_is_one_short_message(saved):
     message = str(info.value)
     assert "8 keys that are not LoRA factors under 'base_model.model.'" in message
     assert "(and 3 more)" in message and len(message) < 600
+
+
+def test_the_docs_table_lists_every_method_with_its_codec():
+    """docs/peft-format.md has a row for every registered method, and says 'none' exactly where no codec exists."""
+    import pathlib
+    import re
+
+    from jpeft.io.peft import BY_METHOD
+    from jpeft.methods import registry
+
+    page = (pathlib.Path(__file__).parent.parent / "docs" / "peft-format.md").read_text()
+    rows = {}
+    for line in page.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 5:
+            for name in re.findall(r"`(\w+)`", cells[0].split(" with ")[0]):
+                rows.setdefault(name, cells)
+    assert sorted(rows) == registry.names()
+    for name, cells in rows.items():
+        assert (cells[1] != "none") == (name in BY_METHOD), name
+        if name in BY_METHOD:
+            assert BY_METHOD[name].peft_type in cells[1], name
