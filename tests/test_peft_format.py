@@ -118,8 +118,11 @@ def test_other_peft_types_and_corrupt_files_are_clear_errors(saved):
     (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))  # DoRA without magnitudes
     with pytest.raises(CheckpointError, match="q_proj: lora_magnitude_vector is missing"):
         load_peft(folder, model, params)
-    (folder / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
-    with pytest.raises(CheckpointError, match="only ADALORA, LOHA, LOKR, LORA"):
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "BOFT"}))
+    with pytest.raises(CheckpointError, match="'BOFT' are not supported; jpeft reads only ADALORA, IA3, LOHA, LOKR"):
+        load_peft(folder, model, params)
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))  # LoRA tensors
+    with pytest.raises(CheckpointError, match="8 keys that are not IA3 vectors under 'base_model.model.'"):
         load_peft(folder, model, params)
     (folder / "adapter_config.json").write_text(json.dumps(config))
     (folder / "adapter_model.safetensors").write_bytes(b"\x00garbage")
