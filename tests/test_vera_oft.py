@@ -307,24 +307,20 @@ def test_mismatches_are_clear_errors():
 _STACKED_EXACT_OFT = """
 import jax, jax.numpy as jnp, numpy as np, jpeft
 from jpeft.models import llama
-sizes = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2)
-config = llama.LlamaConfig(**sizes)
-model, stacked_model = llama.model(config), llama.model(llama.LlamaConfig(**sizes, scan_layers=True))
+sizes = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+model, stacked_model = llama.model(llama.LlamaConfig(**sizes)), llama.model(llama.LlamaConfig(**sizes, scan_layers=True))
 params = model.init(jax.random.key(0))
-targets = r".*/(q|k|v|o|up|down)_proj/kernel"
+exact_oft = lambda m: jpeft.oft(block_size=8, targets=r".*/(q|k|v|down)_proj/kernel", use_cayley_neumann=False, model=m)
+method, stacked_method = exact_oft(model), exact_oft(stacked_model)
+rng = np.random.default_rng(1)
+adapter = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype),
+                       jax.eval_shape(method.init, jax.random.key(0), params))
 tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
-outs = []
-for m, p in ((model, params), (stacked_model, llama.stack_layers(params, config.num_layers))):
-    method = jpeft.oft(block_size=8, targets=targets, use_cayley_neumann=False, model=m)
-    shapes = jax.eval_shape(method.init, jax.random.key(0), p)
-    adapter = jax.tree.map(lambda x: jnp.asarray(0.3 * np.random.default_rng(1).standard_normal(x.shape), x.dtype),
-                           shapes)
-    if m is stacked_model:
-        adapter = llama.stack_layers(unrolled_adapter, config.num_layers)
-    unrolled_adapter = adapter
-    outs.append(np.asarray(jax.jit(lambda p, a: m.forward(method.apply(p, a), tokens)[0])(p, adapter)))
-    outs.append(np.asarray(m.forward(method.apply(p, adapter), tokens)[0]))        # eager too
-print(max(float(np.abs(o - outs[0]).max()) for o in outs))
+unrolled = jax.jit(lambda p, a: model.forward(method.apply(p, a), tokens)[0])(params, adapter)
+stacked_params, stacked_adapter = (llama.stack_layers(t, sizes["num_layers"]) for t in (params, adapter))
+run = lambda p, a: stacked_model.forward(stacked_method.apply(p, a), tokens)[0]
+outs = [jax.jit(run)(stacked_params, stacked_adapter), run(stacked_params, stacked_adapter)]   # jitted, eager
+print(max(float(np.abs(np.asarray(o) - np.asarray(unrolled)).max()) for o in outs))
 """
 
 
