@@ -7,7 +7,7 @@ import pytest
 
 import jpeft
 from jpeft.io.hf import load_hf
-from jpeft.io.peft_format import module_of, save_peft
+from jpeft.io.peft import module_of, save_peft
 from jpeft.methods.combine import combine_adapters, merge_tensors
 
 torch = pytest.importorskip("torch")

@@ -186,7 +186,7 @@ def torch_base(folder):
 
 def test_peft_dora_adapter_loads_into_jpeft_and_back(base_folder, tmp_path):
     from jpeft.io.hf import load_hf
-    from jpeft.io.peft_format import load_peft, save_peft
+    from jpeft.io.peft import load_peft, save_peft
 
     torch.manual_seed(1)
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], use_dora=True,
@@ -217,7 +217,7 @@ def test_a_magnitude_without_use_dora_is_refused(base_folder, tmp_path):
     import json
 
     from jpeft.io.hf import load_hf
-    from jpeft.io.peft_format import load_peft, save_peft
+    from jpeft.io.peft import load_peft, save_peft
 
     model, params = load_hf(base_folder)
     method = jpeft.dora(rank=2, targets=r".*/q_proj/kernel", model=model)

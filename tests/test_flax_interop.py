@@ -276,7 +276,7 @@ def test_only_the_adapter_trains_and_it_saves_with_orbax_and_exports_to_peft(tmp
     assert meta["method"] == "lora"
     jax.tree.map(np.testing.assert_array_equal, restored, adapter)
 
-    from jpeft.io.peft_format import save_peft
+    from jpeft.io.peft import save_peft
 
     save_peft(tmp_path / "peft", model, method, model.params, adapter)
     tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")

@@ -10,7 +10,7 @@ import pytest
 
 import jpeft
 from jpeft.checkpoint import save_adapter
-from jpeft.io.peft_format import save_peft
+from jpeft.io.peft import save_peft
 from jpeft.models import generation, llama
 from train import data
 from train import generate as cli
@@ -144,9 +144,9 @@ def test_bad_input_exits_2_with_one_message(saved, loaded_once, tmp_path, capsys
     fails([model_arg, "--load", f"x={tmp_path / 'missing'}", "--prompt", "Hi"], "checkpoint error", "no such folder")
     ia3 = tmp_path / "ia3"
     ia3.mkdir()
-    (ia3 / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
+    (ia3 / "adapter_config.json").write_text(json.dumps({"peft_type": "BOFT"}))
     fails([model_arg, "--load", f"x={ia3}", "--prompt", "Hi", "--adapter", "x"],
-          "PEFT adapters of type 'IA3' are not supported; jpeft reads only ADALORA, LOHA, LOKR, LORA")
+          "PEFT adapters of type 'BOFT' are not supported; jpeft reads only ADALORA, IA3, LOHA, LOKR, LORA")
     fails([model_arg, "--load", f"x={tmp_path}", "--prompt", "Hi"], "is neither a jpeft adapter folder")
     # Adapters made for another model: a PEFT LoRA and a jpeft prompt of another width.
     other = llama.model(llama.LlamaConfig(vocab_size=saved["loaded"].model.config.vocab_size, hidden_size=32,
@@ -166,3 +166,30 @@ def test_bad_input_exits_2_with_one_message(saved, loaded_once, tmp_path, capsys
           "row 1's prompt is", f"the model's context of {context} tokens", "nothing is truncated")
     fails([model_arg, "--prompt", "a", "--prompt", "b", "--adapter", "x", "--adapter", "y", "--adapter", "z"],
           "3 --adapter for 2 --prompt")
+
+
+def test_peft_folders_of_ia3_and_the_prompt_methods_are_served(saved, loaded_once, tmp_path, capsys):
+    """``--load NAME=<PEFT folder>`` for IA3, prompt tuning, P-tuning and prefix tuning: each row makes the tokens
+    ``generation.generate`` makes with that adapter alone (a prefix cannot differ per row: a run of its own)."""
+    model, params = saved["loaded"].model, saved["loaded"].params
+    methods = {"ia3": jpeft.ia3(model=model),
+               "prompt": jpeft.prompt_tuning(3, init="normal", model=model),
+               "ptuning": jpeft.p_tuning(3, hidden_size=8, model=model),
+               "prefix": jpeft.prefix_tuning(3, init="normal", model=model)}
+    adapters, got = {}, {}
+    for seed, (name, method) in enumerate(methods.items()):
+        adapter = random_adapter(method, params, seed, std=0.5)
+        if name == "ia3":
+            adapter = jax.tree.map(lambda x: x + 1.0, adapter)  # scales around 1
+        save_peft(tmp_path / name, model, method, params, adapter)
+        adapters[name] = (method, method.saved_form(adapter))
+    for names in (["ia3", "prompt", "ptuning"], ["prefix"]):
+        argv = [f"model.hf_folder={saved['folder']}", "--max-new-tokens", str(MAX_NEW), "--jsonl"]
+        for name in names:
+            argv += ["--load", f"{name}={tmp_path / name}", "--prompt", "Say hello.", "--adapter", name]
+        code, out = run(argv)
+        assert code == 0, capsys.readouterr().err
+        got.update({r["adapter"]: r["tokens"] for r in map(json.loads, out.splitlines()) if "completion" in r})
+    reference = {**saved, "adapters": adapters}
+    assert got == {name: alone(reference, "Say hello.", name) for name in methods}
+    assert len({tuple(t) for t in got.values()} | {tuple(alone(saved, "Say hello.", "base"))}) > 2

@@ -176,12 +176,12 @@ def torch_base(folder):
 
 def peft_factors(tensors, model, params_like):
     """A jpeft adapter (unstacked paths) from PEFT's ``lora_A`` / ``lora_B`` tensors."""
-    from jpeft.io import peft_format
+    from jpeft.io.peft import common
 
     out = {}
     for key, value in tensors.items():
         module, _, name = key[len(PREFIX):].rpartition(".lora_")
-        path = peft_format._hf_names(model).to_path(module + ".weight")[0]
+        path = common.hf_names(model).to_path(module + ".weight")[0]
         out[f"{path}/{'a' if name.startswith('A') else 'b'}"] = jnp.asarray(value.T)
     return tree.unflatten(out)
 
@@ -189,7 +189,7 @@ def peft_factors(tensors, model, params_like):
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_matches_peft_init_and_its_conversion_to_a_rank_2r_lora(base_folder, tmp_path, init):
     from jpeft.io.hf import load_hf
-    from jpeft.io.peft_format import load_peft, save_peft
+    from jpeft.io.peft import load_peft, save_peft
 
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
     hf = peft.get_peft_model(torch_base(base_folder), config).eval()
@@ -226,7 +226,7 @@ def test_matches_peft_init_and_its_conversion_to_a_rank_2r_lora(base_folder, tmp
                                tuned, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="convert it first"):
         save_peft(tmp_path / "raw", model, method, params, trained)
-    plain, converted = lora_init.as_plain_lora(method, params, trained, initial, model=model)
+    plain, converted = jpeft.methods.lora.as_plain_lora(method, params, trained, initial, model=model)
     save_peft(tmp_path / "ours", model, plain, params, converted)
     theirs = load_file(str(tmp_path / "converted" / "adapter_model.safetensors"))
     mine = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))

@@ -12,7 +12,7 @@ import pytest
 import jpeft
 from jpeft import tree
 from jpeft.io.hf import load_hf
-from jpeft.io.peft_format import load_peft, module_of, save_peft
+from jpeft.io.peft import load_peft, module_of, save_peft
 from jpeft.methods import adalora as adalora_lib
 from jpeft.models import llama
 import reference

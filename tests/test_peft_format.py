@@ -10,7 +10,7 @@ from safetensors.numpy import load_file, save_file
 
 import jpeft
 from jpeft.io.hf import CheckpointError, load_hf
-from jpeft.io.peft_format import load_peft, save_peft
+from jpeft.io.peft import load_peft, save_peft
 from jpeft.models import llama
 import reference
 
@@ -118,8 +118,11 @@ def test_other_peft_types_and_corrupt_files_are_clear_errors(saved):
     (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))  # DoRA without magnitudes
     with pytest.raises(CheckpointError, match="q_proj: lora_magnitude_vector is missing"):
         load_peft(folder, model, params)
-    (folder / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
-    with pytest.raises(CheckpointError, match="only ADALORA, LOHA, LOKR, LORA"):
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "BOFT"}))
+    with pytest.raises(CheckpointError, match="'BOFT' are not supported; jpeft reads only ADALORA, IA3, LOHA, LOKR"):
+        load_peft(folder, model, params)
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))  # LoRA tensors
+    with pytest.raises(CheckpointError, match="8 keys that are not IA3 vectors under 'base_model.model.'"):
         load_peft(folder, model, params)
     (folder / "adapter_config.json").write_text(json.dumps(config))
     (folder / "adapter_model.safetensors").write_bytes(b"\x00garbage")
@@ -220,3 +223,25 @@ def test_a_wrong_prefix_is_one_short_message(saved):
     message = str(info.value)
     assert "8 keys that are not LoRA factors under 'base_model.model.'" in message
     assert "(and 3 more)" in message and len(message) < 600
+
+
+def test_the_docs_table_lists_every_method_with_its_codec():
+    """docs/peft-format.md has a row for every registered method, and says 'none' exactly where no codec exists."""
+    import pathlib
+    import re
+
+    from jpeft.io.peft import BY_METHOD
+    from jpeft.methods import registry
+
+    page = (pathlib.Path(__file__).parent.parent / "docs" / "peft-format.md").read_text()
+    rows = {}
+    for line in page.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 5:
+            for name in re.findall(r"`(\w+)`", cells[0].split(" with ")[0]):
+                rows.setdefault(name, cells)
+    assert sorted(rows) == registry.names()
+    for name, cells in rows.items():
+        assert (cells[1] != "none") == (name in BY_METHOD), name
+        if name in BY_METHOD:
+            assert BY_METHOD[name].peft_type in cells[1], name

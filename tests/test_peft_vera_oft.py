@@ -11,7 +11,7 @@ import pytest
 import jpeft
 from jpeft.errors import CheckpointError
 from jpeft.io.hf import load_hf
-from jpeft.io.peft_format import load_peft, save_peft
+from jpeft.io.peft import load_peft, save_peft
 from jpeft.models import llama
 import reference
 

@@ -12,7 +12,7 @@ import pytest
 import jpeft
 from jpeft import tree
 from jpeft.io.hf import load_hf
-from jpeft.io.peft_format import load_peft, save_peft
+from jpeft.io.peft import load_peft, save_peft
 from t5_reference import DECODER_MASK, jpeft_logits, torch_folder, torch_logits  # noqa: F401
 
 torch = pytest.importorskip("torch")

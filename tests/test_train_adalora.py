@@ -49,7 +49,7 @@ def loaded(mixing_hf_folder):
 
 @pytest.mark.slow  # a trainer run (about a minute on the shared 2-core machine)
 def test_tiny_run_end_to_end(tmp_path, mixing_hf_folder, bbc_dir, loaded, capsys):
-    from jpeft.io.peft_format import save_peft
+    from jpeft.io.peft import save_peft
     from jpeft.methods import adalora as adalora_lib
     from train import run
 

@@ -300,3 +300,71 @@ def test_mismatches_are_clear_errors():
     with pytest.warns(UserWarning, match="adjusted to 6"):   # PEFT's adjustment: 7 -> 6 or 8 for 24 inputs, the lower
         adjusted = jpeft.oft(block_size=7, targets=KERNELS).init(jax.random.key(0), params)
     assert adjusted["up_proj"]["kernel"]["R"].shape == (4, 15)
+
+
+# ----------------------------------------------------------------------------- exact Cayley on stacked layers
+
+_STACKED_EXACT_OFT = """
+import jax, jax.numpy as jnp, numpy as np, jpeft
+from jpeft.models import llama
+sizes = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+model, stacked_model = llama.model(llama.LlamaConfig(**sizes)), llama.model(llama.LlamaConfig(**sizes, scan_layers=True))
+params = model.init(jax.random.key(0))
+exact_oft = lambda m: jpeft.oft(block_size=8, targets=r".*/(q|k|v|down)_proj/kernel", use_cayley_neumann=False, model=m)
+method, stacked_method = exact_oft(model), exact_oft(stacked_model)
+rng = np.random.default_rng(1)
+adapter = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype),
+                       jax.eval_shape(method.init, jax.random.key(0), params))
+tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
+unrolled = jax.jit(lambda p, a: model.forward(method.apply(p, a), tokens)[0])(params, adapter)
+stacked_params, stacked_adapter = (llama.stack_layers(t, sizes["num_layers"]) for t in (params, adapter))
+run = lambda p, a: stacked_model.forward(stacked_method.apply(p, a), tokens)[0]
+outs = [jax.jit(run)(stacked_params, stacked_adapter), run(stacked_params, stacked_adapter)]   # jitted, eager
+print(max(float(np.abs(np.asarray(o) - np.asarray(unrolled)).max()) for o in outs))
+"""
+
+
+def test_exact_cayley_oft_on_stacked_layers_finishes_and_equals_unrolled(tmp_path):
+    """The exact Cayley transform's solves inside the layers' scan hung jax 0.10.2 on CPU (eager and jit, about
+    half the runs); they now run before the scan. A subprocess under a timeout, so a hang fails instead of waiting."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "stacked_exact_oft.py"
+    script.write_text(_STACKED_EXACT_OFT)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join(sys.path)}
+    try:
+        done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("exact-Cayley OFT on stacked layers did not finish in 240 s")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) < 1e-4   # stacked (jit, eager) == unrolled (jit, eager)
+
+
+def test_exact_cayley_solves_run_before_the_layer_scan():
+    """No linear solve is left inside a stacked model's scan body: the rotations come in as data."""
+    from jpeft.models import llama
+
+    config = llama.LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=2,
+                               scan_layers=True)
+    model = llama.model(config)
+    params = jax.eval_shape(model.init, jax.random.key(0))
+    method = jpeft.oft(block_size=4, targets=r".*/(q|down)_proj/kernel", use_cayley_neumann=False, model=model)
+    adapter = jax.eval_shape(method.init, jax.random.key(0), params)
+    tokens = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda p, a, t: model.forward(method.apply(p, a), t)[0])(params, adapter, tokens)
+
+    def solves(jaxpr, inside_scan=False):
+        """``(solves outside any scan, solves inside one)`` (``lu`` is the factorization jnp.linalg.solve runs)."""
+        out = [0, 0]
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "lu":
+                out[inside_scan] += 1
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                inner = solves(sub, inside_scan or eqn.primitive.name == "scan")
+                out = [out[0] + inner[0], out[1] + inner[1]]
+        return out
+
+    outside, inside = solves(jaxpr.jaxpr)
+    assert inside == 0 and outside == 2   # one batched solve per adapted weight, for all its layers

@@ -170,7 +170,7 @@ def load_adapter(name: str, folder: str, loaded, base_model: dict | None = None)
     import jax
 
     from jpeft import checkpoint
-    from jpeft.io.peft_format import load_peft
+    from jpeft.io.peft import load_peft
     from jpeft.methods import registry
 
     where = f"--load {name}={folder}"
@@ -202,7 +202,7 @@ def load_adapter(name: str, folder: str, loaded, base_model: dict | None = None)
         raise CheckpointError(f"{where} does not fit this base model (was it trained on another?): {err}") from None
     _note_other_base(name, metadata.get("model"), base_model)
     if method.rebase is not None:  # PiSSA / OLoRA: as a plain LoRA for the loaded (original) weights
-        from jpeft.methods.lora_init import as_plain_lora
+        from jpeft.methods.lora import as_plain_lora
 
         initial = method.init(jax.random.key(int(metadata["seed"])), loaded.params)
         return as_plain_lora(method, loaded.params, adapter, initial, model=loaded.model)
@@ -213,7 +213,7 @@ def _check_rebuildable(where: str, method, metadata: dict, params) -> None:
     """Refuses an adapter trained over a rebased base (PiSSA's ``W - s*A0@B0``) that cannot be run here.
 
     Such an adapter runs on the loaded weights as the plain LoRA of rank ``2r``
-    (:func:`jpeft.methods.lora_init.as_plain_lora`), which needs the fresh adapter ``A0, B0``:
+    (:func:`jpeft.methods.lora.as_plain_lora`), which needs the fresh adapter ``A0, B0``:
     the run's seed rebuilds it. Over a quantized base that form is not the trained model (the
     run's base was the re-quantized residual), so it is refused.
     """
@@ -225,7 +225,7 @@ def _check_rebuildable(where: str, method, metadata: dict, params) -> None:
         raise CheckpointError(f"{where}: a {method.describe()} adapter goes with the base its init rebased (PiSSA's "
                               "residual W - s*A0@B0), and its metadata has no seed to rebuild the fresh adapter "
                               "(saved by an older jpeft); convert it to a plain LoRA adapter "
-                              "(jpeft.methods.lora_init.as_plain_lora) and load that")
+                              "(jpeft.methods.lora.as_plain_lora) and load that")
     if any(is_quantized(leaf) for leaf in jax.tree.leaves(params, is_leaf=is_quantized)):
         raise CheckpointError(f"{where}: a {method.describe()} adapter trained over a re-quantized residual base "
                               "runs only over that base; load the model without model.quantize to run it as a "

@@ -356,7 +356,7 @@ class FlaxModel:
 
     @property
     def names(self) -> CheckpointNames:
-        """Hugging Face-style names from the module paths (for :func:`jpeft.io.peft_format.save_peft`)."""
+        """Hugging Face-style names from the module paths (for :func:`jpeft.io.peft.save_peft`)."""
         return CheckpointNames(hf=_DottedNames())
 
     def param_axes(self) -> dict:

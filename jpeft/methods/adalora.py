@@ -28,7 +28,7 @@ As Hugging Face PEFT's ``AdaLoraConfig`` / ``RankAllocator``, with Flax-oriented
 The rank pattern of an adapter is where ``e != 0``: the schedule zeroes pruned triplets
 exactly, and a trained kept value is never exactly zero. An adapter whose ``e`` are all
 zero (fresh) has no pattern: it is saved at full rank, as PEFT saves one never masked.
-The PEFT files (:mod:`jpeft.methods.adalora_peft`) carry the kept ranks only, with
+The PEFT files (:mod:`jpeft.io.peft.adalora`) carry the kept ranks only, with
 ``rank_pattern``.
 
 Example:
@@ -350,8 +350,6 @@ def adalora(
         A :class:`jpeft.Method` with ``a (*in, r)``, ``e (r,)``, ``b (r, *out)`` per kernel, the penalty, the
         budget schedule as its ``transform`` and the rank pattern as its ``summary``.
     """
-    from jpeft.methods import adalora_peft
-
     _check(init_r, target_r, tinit, tfinal, deltaT, beta1, beta2, orth_reg_weight, total_step)
     schedule = Schedule(target_r, tinit, tfinal, deltaT, float(beta1), float(beta2), total_step)
 
@@ -362,11 +360,11 @@ def adalora(
         return budget_schedule(optimizer, schedule)
 
     penalty = None if orth_reg_weight == 0 else (lambda adapter: orthogonality_penalty(adapter, orth_reg_weight))
-    fields = {"init_r": init_r, "target_r": target_r, "lora_alpha": alpha, "tinit": tinit, "tfinal": tfinal,
+    fields = {"init_r": init_r, "target_r": target_r, "alpha": alpha, "tinit": tinit, "tfinal": tfinal,
               "deltaT": deltaT, "beta1": beta1, "beta2": beta2, "orth_reg_weight": orth_reg_weight,
               "total_step": total_step}
     method = delta.delta_method(KIND, init_r, alpha, targets, dtype=dtype, model=model,
-                                peft=adalora_peft.codec(fields),
+                                settings=fields,
                                 transform=transform, penalty=penalty, summary=describe_pattern)
     return method._replace(label=f"adalora r={init_r}->{target_r}")
 

@@ -25,8 +25,10 @@ The optional fields say what a training program would otherwise have to guess:
     Why ``merge`` is not the right way to run this adapter on these parameters (it
     cannot be merged, or merging would dequantize a 4-bit base), or ``None`` when merging
     is exact and cheap. :func:`for_inference` uses it.
-``peft``
-    A :class:`jpeft.io.peft_format.PeftCodec` for the Hugging Face PEFT format, or ``None``.
+``settings``
+    What the method was built with that its adapter does not show (VeRA's projection seed,
+    AdaLoRA's budget schedule, OFT's block options), by the builder's argument names: writers
+    of other formats read it (:mod:`jpeft.io.peft`). Empty for most methods.
 ``transform``
     For methods that shape or follow their own training: either an optax
     ``GradientTransformation``, which a program chains after its optimizer (ULMFiT's
@@ -63,7 +65,7 @@ The optional fields say what a training program would otherwise have to guess:
     the *fresh* ``adapter`` (PiSSA's residual ``W - s * A @ B``), so ``apply`` of the fresh
     adapter over them is the original model. A program calls it once, right after
     ``init``, and trains and evaluates over what it returns (the original parameters stay
-    what ``merge`` of a converted adapter, :func:`jpeft.methods.lora_init.as_plain_lora`,
+    what ``merge`` of a converted adapter, :func:`jpeft.methods.lora.as_plain_lora`,
     runs on). ``init`` is deterministic in the key and parameters, so a resumed run gets
     the same base again. ``None`` for most methods.
 ``label``
@@ -74,7 +76,8 @@ The optional fields say what a training program would otherwise have to guess:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import jax
@@ -96,7 +99,7 @@ class Method(NamedTuple):
     logical_axes: Callable[[Any, Any], Any] | None = None
     fold: Callable[[Any], Any] | None = None
     merge_blocker: Callable[[Any], str | None] | None = None
-    peft: Any = None
+    settings: Mapping[str, Any] = MappingProxyType({})
     transform: Any = None
     penalty: Callable[[Any], Any] | None = None
     label: str | None = None

@@ -7,7 +7,7 @@ into a :class:`jpeft.Method` with everything LoRA has: target rules with per-rul
 ``rank`` / ``alpha``, roles from the model's logical axes (:mod:`jpeft.layout`),
 stacked layers as batch axes, adapter checks that name what does not fit, ``merge``,
 a ``merge_blocker`` for quantized bases, logical axes for sharding, and a Hugging Face
-PEFT codec (:mod:`jpeft.methods.delta_peft`).
+PEFT codec (:mod:`jpeft.io.peft.delta`).
 
 A kernel ``(*lead, *in, *out)`` is seen as the matrix ``(I, O)`` with ``I = prod(in)``
 and ``O = prod(out)`` (row-major), which is how Hugging Face PEFT's 2-d ``Linear``
@@ -227,9 +227,9 @@ def split_weight(kind: DeltaKind, path: str, shape: tuple[int, ...], layout: Lay
 
 
 def delta_method(kind: DeltaKind, rank: int, alpha: float, targets: tree.Targets, *, dtype=jnp.float32,
-                 model: Any = None, peft: Any = None, **fields: Any) -> Method:
-    """A :class:`jpeft.Method` for ``kind`` (see the module docstring); ``peft``: its PEFT codec or ``None``;
-    ``fields``: further :class:`Method` fields (AdaLoRA's ``transform``, ``penalty``, ``summary``)."""
+                 model: Any = None, **fields: Any) -> Method:
+    """A :class:`jpeft.Method` for ``kind`` (see the module docstring); ``fields``: further
+    :class:`Method` fields (AdaLoRA's ``transform``, ``penalty``, ``summary``, ``settings``)."""
     defaults = Settings(rank, alpha)
     check_settings(defaults, kind.title)
     rules = tree.as_rules(targets)
@@ -320,5 +320,5 @@ def delta_method(kind: DeltaKind, rank: int, alpha: float, targets: tree.Targets
             out[path] = (*axes[:layout.lead], *kind.wrapper.factor_axes(name, axes[layout.lead:cut], axes[cut:]))
         return tree.unflatten(out)
 
-    return Method(kind.name, init_fn, apply_fn, merge_fn, logical_axes, merge_blocker=merge_blocker, peft=peft,
+    return Method(kind.name, init_fn, apply_fn, merge_fn, logical_axes, merge_blocker=merge_blocker,
                   label=kind.label(rank), **fields)

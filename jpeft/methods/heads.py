@@ -9,9 +9,9 @@ under the key :data:`KEY` at their own paths::
 
 ``apply`` and ``merge`` put the copies in place of the originals, then run the method.
 The copies are saved, restored and sharded with the adapter (their logical axes are the
-parameters'), and :func:`jpeft.io.peft_format.save_peft` writes them as PEFT's
+parameters'), and :func:`jpeft.io.peft.save_peft` writes them as PEFT's
 ``modules_to_save`` (the module's own tensor names, e.g. ``classifier.weight``), which
-:func:`~jpeft.io.peft_format.load_peft` reads back into this form.
+:func:`~jpeft.io.peft.load_peft` reads back into this form.
 Parameters the method already trains whole (full fine-tuning) are not copied twice.
 
 Example:

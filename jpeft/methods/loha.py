@@ -93,9 +93,7 @@ def loha(
     Returns:
         A :class:`jpeft.Method`; its adapter holds ``{"a1", "b1", "a2", "b2"}`` per kernel.
     """
-    from jpeft.methods import delta_peft
-
-    return delta.delta_method(KIND, rank, alpha, targets, dtype=dtype, model=model, peft=delta_peft.LOHA)
+    return delta.delta_method(KIND, rank, alpha, targets, dtype=dtype, model=model)
 
 
 registry.register("loha", loha)

@@ -174,7 +174,6 @@ def lokr(
         A :class:`jpeft.Method`; its adapter holds ``w1`` or ``a1``/``b1`` and ``w2`` or
         ``a2``/``b2`` per kernel (see :func:`factor_sizes`).
     """
-    from jpeft.methods import delta_peft
 
     if not isinstance(decompose_both, bool):
         raise SettingError("decompose_both", decompose_both, "must be true or false", what="LoKr")
@@ -183,7 +182,7 @@ def lokr(
         raise SettingError("decompose_factor", decompose_factor, "must be -1 (near the square root) or a positive "
                            "integer", what="LoKr")
     method = delta.delta_method(_kind(decompose_both, decompose_factor), rank, alpha, targets, dtype=dtype,
-                                model=model, peft=delta_peft.LOKR)
+                                model=model)
     return method._replace(label=f"lokr r={rank}" + (" both" if decompose_both else "")
                            + (f" factor={decompose_factor}" if decompose_factor != -1 else ""))
 

@@ -14,7 +14,7 @@ and take that piece out of the base, so a fresh adapter leaves the model unchang
 Both read a kernel ``(*lead, *in, *out)`` as the matrix ``(prod(in), prod(out))``, one per
 stacked layer. The base that goes with the fresh adapter is ``W - s * A @ B``
 (:func:`residual`); ``jpeft.lora``'s ``rebase`` returns it (see :class:`jpeft.Method`),
-and :func:`as_plain_lora` turns a trained adapter back into a LoRA adapter for the
+and :func:`jpeft.methods.lora.as_plain_lora` turns a trained adapter back into a LoRA adapter for the
 *original* weights: rank ``2r``, ``A' = [A, A0]``, ``B' = [B; -B0]`` (PEFT's
 ``path_initial_model_for_weight_conversion``).
 
@@ -37,9 +37,8 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jpeft import tree
+from jpeft.methods.lora_weight import LoraWeight
 
 BASE_CHANGING = re.compile(r"pissa|pissa_niter_[1-9][0-9]*|olora")
 """The ``init`` values whose adapter is taken out of the base weight."""
@@ -105,7 +104,6 @@ def residual(weight: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax
     size and axis: the point of PiSSA on a 4-bit base, whose residual has lost the top
     singular values and so quantizes with less error than ``W`` did.
     """
-    from jpeft.methods.lora import LoraWeight
     from jpeft.quant.array import is_quantized
 
     if is_quantized(weight):
@@ -116,51 +114,3 @@ def residual(weight: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax
 
     delta = LoraWeight(base=weight, a=a, b=b, scale=scale).delta()
     return (weight.astype(jnp.float32) - scale * delta).astype(weight.dtype)
-
-
-def as_plain_lora(method, params, adapter, initial, *, model=None):
-    """A trained PiSSA / OLoRA adapter as a plain LoRA adapter for the *original* weights: ``(method, adapter)``.
-
-    With ``W = W_res + s A0 B0`` (the fresh adapter ``initial``) and ``W_res + s A B`` after
-    training, the update to ``W`` is ``s (A B - A0 B0) = s [A, A0] [B; -B0]``: rank ``2r``,
-    the same scale (PEFT's ``path_initial_model_for_weight_conversion``, whose config has
-    ``r`` and ``lora_alpha`` doubled). Weights whose fresh ``B`` was zero (a plain init
-    under another rule) keep their factors. ``params`` are either the original or the
-    rebased parameters (only shapes are read). The result runs with ``apply`` / ``merge``
-    on the original parameters and is written by :func:`jpeft.io.peft_format.save_peft`.
-    """
-    from jpeft.methods.lora import LoraWeight, lora  # lora imports this module
-
-    applied, fresh = tree.flatten(method.apply(params, adapter)), tree.flatten(method.apply(params, initial))
-    rules, out, ranks, tie = [], {}, [], False
-    for path in sorted(p for p, w in applied.items() if _adapted(w)):
-        w, w0 = applied[path], fresh[path]
-        if not isinstance(w, LoraWeight):
-            raise ValueError(f"{path!r} is a {type(w).__name__}: only plain LoRA updates (no DoRA magnitude) have a "
-                             "plain LoRA form")
-        a, b = w.a, w.b
-        if np.any(np.asarray(w0.b) != 0):
-            a = jnp.concatenate([w.a, w0.a.astype(w.a.dtype)], axis=-1)
-            b = jnp.concatenate([w.b, -w0.b.astype(w.b.dtype)], axis=w.lead)
-        rank = int(a.shape[-1])
-        rules.append(_rule(path, rank, w.scale * rank))
-        out[path + "/a"], out[path + "/b"] = a, b
-        ranks.append(rank)
-        tie = tie or w.tie_output
-    if not rules:
-        raise ValueError("the adapter adapts no weight")
-    rank = max(set(ranks), key=ranks.count)
-    plain = lora(rank=rank, alpha=rules[0].settings["alpha"], targets=rules, model=model, ensure_weight_tying=tie)
-    return plain, tree.unflatten(out)
-
-
-def _adapted(leaf) -> bool:
-    """A LoRA (or DoRA) update that ``apply`` put in place of a weight."""
-    from jpeft.methods.dora import DoraWeight
-    from jpeft.methods.lora import LoraWeight
-
-    return isinstance(leaf, (LoraWeight, DoraWeight))
-
-
-def _rule(path: str, rank: int, alpha: float):
-    return tree.Rule(re.escape(path), rank=rank, alpha=float(alpha))

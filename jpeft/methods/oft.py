@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import warnings
 from typing import Any
 
@@ -52,11 +51,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import ops, tree
-from jpeft.errors import CheckpointError, SettingError
-from jpeft.io import peft_format
+from jpeft.errors import SettingError
 from jpeft.methods import delta, registry
 from jpeft.methods.base import Method
-import jpeft.models.stack as stack
 
 
 def adjust(in_features: int, value: int) -> int:
@@ -129,6 +126,34 @@ def rotations(vec_NxE: jax.Array, block_size: int, neumann_terms: int) -> jax.Ar
     return r
 
 
+ROTATIONS = "rotations"
+"""The factor an exact-Cayley :class:`OftWeight` carries its blocks ``(*lead, n or 1, b, b)`` in (see below)."""
+
+
+def with_exact_rotations(params: Any) -> Any:
+    """Every exact-Cayley :class:`OftWeight` in ``params`` with its rotation blocks made now, for all layers at once.
+
+    The exact transform solves a ``b x b`` system per block. Made inside the layers' ``lax.scan``
+    (stacked layers), those solves hung on jax 0.10.2's CPU backend; made here, in one batched
+    solve per weight before the model runs, the scan body only multiplies. Gradients flow
+    through the solve to ``R`` as before. The Neumann series (no solve) stays in the layers.
+
+    Example:
+        >>> params = {"w": OftWeight(jnp.ones((2, 4, 3)), {"R": jnp.zeros((2, 2, 1))}, neumann_terms=0)}
+        >>> with_exact_rotations(params)["w"].factors[ROTATIONS].shape   # 2 layers, 2 blocks of 2 x 2
+        (2, 2, 2, 2)
+    """
+    def made(leaf):
+        if not isinstance(leaf, OftWeight) or leaf.neumann_terms != 0 or ROTATIONS in leaf.factors:
+            return leaf
+        vec = leaf.factors["R"]
+        blocks_NxBxB = rotations(vec.reshape(-1, vec.shape[-1]).astype(jnp.float32), leaf.block_size, 0)
+        blocks = blocks_NxBxB.reshape(*vec.shape[:-1], leaf.block_size, leaf.block_size)
+        return dataclasses.replace(leaf, factors={**leaf.factors, ROTATIONS: blocks})
+
+    return jax.tree.map(made, params, is_leaf=lambda x: isinstance(x, OftWeight))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class OftWeight(delta.DeltaWeight):
@@ -145,26 +170,30 @@ class OftWeight(delta.DeltaWeight):
         elements = self.factors["R"].shape[-1]
         return int(round((1 + math.sqrt(1 + 8 * elements)) / 2))
 
-    def _blocks(self, vec, dtype) -> jax.Array:
-        """``(n, b, b)`` rotations of one unstacked weight (a shared block repeated ``n`` times)."""
-        r = rotations(vec.astype(jnp.float32), self.block_size, self.neumann_terms).astype(dtype)
+    def _blocks(self, factors: dict, dtype) -> jax.Array:
+        """``(n, b, b)`` rotations of one unstacked weight (a shared block repeated ``n`` times): the
+        ``rotations`` made before the layers run (:func:`with_exact_rotations`), else made here."""
+        if ROTATIONS in factors:
+            r = factors[ROTATIONS].astype(dtype)
+        else:
+            r = rotations(factors["R"].astype(jnp.float32), self.block_size, self.neumann_terms).astype(dtype)
         return jnp.broadcast_to(r, (self.in_size // self.block_size, *r.shape[1:]))
 
     def _rotate(self, x_NxI: jax.Array) -> jax.Array:
-        r_nxbxb = self._blocks(self.factors["R"], x_NxI.dtype)
+        r_nxbxb = self._blocks(self.factors, x_NxI.dtype)
         x_blocks = x_NxI.reshape(*x_NxI.shape[:-1], *r_nxbxb.shape[:2])
         return jnp.einsum("...rk,rkc->...rc", x_blocks, r_nxbxb).reshape(x_NxI.shape)
 
     def materialize(self, dtype=None) -> jax.Array:
-        def one(vec, base):
-            r_nxbxb = self._blocks(vec, jnp.float32)
+        def one(factors, base):
+            r_nxbxb = self._blocks(factors, jnp.float32)
             w = base.reshape(*r_nxbxb.shape[:2], -1)
             return jnp.einsum("rkc,rco->rko", r_nxbxb, w).reshape(base.shape)
 
         fn = one
         for _ in range(self.lead):
             fn = jax.vmap(fn)
-        return fn(self.factors["R"], ops.as_array(self.base, jnp.float32)).astype(dtype or self.dtype)
+        return fn(self.factors, ops.as_array(self.base, jnp.float32)).astype(dtype or self.dtype)
 
     def linear(self, x: jax.Array) -> jax.Array:
         self._unstacked("linear")
@@ -252,72 +281,16 @@ def oft(
                              "all targets (PEFT's); give block_size= or r= to jpeft.oft")
     terms = num_cayley_neumann_terms if use_cayley_neumann else 0
     method = delta.delta_method(_kind(block_size, r, block_share, terms), 1, 1.0, rules, dtype=dtype, model=model)
-    settings = {"oft_block_size": block_size, "r": r, "block_share": block_share,
+    settings = {"block_size": block_size, "r": r, "block_share": block_share,
                 "use_cayley_neumann": use_cayley_neumann, "num_cayley_neumann_terms": num_cayley_neumann_terms}
-    codec = CODEC._replace(export=lambda *args: _export(*args, settings=settings))
     label = (f"oft b={block_size}" if r == 0 else f"oft r={r}") + (" shared" if block_share else "")
-    return method._replace(peft=codec, label=label)
+    if use_cayley_neumann:
+        return method._replace(settings=settings, label=label)
+
+    def apply_fn(params: Any, adapter: Any, *, rng: jax.Array | None = None) -> Any:
+        return with_exact_rotations(method.apply(params, adapter, rng=rng))
+
+    return method._replace(apply=apply_fn, settings=settings, label=label)
 
 
 registry.register("oft", oft)
-
-
-# ----------------------------------------------------------------------------- PEFT format (peft_type: OFT)
-
-
-def _export(method, params: Any, adapter: Any, model, *, settings: dict) -> tuple[dict, dict]:
-    """Per module ``oft_R.weight (n or 1, b(b-1)/2)``: the same vector, no transpose."""
-    applied = tree.flatten(method.apply(params, adapter))
-    tensors = {}
-    for path, weight in sorted((p, w) for p, w in applied.items() if isinstance(w, OftWeight)):
-        vec = np.asarray(weight.factors["R"], np.float32)
-        layers = [(path, vec)]
-        if stack.in_stack(path):
-            layers = [(stack.unstacked_path(path, i), vec[i]) for i in range(weight.shape[0])]
-        for layer_path, v in layers:
-            tensors[f"{peft_format.module_of(model, layer_path)}.oft_R.weight"] = v
-    if not tensors:
-        return {}, {}
-    config = {"target_modules": sorted(k.rsplit(".oft_R", 1)[0] for k in tensors), "module_dropout": 0.0,
-              "coft": False, "eps": 6e-5, "init_weights": True, "fan_in_fan_out": False, "bias": "none",
-              "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
-              "peft_version": "0.21.2", **settings}     # the parameterization implemented here (PEFT >= 0.18)
-    return tensors, config
-
-
-def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, model,
-          problems: list[str]) -> tuple[Any, dict]:
-    if "oft_block_size" not in config:
-        raise CheckpointError("the OFT adapter has no oft_block_size: it was saved by PEFT before 0.14, whose OFT "
-                              "jpeft does not read")
-    for key, ok in (("coft", not config.get("coft")), ("modules_to_save", not config.get("modules_to_save")),
-                    ("bias", config.get("bias", "none") == "none"), ("fan_in_fan_out", not config.get("fan_in_fan_out"))):
-        if not ok:
-            raise CheckpointError(f"OFT adapters with {key}={config[key]!r} are not supported")
-    if config.get("module_dropout"):
-        warnings.warn(f"the OFT adapter was trained with module_dropout={config['module_dropout']}; its outputs load "
-                      "exactly, but jpeft trains on without it", stacklevel=3)
-    block_size, r = int(config.get("oft_block_size", 32)), int(config.get("r", 0))
-    share = bool(config.get("block_share", False))
-    leaves, finals = {}, set()
-    for m in peft_format.kernel_modules(model, params, modules, problems, "OFT"):
-        module, tensors = m.module, m.tensors
-        in_size = math.prod(m.shape[m.lead:m.lead + m.inputs])
-        size, count = blocks(in_size, block_size, r)
-        want = (1 if share else count, size * (size - 1) // 2)
-        got = tuple(tensors["oft_R.weight"].shape)
-        if got != want:
-            problems.append(f"{module}: oft_R.weight {got} does not fit {in_size} inputs in blocks of {size} "
-                            f"(want {want})")
-            continue
-        leaves[f"{m.path}/R"] = tensors["oft_R.weight"]
-        finals.add(m.final)
-    if problems:
-        return None, {}
-    method = oft(block_size=block_size, r=r, targets=[tree.Rule(re.escape(p)) for p in sorted(finals)],
-                 block_share=share, use_cayley_neumann=bool(config.get("use_cayley_neumann", True)),
-                 num_cayley_neumann_terms=int(config.get("num_cayley_neumann_terms", 5)), model=model)
-    return method, leaves
-
-
-CODEC = peft_format.register_codec(peft_format.PeftCodec("OFT", ("oft_R.weight",), _export, _load, "OFT rotations"))

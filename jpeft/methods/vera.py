@@ -180,15 +180,13 @@ def vera(
         projection_prng_key: the seed of the shared projections (numpy's generator; see the
             module docstring).
         projections: a :class:`Projections` (or ``(A, B)`` torch-oriented arrays) to use
-            instead of drawing them: what :func:`jpeft.io.peft_format.load_peft` passes.
+            instead of drawing them: what :func:`jpeft.io.peft.load_peft` passes.
         dtype: dtype of the trainable vectors.
         model: the :class:`jpeft.models.Model` whose parameters are adapted.
 
     Returns:
         A :class:`jpeft.Method`; its adapter holds ``lambda_d (r,)`` and ``lambda_b (*out)`` per kernel.
     """
-    from jpeft.methods import vera_peft
-
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank <= 0:
         raise SettingError("rank", rank, "must be a positive integer", what="VeRA")
     if isinstance(d_initial, bool) or not isinstance(d_initial, (int, float)) or not math.isfinite(d_initial):
@@ -239,7 +237,8 @@ def vera(
 
     template = inner(None)
     return Method("vera", init_fn, apply_fn, merge_fn, template.logical_axes, merge_blocker=template.merge_blocker,
-                  peft=vera_peft.codec_for(d_initial, projection_prng_key), label=f"vera r={rank}")
+                  settings={"d_initial": float(d_initial), "projection_prng_key": int(projection_prng_key)},
+                  label=f"vera r={rank}")
 
 
 registry.register("vera", vera)

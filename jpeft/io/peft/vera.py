@@ -28,16 +28,15 @@ import numpy as np
 
 from jpeft import tree
 from jpeft.errors import CheckpointError
-from jpeft.io import peft_format
+from jpeft.io.peft import common
+from jpeft.methods.vera import Projections, VeraWeight, vera
 import jpeft.models.stack as stack
 
 SHARED_A, SHARED_B = "base_model.vera_A", "base_model.vera_B"
 _TENSORS = ("vera_lambda_b", "vera_lambda_d")
 
 
-def _export(method, params: Any, adapter: Any, model, *, settings: dict | None = None) -> tuple[dict, dict]:
-    from jpeft.methods.vera import VeraWeight
-
+def _export(method, params: Any, adapter: Any, model) -> tuple[dict, dict]:
     applied = tree.flatten(method.apply(params, adapter))
     tensors, modules, pair, rank, d_initial = {}, [], None, None, None
     for path, weight in sorted((p, w) for p, w in applied.items() if isinstance(w, VeraWeight)):
@@ -47,7 +46,7 @@ def _export(method, params: Any, adapter: Any, model, *, settings: dict | None =
             layers = [(stack.unstacked_path(path, i), {n: f[i] for n, f in factors.items()})
                       for i in range(weight.shape[0])]
         for layer_path, f in layers:
-            module = peft_format.module_of(model, layer_path)
+            module = common.module_of(model, layer_path)
             tensors[f"{module}.vera_lambda_b"] = f["lambda_b"].reshape(-1)
             tensors[f"{module}.vera_lambda_d"] = f["lambda_d"]
             modules.append(module)
@@ -58,15 +57,13 @@ def _export(method, params: Any, adapter: Any, model, *, settings: dict | None =
     config = {
         "r": int(rank), "target_modules": sorted(modules), "projection_prng_key": 0, "save_projection": True,
         "vera_dropout": 0.0, "d_initial": 0.1, "fan_in_fan_out": False, "bias": "none", "init_weights": True,
-        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, **(settings or {}),
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, **method.settings,
     }
     return tensors, config
 
 
 def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, model, problems: list[str], *,
           shared: dict[str, np.ndarray]) -> tuple[Any, dict]:
-    from jpeft.methods.vera import Projections, vera
-
     if not config.get("save_projection", True):
         raise CheckpointError("the VeRA adapter was saved with save_projection=false, so its projections would come "
                               "from torch's generator, which jpeft cannot replay; save it with save_projection=True")
@@ -90,7 +87,7 @@ def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, 
         problems.append(f"{SHARED_A} has r={pair.rank}, but the config says r={rank}")
         return None, {}
     leaves, finals = {}, set()
-    for m in peft_format.kernel_modules(model, params, modules, problems, "VeRA"):
+    for m in common.kernel_modules(model, params, modules, problems, "VeRA"):
         module, tensors, shape = m.module, m.tensors, m.shape
         d_in, d_out = shape[m.lead:m.lead + m.inputs], shape[m.lead + m.inputs:]
         if set(tensors) != set(_TENSORS):
@@ -114,11 +111,4 @@ def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, 
     return method, leaves
 
 
-def codec_for(d_initial: float, projection_prng_key: int) -> peft_format.PeftCodec:
-    """The codec of one VeRA method: it writes that method's ``d_initial`` and ``projection_prng_key``."""
-    settings = {"d_initial": float(d_initial), "projection_prng_key": int(projection_prng_key)}
-    return CODEC._replace(export=lambda *args: _export(*args, settings=settings))
-
-
-CODEC = peft_format.register_codec(peft_format.PeftCodec(
-    "VERA", _TENSORS, _export, _load, "VeRA vectors", shared_keys=(SHARED_A, SHARED_B)))
+CODEC = common.PeftCodec("VERA", _TENSORS, _export, _load, "VeRA vectors", shared_keys=(SHARED_A, SHARED_B))

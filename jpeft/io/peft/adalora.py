@@ -16,7 +16,7 @@ schedule settings (``target_r``, ``tinit``, ``tfinal``, ``deltaT``, ``beta1``, `
 one ``lora_alpha`` for all modules: an adapter with per-rule ranks or alphas is refused.
 
 Example:
-    >>> ADALORA.peft_type, ADALORA.tensor_names
+    >>> CODEC.peft_type, CODEC.tensor_names
     ('ADALORA', ('lora_A', 'lora_B', 'lora_E'))
 """
 
@@ -29,7 +29,8 @@ import numpy as np
 
 from jpeft import tree
 from jpeft.errors import CheckpointError
-from jpeft.io import peft_format
+from jpeft.io.peft import common
+from jpeft.methods.adalora import AdaloraWeight, _scale, adalora, rank_pattern
 from jpeft.layout import layouts_for
 import jpeft.models.stack as stack
 
@@ -39,61 +40,56 @@ _UNSUPPORTED = {"modules_to_save": "modules_to_save (fully trained extra modules
                 "fan_in_fan_out": "fan_in_fan_out (Conv1D) layers", "use_dora": "DoRA"}
 
 
-def _export(fields: dict):
-    def export(method, params: Any, adapter: Any, model) -> tuple[dict, dict]:
-        from jpeft.methods.adalora import AdaloraWeight, _scale, rank_pattern
-
-        if fields["total_step"] is None:
-            raise ValueError("PEFT's AdaLoraConfig requires total_step; build the method with "
-                             "adalora(..., total_step=N), the number of steps it was trained for")
-        init_r, alpha = fields["init_r"], fields["lora_alpha"]
-        kept = rank_pattern(adapter)
-        applied = tree.flatten(method.apply(params, adapter))
-        tensors, pattern, targets = {}, {}, set()
-        for path, weight in sorted((p, w) for p, w in applied.items() if isinstance(w, AdaloraWeight)):
-            if weight.rank != init_r or not math.isclose(weight.scale, _scale(init_r, alpha), rel_tol=1e-12):
-                raise ValueError(f"{path!r} has rank {weight.rank} and scale {weight.scale}, but PEFT's AdaLoRA has "
-                                 f"one init_r ({init_r}) and lora_alpha ({alpha}) for all modules; save an adapter "
-                                 "without per-rule rank or alpha")
-            factors = {n: np.asarray(f, np.float32) for n, f in weight.factors.items()}
-            keep = np.ones(factors["e"].shape, bool) if kept is None else kept[path]
-            layers = [(path, factors, keep)]
-            if stack.in_stack(path):
-                layers = [(stack.unstacked_path(path, i), {n: f[i] for n, f in factors.items()}, keep[i])
-                          for i in range(weight.shape[0])]
-            for layer_path, f, k in layers:
-                module = peft_format.module_of(model, layer_path)
-                a_IxR, b_RxO = f["a"].reshape(-1, init_r), f["b"].reshape(init_r, -1)
-                tensors[f"{module}.lora_A"] = a_IxR[:, k].T
-                tensors[f"{module}.lora_E"] = f["e"][k][:, None]
-                tensors[f"{module}.lora_B"] = b_RxO[k].T
-                targets.add(module)
-                if kept is not None:
-                    pattern[f"{module}.lora_E"] = [bool(x) for x in k]
-        if not tensors:
-            return {}, {}
-        config = {**fields, "target_modules": sorted(targets), "rank_pattern": pattern or None,
-                  "lora_dropout": 0.0, "init_lora_weights": True, "bias": "none", "fan_in_fan_out": False,
-                  "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None}
-        return tensors, config
-    return export
+def _export(method, params: Any, adapter: Any, model) -> tuple[dict, dict]:
+    fields = {("lora_alpha" if k == "alpha" else k): v for k, v in method.settings.items()}
+    if fields["total_step"] is None:
+        raise ValueError("PEFT's AdaLoraConfig requires total_step; build the method with "
+                         "adalora(..., total_step=N), the number of steps it was trained for")
+    init_r, alpha = fields["init_r"], fields["lora_alpha"]
+    kept = rank_pattern(adapter)
+    applied = tree.flatten(method.apply(params, adapter))
+    tensors, pattern, targets = {}, {}, set()
+    for path, weight in sorted((p, w) for p, w in applied.items() if isinstance(w, AdaloraWeight)):
+        if weight.rank != init_r or not math.isclose(weight.scale, _scale(init_r, alpha), rel_tol=1e-12):
+            raise ValueError(f"{path!r} has rank {weight.rank} and scale {weight.scale}, but PEFT's AdaLoRA has "
+                             f"one init_r ({init_r}) and lora_alpha ({alpha}) for all modules; save an adapter "
+                             "without per-rule rank or alpha")
+        factors = {n: np.asarray(f, np.float32) for n, f in weight.factors.items()}
+        keep = np.ones(factors["e"].shape, bool) if kept is None else kept[path]
+        layers = [(path, factors, keep)]
+        if stack.in_stack(path):
+            layers = [(stack.unstacked_path(path, i), {n: f[i] for n, f in factors.items()}, keep[i])
+                      for i in range(weight.shape[0])]
+        for layer_path, f, k in layers:
+            module = common.module_of(model, layer_path)
+            a_IxR, b_RxO = f["a"].reshape(-1, init_r), f["b"].reshape(init_r, -1)
+            tensors[f"{module}.lora_A"] = a_IxR[:, k].T
+            tensors[f"{module}.lora_E"] = f["e"][k][:, None]
+            tensors[f"{module}.lora_B"] = b_RxO[k].T
+            targets.add(module)
+            if kept is not None:
+                pattern[f"{module}.lora_E"] = [bool(x) for x in k]
+    if not tensors:
+        return {}, {}
+    config = {**fields, "target_modules": sorted(targets), "rank_pattern": pattern or None,
+              "lora_dropout": 0.0, "init_lora_weights": True, "bias": "none", "fan_in_fan_out": False,
+              "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None}
+    return tensors, config
 
 
 def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, model,
           problems: list[str]) -> tuple[Any, dict]:
-    from jpeft.methods.adalora import adalora
-
     for key, what in _UNSUPPORTED.items():
         if config.get(key):
             raise CheckpointError(f"{what} are not supported ({key}={config[key]!r})")
     init_r, alpha = int(config.get("init_r", 12)), float(config.get("lora_alpha", 8))
     pattern = {k.removesuffix(".default"): v for k, v in (config.get("rank_pattern") or {}).items()}
-    flat_params = peft_format.unstacked_leaves(params)
+    flat_params = common.unstacked_leaves(params)
     layouts = layouts_for(params, model=model)
     stacked = any(stack.in_stack(p) for p in tree.flatten(params))
     leaves, settings = {}, {}
     for path, tensors in sorted(modules.items()):
-        module = peft_format.module_of(model, path)
+        module = common.module_of(model, path)
         if path not in flat_params:
             problems.append(f"{module}: an AdaLoRA adapter for the tied output head, which jpeft does not adapt")
             continue
@@ -131,13 +127,8 @@ def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, 
     if problems:
         return None, {}
     schedule = {k: config[k] for k in _SCHEDULE if config.get(k) is not None}
-    method = adalora(init_r=init_r, alpha=alpha, targets=peft_format.rank_rules(settings), model=model, **schedule)
+    method = adalora(init_r=init_r, alpha=alpha, targets=common.rank_rules(settings), model=model, **schedule)
     return method, leaves
 
 
-def codec(fields: dict) -> peft_format.PeftCodec:
-    """The codec a method built with ``fields`` (PEFT's config names: ``init_r``, ``lora_alpha``, the schedule) saves with."""
-    return peft_format.PeftCodec("ADALORA", _TENSORS, _export(fields), _load, "AdaLoRA factors")
-
-
-ADALORA = peft_format.register_codec(codec({"init_r": 12, "lora_alpha": 8.0, **{k: None for k in _SCHEDULE}}))
+CODEC = common.PeftCodec("ADALORA", _TENSORS, _export, _load, "AdaLoRA factors")

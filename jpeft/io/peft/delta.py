@@ -35,9 +35,11 @@ import numpy as np
 
 from jpeft import tree
 from jpeft.errors import CheckpointError
-from jpeft.io import peft_format
+from jpeft.io.peft import common
 from jpeft.layout import layouts_for
 from jpeft.methods import delta
+from jpeft.methods.loha import KIND as LOHA_KIND, loha
+from jpeft.methods.lokr import _kind as lokr_kind, lokr
 import jpeft.models.stack as stack
 
 _UNSUPPORTED = {"modules_to_save": "modules_to_save (fully trained extra modules)"}
@@ -84,7 +86,7 @@ def _export(fmt: Format):
                 count = weight.shape[0]
                 layers = [(stack.unstacked_path(path, i), {n: f[i] for n, f in factors.items()}) for i in range(count)]
             for layer_path, layer_factors in layers:
-                module = peft_format.module_of(model, layer_path)
+                module = common.module_of(model, layer_path)
                 for name, factor in layer_factors.items():
                     tensors[f"{module}.{fmt.names[name]}"] = _as_2d(name, factor).T
                 ranks[module], alphas[module] = int(weight.rank), float(weight.scale * weight.rank)
@@ -124,13 +126,13 @@ def _load(fmt: Format):
             warnings.warn(f"the {fmt.title} adapter was trained with " + ", ".join(f"{k}={config[k]}" for k in used)
                           + "; its outputs load exactly, but jpeft trains on without them", stacklevel=3)
         kind = fmt.kind(config)
-        flat_params = peft_format.unstacked_leaves(params)
+        flat_params = common.unstacked_leaves(params)
         layouts = layouts_for(params, model=model)
         stacked = any(stack.in_stack(p) for p in tree.flatten(params))
         by_peft_name = {v: k for k, v in fmt.names.items()}
         leaves, settings = {}, collections.defaultdict(set)
         for path, tensors in sorted(modules.items()):
-            module = peft_format.module_of(model, path)
+            module = common.module_of(model, path)
             if path not in flat_params:
                 problems.append(f"{module}: a {fmt.title} adapter for the tied output head, which jpeft does not "
                                 "adapt apart from the embedding table")
@@ -161,30 +163,26 @@ def _load(fmt: Format):
             settings[final].add((r, alpha))
         if problems:
             return None, {}
-        rules = peft_format.rank_rules(settings)
+        rules = common.rank_rules(settings)
         return fmt.build(config, rules, model), leaves
     return load
 
 
-def codec(peft_type: str, fmt: Format) -> peft_format.PeftCodec:
-    """The :class:`~jpeft.io.peft_format.PeftCodec` of a weight-delta method, registered for ``peft_type``."""
-    return peft_format.register_codec(peft_format.PeftCodec(
-        peft_type, tuple(sorted(fmt.names.values())), _export(fmt), _load(fmt), f"{fmt.title} factors"))
+def codec(peft_type: str, fmt: Format) -> common.PeftCodec:
+    """The :class:`~jpeft.io.peft.common.PeftCodec` of a weight-delta method, for ``peft_type``."""
+    return common.PeftCodec(peft_type, tuple(sorted(fmt.names.values())), _export(fmt), _load(fmt),
+                            f"{fmt.title} factors")
 
 
 # ----------------------------------------------------------------------------- LoHa, LoKr
 
 
 def _loha_build(config: dict, rules, model):
-    from jpeft.methods.loha import loha
-
     return loha(rank=int(config.get("r", 8)), alpha=float(config.get("alpha", 8)), targets=rules, model=model)
 
 
 def _loha_kind(config: dict) -> delta.DeltaKind:
-    from jpeft.methods.loha import KIND
-
-    return KIND
+    return LOHA_KIND
 
 
 def _lokr_options(config: dict) -> dict:
@@ -193,16 +191,12 @@ def _lokr_options(config: dict) -> dict:
 
 
 def _lokr_build(config: dict, rules, model):
-    from jpeft.methods.lokr import lokr
-
     return lokr(rank=int(config.get("r", 8)), alpha=float(config.get("alpha", 8)), targets=rules, model=model,
                 **_lokr_options(config))
 
 
 def _lokr_kind(config: dict) -> delta.DeltaKind:
-    from jpeft.methods.lokr import _kind
-
-    return _kind(**_lokr_options(config))
+    return lokr_kind(**_lokr_options(config))
 
 
 LOHA = codec("LOHA", Format(

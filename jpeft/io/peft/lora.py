@@ -1,4 +1,4 @@
-"""LoRA in the Hugging Face PEFT format: the codec :mod:`jpeft.io.peft_format` uses for ``peft_type: LORA``.
+"""LoRA in the Hugging Face PEFT format: the codec :mod:`jpeft.io.peft` uses for ``peft_type: LORA``.
 
 Per module PEFT stores ``lora_A.weight`` ``(r, in)`` and ``lora_B.weight`` ``(out, r)``
 (torch orientation), and for embeddings ``lora_embedding_A`` ``(r, vocab)`` and
@@ -30,8 +30,10 @@ import numpy as np
 
 from jpeft import tree
 from jpeft.errors import CheckpointError
-from jpeft.io import peft_format
+from jpeft.io.peft import common
 from jpeft.methods import lora_init
+from jpeft.methods.dora import DoraWeight
+from jpeft.methods.lora import LoraWeight, lora, weight_layouts
 import jpeft.models.stack as stack
 
 _TENSORS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
@@ -43,12 +45,9 @@ _UNSUPPORTED = {
 
 
 def _export(method, params: Any, adapter: Any, model) -> tuple[dict, dict]:
-    from jpeft.methods.dora import DoraWeight
-    from jpeft.methods.lora import LoraWeight, weight_layouts
-
     if method.rebase is not None:
         raise ValueError(f"{method.describe()}: this adapter goes with a rebased base (W - s*A0@B0), not the model's "
-                         "own weights; convert it first with jpeft.methods.lora_init.as_plain_lora(method, params, "
+                         "own weights; convert it first with jpeft.methods.lora.as_plain_lora(method, params, "
                          "adapter, initial) and save that (a plain LoRA of rank 2r, as PEFT's conversion)")
     applied = tree.flatten(method.apply(params, adapter))
     layouts = weight_layouts(params, model)
@@ -67,12 +66,12 @@ def _export(method, params: Any, adapter: Any, model) -> tuple[dict, dict]:
             if a_2d.ndim != 2 or b_2d.ndim != 2:
                 raise ValueError(f"cannot write LoRA factors of shapes {a_2d.shape}, {b_2d.shape} for {layer_path!r}: "
                                  "PEFT modules are 2-d (Linear, Embedding)")
-            module = peft_format.module_of(model, layer_path)
+            module = common.module_of(model, layer_path)
             if layouts[path].kind == "table":
                 tensors[f"{module}.lora_embedding_A"], tensors[f"{module}.lora_embedding_B"] = a_2d.T, b_2d.T
                 head = model.tied_tables.get(layer_path) if model is not None else None
                 if head is not None and weight.tie_output:  # PEFT writes the tied head's copy too
-                    head_module = peft_format.module_of(model, head)
+                    head_module = common.module_of(model, head)
                     tensors[f"{head_module}.lora_A.weight"], tensors[f"{head_module}.lora_B.weight"] = b_2d, a_2d
             else:
                 tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"] = a_2d.T, b_2d.T
@@ -108,8 +107,6 @@ def _pattern_value(patterns: dict, module: str, default):
 
 def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, model,
           problems: list[str]) -> tuple[Any, dict]:
-    from jpeft.methods.lora import lora
-
     for key, what in _UNSUPPORTED.items():
         if config.get(key):
             raise CheckpointError(f"{what} are not supported ({key}={config[key]!r})")
@@ -119,7 +116,7 @@ def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, 
                               "residual base (W - s*A0@B0), not the model's weights. Save it from PEFT with "
                               "path_initial_model_for_weight_conversion (a plain LoRA of rank 2r) and load that")
     use_dora = bool(config.get("use_dora", False))
-    flat_params = peft_format.unstacked_leaves(params)
+    flat_params = common.unstacked_leaves(params)
     stacked = any(stack.in_stack(p) for p in tree.flatten(params))
     tied = bool(config.get("ensure_weight_tying", False))
     heads = {head: table for table, head in (model.tied_tables if model is not None else {}).items()}
@@ -131,12 +128,12 @@ def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, 
                 and np.allclose(tensors["lora_A.weight"], copy_of["lora_embedding_B"].T)
                 and np.allclose(tensors["lora_B.weight"], copy_of["lora_embedding_A"].T))
         if not same:
-            problems.append(f"{peft_format.module_of(model, head)}: an adapter for the output head, which this model "
+            problems.append(f"{common.module_of(model, head)}: an adapter for the output head, which this model "
                             f"ties to {table!r}; jpeft reads it only as the tied copy of that table's adapter "
                             "(ensure_weight_tying: true)")
     modules = {p: t for p, t in modules.items() if p in flat_params}
     for path, tensors in sorted(modules.items()):
-        module = peft_format.module_of(model, path)
+        module = common.module_of(model, path)
         embedding = "lora_embedding_A" in tensors or "lora_embedding_B" in tensors
         names = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
         if use_dora and embedding:
@@ -173,7 +170,7 @@ def _load(config: dict, modules: dict[str, dict[str, np.ndarray]], params: Any, 
         settings[final].add((r, float(alpha)))
     if problems:
         return None, {}
-    rules = peft_format.rank_rules(settings)
+    rules = common.rank_rules(settings)
     method = lora(rank=int(config.get("r", 8)), alpha=float(config.get("lora_alpha", 8)),
                   use_rslora=bool(config.get("use_rslora", False)), targets=rules, model=model,
                   ensure_weight_tying=bool(config.get("ensure_weight_tying", False)), use_dora=use_dora)
@@ -200,4 +197,4 @@ def _check_base(module: str, stored: np.ndarray, weight, embedding: bool, proble
     return False
 
 
-CODEC = peft_format.register_codec(peft_format.PeftCodec("LORA", _TENSORS, _export, _load, "LoRA factors"))
+CODEC = common.PeftCodec("LORA", _TENSORS, _export, _load, "LoRA factors")
