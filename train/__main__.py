@@ -56,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         distributed.build_mesh(config.mesh)  # a mesh that does not fit the devices fails before loading
         if not distributed.is_main():
             sys.stdout = open(os.devnull, "w")  # process 0 prints; errors still reach stderr
-        run.run(config)
+        summary = run.run(config)
+        if distributed.is_main():
+            from train.records import write_record
+
+            write_record(f"train/{config.name}", {"method": config.method, "task": config.task, **summary})
     except tuple(_input_errors()) as e:
         kind = next(label for cls, label in _input_errors().items() if isinstance(e, cls))
         print(f"{kind}: {e}", file=sys.stderr)
