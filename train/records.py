@@ -101,7 +101,7 @@ def write_record(name: str, figures: dict[str, Any], *, command: str | None = No
         folder: the results folder (default: :func:`results_dir`).
         **extra: more top-level fields (e.g. ``source``).
     """
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*", name):
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*", name) or {".", ".."} & set(name.split("/")):
         raise ValueError(f"record name {name!r} must be letters, digits, '_', '.', '-' and '/'")
     now = datetime.datetime.now(datetime.timezone.utc)
     record = {
@@ -116,7 +116,7 @@ def write_record(name: str, figures: dict[str, Any], *, command: str | None = No
     text = json.dumps(record, indent=2, default=_plain) + "\n"  # serialise before touching the disk
     target = os.path.join(folder or results_dir(), *name.split("/"))
     os.makedirs(target, exist_ok=True)
-    stem = f"{now:%Y%m%dT%H%M%S}-{record['commit'].replace('+', '-')}"
+    stem = f"{now:%Y%m%dT%H%M%S%f}-{record['commit'].replace('+', '-')}"  # file names sort by time
     path = os.path.join(target, stem + ".json")
     n = 1
     while os.path.exists(path):
