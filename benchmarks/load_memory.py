@@ -110,7 +110,9 @@ def main() -> None:
     for mode, r in rows.items():
         print(f"{mode:18s} {r['before'] / MIB:10.1f} {r['peak'] / MIB:9.1f} {(r['peak'] - r['before']) / MIB:11.1f} "
               f"{r['anon'] / MIB:7.1f} {r['file'] / MIB:7.1f} {r['params'] / MIB:8.1f}")
-    write_record("load_memory", {"file_size": size, "rows": rows})
+    write_record("load_memory", {"file_size": size, "rows": [
+        {"mode": mode, "peak_rss_mib": r["peak"] / MIB, "peak_minus_before_mib": (r["peak"] - r["before"]) / MIB,
+         **r} for mode, r in rows.items()]})
     print("+anon / +file: sampled peak growth of RssAnon (allocations) and RssFile (touched pages of the "
           "mapped GGUF) during the load")
 

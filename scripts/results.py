@@ -340,7 +340,7 @@ def results_page(latest: dict, records: list[dict], figures: list[str]) -> str:
             *rows_table(latest.get("multi_adapter"), ["decoding", "tokens_per_s", "vs_base"]),
             *figures_table(latest.get("multi_adapter"), ["mixed_over_merged_throughput"])]
     if latest.get("load_memory"):
-        out += ["## Loading memory", "", *rows_table(latest.get("load_memory"), ["mode", "peak"])]
+        out += ["## Loading memory", "", *rows_table(latest.get("load_memory"), ["mode", "peak_rss_mib", "peak_minus_before_mib"])]
     return "\n".join(out).rstrip() + "\n"
 
 

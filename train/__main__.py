@@ -16,6 +16,7 @@ import sys
 
 from jpeft.errors import CheckpointError
 from train.config import ConfigError, load_config
+from train.records import write_record
 
 # The library's errors about inputs: each names the file or the setting.
 EXPECTED = {
@@ -58,8 +59,6 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout = open(os.devnull, "w")  # process 0 prints; errors still reach stderr
         summary = run.run(config)
         if distributed.is_main():
-            from train.records import write_record
-
             write_record(f"train/{config.name}", {"method": config.method, "task": config.task, **summary})
     except tuple(_input_errors()) as e:
         kind = next(label for cls, label in _input_errors().items() if isinstance(e, cls))
