@@ -50,52 +50,74 @@ class Section(NamedTuple):
 
 
 def config_declarations() -> list[Section]:
-    """Every section and key the run config accepts, read from the declarations that validate it."""
+    """Every section and key the run config accepts, read from the declarations that validate it.
+
+    The program's sections are the nested declarations of ``train.config.RunConfig`` (frozen
+    dataclasses with value checks, or pydantic models with field descriptions and constraints:
+    both are read); the methods' sections are the registered builders' signatures.
+    """
     from jpeft.methods import registry
     from train import config
 
-    sections = [Section("top level", _first_paragraph(config.RunConfig.__doc__), [])]
-    comments = _field_comments(config.RunConfig)
-    for f in dataclasses.fields(config.RunConfig):
-        kind = typing.get_type_hints(config.RunConfig)[f.name]
-        if f.name == "methods":
-            continue
-        if dataclasses.is_dataclass(kind):
-            sections.append(_dataclass_section(f.name, kind))
+    top = Section("top level", _first_paragraph(config.RunConfig.__doc__), [])
+    sections = [top]
+    for name, hint, default, meaning in _fields_of(config.RunConfig):
+        if name in ("methods", *registry.names()):
+            continue  # the method sections come from the registry below
+        if _is_declaration(hint):
+            sections.append(Section(name, _first_paragraph(hint.__doc__),
+                                    [Setting(f"{name}.{n}", _type_name(h), _show(d), m, name)
+                                     for n, h, d, m in _fields_of(hint)]))
         else:
-            sections[0].settings.append(_dataclass_setting("", f, kind, comments, config))
+            top.settings.append(Setting(name, _type_name(hint), _show(default), meaning, "top level"))
     for name in registry.names():
         sections.append(_method_section(name, registry))
     return sections
 
 
-def _dataclass_section(name: str, cls) -> Section:
-    from train import config
+def _is_declaration(hint) -> bool:
+    return isinstance(hint, type) and (dataclasses.is_dataclass(hint) or hasattr(hint, "model_fields"))
 
+
+def _fields_of(cls) -> list[tuple[str, Any, Any, str]]:
+    """``(name, type, default, meaning)`` of each field of a dataclass or a pydantic model."""
+    if hasattr(cls, "model_fields"):  # pydantic: description and constraints live on the field
+        out = []
+        for name, info in cls.model_fields.items():
+            default = info.get_default(call_default_factory=True) if not info.is_required() else inspect.Parameter.empty
+            meaning = info.description or ""
+            rules = [_constraint(c) for c in info.metadata]
+            meaning = "; ".join(x for x in [meaning, *rules] if x)
+            out.append((name, info.annotation, default, meaning))
+        return out
+    hints = typing.get_type_hints(cls, include_extras=True)
     comments = _field_comments(cls)
-    hints = typing.get_type_hints(cls)
-    settings = [_dataclass_setting(name + ".", f, hints[f.name], comments, config) for f in dataclasses.fields(cls)]
-    return Section(name, _first_paragraph(cls.__doc__), settings)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = inspect.Parameter.empty
+        meaning = f.metadata.get("doc") or comments.get(f.name, "")
+        check = f.metadata.get("check")
+        choices = _choices_of(check)
+        rule = ("one of " + ", ".join(f"`{c}`" for c in choices)) if choices else (
+            _rule_of(check) if check is not None else None)
+        meaning = "; ".join(x for x in [meaning, rule] if x)
+        out.append((f.name, hints[f.name], default, meaning))
+    return out
 
 
-def _dataclass_setting(prefix: str, f: dataclasses.Field, kind, comments: dict[str, str], config) -> Setting:
-    if f.default is not dataclasses.MISSING:
-        default = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        default = f.default_factory()
-    else:
-        default = inspect.Parameter.empty
-    meaning = comments.get(f.name, "")
-    check = f.metadata.get("check")
-    choices = _choices_of(check)
-    if choices:
-        meaning = (meaning + "; " if meaning else "") + "one of " + ", ".join(f"`{c}`" for c in choices)
-    elif check is not None and (rule := _rule_of(check)):
-        meaning = (meaning + "; " if meaning else "") + rule
-    if f.name == "method":
-        meaning += "; one of the sections below"
-    return Setting(prefix + f.name, _type_name(kind), _show(default), meaning,
-                   prefix.rstrip(".") or "top level")
+def _constraint(item) -> str:
+    """An annotated-types constraint (``Gt(0)``, ``Ge(0)``, ``Lt(1)``, ...) in words."""
+    words = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "multiple_of": "a multiple of",
+             "min_length": "at least this long:", "max_length": "at most this long:"}
+    for attr, word in words.items():
+        if getattr(item, attr, None) is not None:
+            return f"must be {word} {getattr(item, attr)}"
+    return ""
 
 
 def _method_section(name: str, registry) -> Section:

@@ -117,6 +117,22 @@ def test_config_reference_reads_types_defaults_and_meanings():
     assert "one of `cosine`, `linear`, `slanted_triangular`" in page  # from the value check itself
 
 
+def test_config_reference_reads_pydantic_declarations_too():
+    """The generator reads pydantic models (descriptions, constraints) as well as dataclasses."""
+    pydantic = pytest.importorskip("pydantic")
+    from typing import Annotated, Literal
+
+    class Train(pydantic.BaseModel):
+        """Loop settings."""
+
+        steps: Annotated[int, pydantic.Field(gt=0, description="optimizer steps")] = 100
+        schedule: Literal["cosine", "linear"] = "cosine"
+
+    fields = {name: rest for name, *rest in _load("config_reference")._fields_of(Train)}
+    assert fields["steps"][1:] == [100, "optimizer steps; must be > 0"]
+    assert fields["schedule"][1] == "cosine"
+
+
 # ----------------------------------------------------------------------------- the API reference
 
 
