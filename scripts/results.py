@@ -178,7 +178,7 @@ def figures_table(record: dict | None, keys: list[str]) -> list[str]:
         return []
     f = record["figures"]
     lines = ["| figure | value |", "|---|---:|"]
-    lines += [f"| `{k}` | {f[k]} |" for k in keys if k in f]
+    lines += [f"| `{k}` | {f[k]:.4g} |" if isinstance(f[k], float) else f"| `{k}` | {f[k]} |" for k in keys if k in f]
     return lines + _sources([("figures", record)])
 
 

@@ -61,6 +61,17 @@ def current_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
+_COMMIT_AT_IMPORT: str | None = None
+
+
+def _commit_of_this_run() -> str:
+    """The commit when this module was first imported (a benchmark imports it at start), not at the end."""
+    global _COMMIT_AT_IMPORT
+    if _COMMIT_AT_IMPORT is None:
+        _COMMIT_AT_IMPORT = current_commit()
+    return _COMMIT_AT_IMPORT
+
+
 def describe_machine() -> dict[str, Any]:
     """What the figures were measured on: CPU, core count, OS, Python, JAX and its devices."""
     machine = {
@@ -108,7 +119,7 @@ def write_record(name: str, figures: dict[str, Any], *, command: str | None = No
         "name": name,
         "figures": figures,
         "command": command if command is not None else current_command(),
-        "commit": current_commit(),
+        "commit": _commit_of_this_run(),
         "machine": describe_machine(),
         "date": now.isoformat(timespec="seconds"),
         **extra,
@@ -156,3 +167,6 @@ def newest(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     for record in records:  # oldest first, so later ones replace earlier ones
         out[record["name"]] = record
     return out
+
+
+_commit_of_this_run()  # read at start: the code that ran, even if the tree changes before the end
