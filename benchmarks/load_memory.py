@@ -32,6 +32,8 @@ import subprocess
 import sys
 import threading
 
+from train.records import write_record
+
 MODES = ["float32", "nf4", "nf4-unstacked", "float32+quantize"]
 MIB = 2**20
 
@@ -108,6 +110,9 @@ def main() -> None:
     for mode, r in rows.items():
         print(f"{mode:18s} {r['before'] / MIB:10.1f} {r['peak'] / MIB:9.1f} {(r['peak'] - r['before']) / MIB:11.1f} "
               f"{r['anon'] / MIB:7.1f} {r['file'] / MIB:7.1f} {r['params'] / MIB:8.1f}")
+    write_record("load_memory", {"file_size": size, "rows": [
+        {"mode": mode, "peak_rss_mib": r["peak"] / MIB, "peak_minus_before_mib": (r["peak"] - r["before"]) / MIB,
+         **r} for mode, r in rows.items()]})
     print("+anon / +file: sampled peak growth of RssAnon (allocations) and RssFile (touched pages of the "
           "mapped GGUF) during the load")
 

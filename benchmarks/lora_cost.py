@@ -42,6 +42,7 @@ import optax  # noqa: E402
 import jpeft  # noqa: E402
 from jpeft.analysis import grad_step_cost  # noqa: E402
 from jpeft.models import llama  # noqa: E402
+from train.records import write_record  # noqa: E402
 
 SMOLLM2_135M = llama.LlamaConfig(
     vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
@@ -102,6 +103,8 @@ def main() -> None:
     print(f"{'method':<24}{'trainable':>14}{'GFLOPs/step':>14}{'vs full':>10}")
     print(f"{'full fine-tuning':<24}{jpeft.param_report(params, full_adapter).trainable:>14,}"
           f"{full_cost.flops / 1e9:>14.1f}{1.0:>10.3f}")
+    rows = [{"step": "full fine-tuning", "trainable": jpeft.param_report(params, full_adapter).trainable,
+             "gflops": full_cost.flops / 1e9, "vs_full": 1.0}]
     ratio, lora_flops = None, {}
     for name, targets in TARGETS.items():
         lora = jpeft.lora(rank=args.rank, targets=targets, model=model)
@@ -111,6 +114,8 @@ def main() -> None:
         label = f"lora r={args.rank} {name}"
         print(f"{label:<24}{jpeft.param_report(params, adapter).trainable:>14,}"
               f"{cost.flops / 1e9:>14.1f}{ratio:>10.3f}")
+        rows.append({"step": label, "trainable": jpeft.param_report(params, adapter).trainable,
+                     "gflops": cost.flops / 1e9, "vs_full": ratio})
     others = {
         "dora": jpeft.dora(rank=args.rank, targets=TARGETS["attention"], model=model),
         "loha": jpeft.loha(rank=args.rank, targets=TARGETS["attention"], model=model),
@@ -132,14 +137,20 @@ def main() -> None:
                  "oft": "oft b=32 attention"}.get(name, f"{name} r={args.rank} attention")
         print(f"{label:<24}{jpeft.param_report(params, adapter).trainable:>14,}"
               f"{cost.flops / 1e9:>14.1f}{cost.flops / full_cost.flops:>10.3f}")
+        rows.append({"step": label, "trainable": jpeft.param_report(params, adapter).trainable,
+                     "gflops": cost.flops / 1e9, "vs_full": cost.flops / full_cost.flops})
     print(f"lora_over_full_flops={ratio:.3f}")
     for name, value in over_lora.items():
         print(f"{name}_over_lora_flops={value:.4f}")
+    figures = {"shape": f"SmolLM2-135M, batch {args.batch} x seq {args.seq}", "rows": rows,
+               "lora_over_full_flops": ratio, **{f"{n}_over_lora_flops": v for n, v in over_lora.items()}}
     if "adalora" in args.methods:
         lora = jpeft.lora(rank=args.rank, targets=TARGETS["attention"], model=model)
         steps = {name: whole_step_flops(m, model, jax.eval_shape(m.init, key, params), params, tokens)
                  for name, m in (("lora", lora), ("adalora", others["adalora"]))}
         print(f"adalora_step_over_lora_step_flops={steps['adalora'] / steps['lora']:.4f}")
+        figures["adalora_step_over_lora_step_flops"] = steps["adalora"] / steps["lora"]
+    write_record("lora_cost", figures)
 
 
 if __name__ == "__main__":

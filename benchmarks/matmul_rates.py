@@ -31,6 +31,8 @@ import sys
 
 from step_time import _timed
 
+from train.records import write_record
+
 MARK = "RESULT "
 # (in, out) of each projection of SmolLM2-135M: q and o, k and v, gate and up, down, the tied head.
 SHAPES = {"q,o": (576, 576), "k,v": (576, 192), "gate,up": (576, 1536), "down": (1536, 576),
@@ -124,6 +126,7 @@ def main(argv=None) -> None:
     rate = lambda stack, key: statistics.median(r[key] for r in runs[stack])
     ratio = statistics.median(rate("jax", key) / rate("torch", key) for key in runs["torch"][0])
     print(f"jax_over_torch_matmul_rate={ratio:.3f}")
+    write_record("matmul_rates", {"jax_over_torch_matmul_rate": ratio, "runs": runs})
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from train import model, run  # noqa: E402
 from train.config import apply_overrides, load_config  # noqa: E402
+from train.records import write_record  # noqa: E402
 
 # Row name -> (shipped config, overrides). p_tuning_plain is P-tuning as Hugging Face PEFT
 # builds it (random input embeddings, no residual), at the best of the learning rates tried.
@@ -150,6 +151,7 @@ def main(argv=None) -> None:
     print(f"\n(written to {os.path.join(out_dir, 'methods_table.md')}; runs under {out_dir})")
     print("median step seconds: " + ", ".join(f"{r['method']} {r['median_step']:.2f}" for r in rows))
     print("lr: " + ", ".join(f"{n} {c.train.lr:g}" for n, c in configs.items()))
+    write_record("methods_table", {"settings": header, "base": base, "rows": rows})
 
 
 if __name__ == "__main__":

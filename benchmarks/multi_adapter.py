@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import jpeft
 from jpeft import quant
 from jpeft.models import llama
+from train.records import write_record
 from shapes import smollm2_135m
 
 TARGETS = {"all": r".*/(q|k|v|o|gate|up|down)_proj/kernel", "attention": r".*/(q|k|v|o)_proj/kernel"}
@@ -140,14 +141,18 @@ def main() -> None:
     times = timed_runs(model, runs, prompt, args.decode, args.repeats)
     tokens = prompt.shape[0] * args.decode
     first = statistics.median(times[runs[0][0]])
+    rows = []
     for label, _, _, _ in runs:
         median = statistics.median(times[label])
         print(f"| {label} | {tokens / median:.1f} | {first / median:.2f} |")
+        rows.append({"decoding": label, "tokens_per_s": tokens / median, "vs_base": first / median})
     mixed = times[runs[-1][0]]
     reference = times.get("one merged adapter (r=16)", times["base model"])  # the base when merging is off
     ratios = [ref / mix for ref, mix in zip(reference, mixed)]
     print("per-round mixed/merged: " + " ".join(f"{r:.3f}" for r in ratios))
     print(f"mixed_over_merged_throughput={statistics.median(ratios):.3f}")
+    write_record("multi_adapter", {"rows": rows, "rounds": ratios,
+                                   "mixed_over_merged_throughput": statistics.median(ratios)})
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import optax
 import jpeft
 from jpeft import quant, tree
 from jpeft.models import llama
+from train.records import write_record
 from shapes import llama_1b, smollm2_135m
 
 MATRICES = r".*/(kernel|embedding)"
@@ -182,6 +183,7 @@ def main() -> None:
     ratio = peak_at_1b(batch=1, seq=128)
     print(f"qlora_over_bf16_lora_peak_1b={ratio:.3f}")
     print(f"nf4_bits_per_param={nf4_bits:.4f}")
+    write_record("qlora_memory", {"nf4_bits_per_param": nf4_bits, "qlora_over_bf16_lora_peak_1b": ratio})
 
 
 if __name__ == "__main__":

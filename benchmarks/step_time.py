@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's jpeft, not an installed one
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from train.records import write_record  # noqa: E402
+
 MARK = "STEP_TIME_RESULT "
 
 
@@ -262,7 +264,7 @@ def main(argv=None) -> None:
                 results.setdefault((stack, method), []).append(result)
                 print(f"round {round_index + 1}: {stack:<6}{method:<6}median step {result['median']:.3f} s "
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
-    summary = {}
+    summary, figures = {}, {"layers": args.layers, "batch": args.batch, "seq": args.seq}
     print(f"\n{'method':<8}{'jpeft s':>18}{'torch s':>18}{'ratio':>8}{'floor s':>9}{'over floor':>11}")
     for method in methods:
         ours, theirs = results.get(("jpeft", method), []), results.get(("torch", method), [])
@@ -279,6 +281,9 @@ def main(argv=None) -> None:
             print(f"    jpeft step {ours[0]['flops'] / 1e9:.1f} GFLOPs (XLA), matmul rate "
                   f"{statistics.median(r['matmul_rate'] for r in ours) / 1e9:.1f} GFLOP/s")
         summary[method] = (ratio, statistics.median(over_floor) if over_floor else None)
+        figures[method] = {"jpeft_s": [r["median"] for r in ours], "torch_s": [r["median"] for r in theirs],
+                           "jpeft_over_torch": ratio, "over_floor": summary[method][1],
+                           "gflops": ours[0]["flops"] / 1e9 if ours else None}
     if "qlora" in summary and ("jpeft", "lora") in results:
         q = statistics.median(r["median"] for r in results[("jpeft", "qlora")])
         l = statistics.median(r["median"] for r in results[("jpeft", "lora")])
@@ -290,6 +295,7 @@ def main(argv=None) -> None:
             print(f"step_over_flop_floor{suffix}={over_floor:.3f}")
         if ratio is not None:
             print(f"jpeft_over_torch_{method}_step={ratio:.3f}")
+    write_record("step_time", figures)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jpeft-tests-xla-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Training jobs and benchmarks the tests run write their result records here, not into results/.
+os.environ.setdefault("JPEFT_RESULTS_DIR", tempfile.mkdtemp(prefix="jpeft-tests-results-"))
 
 import pytest  # noqa: E402
 

@@ -16,6 +16,7 @@ import sys
 
 from jpeft.errors import CheckpointError
 from train.config import ConfigError, load_config
+from train.records import write_record
 
 # The library's errors about inputs: each names the file or the setting.
 EXPECTED = {
@@ -56,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         distributed.build_mesh(config.mesh)  # a mesh that does not fit the devices fails before loading
         if not distributed.is_main():
             sys.stdout = open(os.devnull, "w")  # process 0 prints; errors still reach stderr
-        run.run(config)
+        summary = run.run(config)
+        if distributed.is_main():
+            write_record(f"train/{config.name}", {"method": config.method, "task": config.task, **summary})
     except tuple(_input_errors()) as e:
         kind = next(label for cls, label in _input_errors().items() if isinstance(e, cls))
         print(f"{kind}: {e}", file=sys.stderr)
