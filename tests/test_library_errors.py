@@ -1,0 +1,34 @@
+"""Bad input to the library's public functions: one ``ValueError`` (or a jpeft error) that names the problem.
+
+Tiny models; nothing here compiles more than a few small programs.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jpeft.models import bert, generation, llama
+
+LLAMA = llama.model(llama.LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2))
+PARAMS = LLAMA.init(jax.random.key(0))
+PROMPT = jnp.ones((1, 3), jnp.int32)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("inf")), "temperature must be a finite number >= 0"),
+    (dict(temperature=1.0, top_k=0), "top_k must be a positive int or None"),
+    (dict(temperature=1.0, top_k=17), "top_k=17 is more than the vocabulary's 16 tokens"),
+])
+def test_generation_options_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generation.generate(LLAMA, PARAMS, PROMPT, max_new_tokens=2, key=jax.random.key(0), **kwargs)
+
+
+def test_generation_needs_a_prompt_token_and_a_decoder():
+    with pytest.raises(ValueError, match="at least one token"):
+        generation.generate(LLAMA, PARAMS, jnp.ones((1, 0), jnp.int32), max_new_tokens=2)
+    encoder = bert.model(bert.BertConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_layers=1,
+                                         num_heads=2))
+    with pytest.raises(ValueError, match="'bert' model cannot generate text"):
+        list(generation.stream(encoder, jax.eval_shape(encoder.init, jax.random.key(0)), PROMPT, max_new_tokens=2))
