@@ -285,3 +285,39 @@ def test_only_the_adapter_trains_and_it_saves_with_orbax_and_exports_to_peft(tmp
     np.testing.assert_allclose(tensors[key], np.asarray(adapter["model"]["layers_1"]["self_attn"]["v_proj"]["kernel"]["a"]).T)
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8
+
+
+# ----------------------------------------------------------------------------- layers jpeft cannot adapt
+
+
+class _MoeNet(nn.Module):
+    """A router-free mixture of experts: a Dense in, an expert einsum ``etd,edf->etf`` (``e`` is neither an input
+    nor an output axis of the kernel), a Dense out."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(8, name="proj_in")(x)                                               # (T, 8)
+        experts = nn.Einsum((3, 8, 6), "etd,edf->etf", use_bias=False, name="experts")
+        y = experts(jnp.broadcast_to(h, (3, *h.shape)))                                  # (3, T, 6)
+        return nn.Dense(4, name="proj_out")(jnp.tanh(y).sum(0))
+
+
+def test_a_layer_jpeft_cannot_factor_is_an_error_only_when_targeted():
+    net, x = _MoeNet(), jax.random.normal(jax.random.key(2), (5, 4))
+    variables = net.init(KEY, x)
+    model = jl.wrap(net, variables, x)
+    assert model.name == "linen:_MoeNet"
+    assert sorted(model.layouts()) == ["proj_in/kernel", "proj_out/kernel"]
+    method = jpeft.lora(rank=2, targets=r"proj_(in|out)/kernel", model=model)
+    adapter = method.init(KEY, model.params)
+    np.testing.assert_array_equal(model.bind(method)(adapter, model.params, x), net.apply(variables, x))
+    trained = perturb(adapter)
+    np.testing.assert_allclose(model.bind(method)(trained, model.params, x),
+                               model.call_merged(method, trained, model.params, x), atol=2e-5, rtol=1e-5)
+    method = jpeft.lora(rank=2, targets=r"experts/kernel", model=model)
+    with pytest.raises(InteropError, match=r"einsum 'etd,edf->etf' uses kernel axes .*'experts/kernel'"):
+        model.bind(method)(method.init(KEY, model.params), model.params, x)
+
+
+def test_the_model_is_named_after_its_class(linen_model, nnx_model):
+    assert linen_model[2].name == "linen:LinenNet" and nnx_model[1].name == "nnx:NnxNet"

@@ -58,6 +58,10 @@ class InteropError(ValueError):
     """A Flax model, layer or adapter that jpeft cannot run this way (the message says what to change)."""
 
 
+class UnfactorableError(InteropError):
+    """A kernel whose einsum has axes that are neither inputs nor outputs (an expert or batch axis)."""
+
+
 class Contraction(NamedTuple):
     """A layer weight used as the kernel of a two-operand einsum ``"x,kernel->out"`` (``...`` allowed)."""
 
@@ -72,12 +76,18 @@ class Table(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """How jpeft holds one layer weight: ``kind``, its own axis order's subscripts, and the transpose to ``(*in, *out)``."""
+    """How jpeft holds one layer weight: ``kind``, its own axis order's subscripts, and the transpose to ``(*in, *out)``.
+
+    ``kind`` ``"fixed"``: a weight the layer contracts in a way jpeft cannot factor into input and
+    output axes (an MoE einsum's expert axis); it runs as written, and ``reason`` says why a
+    method cannot adapt it.
+    """
 
     kind: str
     shape: tuple[int, ...]
     perm: tuple[int, ...] = ()
     inputs: int = 1
+    reason: str = ""
 
     @property
     def canonical_shape(self) -> tuple[int, ...]:
@@ -225,7 +235,7 @@ def plan_of(spec: Contraction | Table, shape: tuple[int, ...], where: str) -> Pl
     outs = [i for i, c in enumerate(w_sub) if c in out and c not in x_sub]
     other = [w_sub[i] for i in range(len(w_sub)) if i not in ins and i not in outs]
     if other or not ins or not outs:
-        raise InteropError(
+        raise UnfactorableError(
             f"{where}: einsum {spec.eqn!r} uses kernel axes {other or w_sub!r} that are neither only contracted with "
             "the input nor only kept in the output; jpeft adapts kernels that map input axes to output axes. "
             "Leave this weight out of the targets")
@@ -341,10 +351,12 @@ class FlaxModel:
     # ------------------------------------------------------------------ what methods ask a model
 
     def layouts(self) -> dict[str, Layout]:
-        """``{param path: Layout}`` for every weight a registered layer uses as a kernel or table."""
+        """``{param path: Layout}`` for every weight a registered layer uses as a kernel or table (and can adapt)."""
         out = {}
         for prefix, site in self._by_str.items():
             for name, plan in site.plans.items():
+                if plan.kind == "fixed":
+                    continue
                 out[f"{prefix}/{name}" if prefix else name] = (
                     Layout("table") if plan.kind == "table" else Layout("kernel", 0, plan.inputs))
         return out
@@ -441,6 +453,8 @@ class FlaxModel:
                 continue
             prefix, _, name = path.rpartition("/")
             site = self._by_str.get(prefix)
+            if site is not None and name in site.plans and site.plans[name].kind == "fixed":
+                raise InteropError(site.plans[name].reason)
             if site is None:
                 known = sorted(f"{p}/{n}" if p else n for p, s in self._by_str.items() for n in s.plans)
                 raise InteropError(
@@ -467,25 +481,28 @@ def build(name: str, params: Any, records: list[tuple[tuple, str, str, Any]], ru
     axes = dict(axes or {})
     sites: dict[tuple, Site] = {}
     tied = {}
-    for path, kind, name, spec in records:
-        full = f"{path_str(path)}/{name}" if path else name
+    for path, kind, weight, spec in records:
+        full = f"{path_str(path)}/{weight}" if path else weight
         if full not in flat:
-            raise InteropError(f"{kind} at {path_str(path)!r} reads a weight {name!r} that is not in the model's params "
-                               f"(at {full!r})")
+            raise InteropError(f"{kind} at {path_str(path)!r} reads a weight {weight!r} that is not in the model's "
+                               f"params (at {full!r})")
         where = f"{kind} at {path_str(path)!r}"
-        plan = plan_of(spec, tuple(flat[full].shape), where)
+        try:
+            plan = plan_of(spec, tuple(flat[full].shape), where)
+        except UnfactorableError as err:  # runs as written; an error only if a method's targets select it
+            plan = Plan("fixed", tuple(flat[full].shape), reason=f"{err} (a method's targets select {full!r})")
         site = sites.setdefault(path, Site(path, kind, {}))
-        if name in site.plans and site.plans[name] != plan:
-            raise InteropError(f"{where} uses its weight {name!r} in two ways ({site.plans[name]} and {plan}); jpeft "
-                               "needs one layout per weight")
-        site.plans[name] = plan
+        if weight in site.plans and site.plans[weight] != plan:
+            raise InteropError(f"{where} uses its weight {weight!r} in two ways ({site.plans[weight]} and {plan}); "
+                               "jpeft needs one layout per weight")
+        site.plans[weight] = plan
         if isinstance(spec, Table) and spec.head:
             tied[full] = full
     moved = {}
     for path, site in sites.items():
-        for name, plan in site.plans.items():
+        for weight, plan in site.plans.items():
             if plan.perm:
-                full = f"{path_str(path)}/{name}" if path else name
+                full = f"{path_str(path)}/{weight}" if path else weight
                 moved[full] = Transposed(flat[full], plan.perm)
                 if full in axes:
                     axes[full] = tuple(axes[full][i] for i in plan.perm)
