@@ -32,3 +32,29 @@ def test_generation_needs_a_prompt_token_and_a_decoder():
                                          num_heads=2))
     with pytest.raises(ValueError, match="'bert' model cannot generate text"):
         list(generation.stream(encoder, jax.eval_shape(encoder.init, jax.random.key(0)), PROMPT, max_new_tokens=2))
+
+
+def test_model_loaders_name_a_missing_folder_or_a_bad_file(tmp_path):
+    """Every loader that takes a path: a missing path, a folder for a file (or the reverse), a garbled file."""
+    from jpeft.errors import CheckpointError
+    from jpeft.io.gguf import load_gguf, load_gguf_tokenizer
+    from jpeft.io.hf import load_hf
+    from jpeft.io.peft_format import load_peft
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_bytes(b"\x00 not a model")
+    cases = [
+        (load_hf, tmp_path / "missing", "No Hugging Face model folder at .*missing: it does not exist"),
+        (load_hf, tmp_path / "file", "it is a file; give the folder that holds config.json"),
+        (load_hf, tmp_path / "empty", "No config.json in .*empty"),
+        (load_gguf, tmp_path / "missing.gguf", "does not exist"),
+        (load_gguf, tmp_path / "empty", "is a folder; give the .gguf file in it"),
+        (load_gguf, tmp_path / "file", "is not a readable GGUF file"),
+        (load_gguf_tokenizer, tmp_path / "missing.gguf", "does not exist"),
+        (load_gguf_tokenizer, tmp_path / "file", "is not a readable GGUF file"),
+        (lambda f: load_peft(f, LLAMA, PARAMS), tmp_path / "missing", "is not a PEFT adapter folder"),
+        (lambda f: load_peft(f, LLAMA, PARAMS), tmp_path / "empty", "adapter_config.json is missing"),
+    ]
+    for load, path, message in cases:
+        with pytest.raises(CheckpointError, match=message):
+            load(path)
