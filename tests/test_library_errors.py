@@ -58,3 +58,26 @@ def test_model_loaders_name_a_missing_folder_or_a_bad_file(tmp_path):
     for load, path, message in cases:
         with pytest.raises(CheckpointError, match=message):
             load(path)
+
+
+def test_a_dtype_setting_must_name_a_float_dtype():
+    """Every builder whose ``dtype`` defaults to a dtype: a name that is not one is refused before anything runs."""
+    from jpeft.methods import registry
+
+    with_dtype = [n for n in registry.names() if "dtype" in registry.settings(n)]
+    assert {"lora", "ia3", "prompt_tuning"} <= set(with_dtype)
+    for name in with_dtype:
+        assert registry.check_settings(name, {"dtype": "bfloat16"}) == {"dtype": "bfloat16"}
+        for bad in ("floatx", "int8", 3):
+            with pytest.raises(registry.SettingsError, match="is not a floating-point dtype") as info:
+                registry.validate(name, {"dtype": bad})
+            assert info.value.setting == "dtype"
+
+
+def test_prompt_tuning_refuses_a_non_positive_init_std():
+    from jpeft.methods import registry
+
+    for bad in (0.0, -1.0):
+        with pytest.raises(registry.SettingsError, match="must be > 0") as info:
+            registry.validate("prompt_tuning", {"init_std": bad})
+        assert info.value.setting == "init_std"
