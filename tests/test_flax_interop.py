@@ -393,3 +393,34 @@ def test_nnx_blocks_under_lifted_transforms(cls):
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
     if stacked:
         assert grads["blocks"]["down"]["kernel"]["a"].shape == (3, 16, 2)
+
+
+class _LinenBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        up = nn.Einsum((16, 8), "bd,fd->bf", name="up")(x)                # kernel stored (out, in)
+        return x + nn.Dense(8, name="down")(nn.gelu(up)), None
+
+
+class _LinenScanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(8, name="inp")(x)
+        blocks = nn.scan(nn.remat(_LinenBlock), variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        return blocks(name="blocks")(h, None)[0]
+
+
+def test_linen_blocks_under_scan_and_remat():
+    """A linen stack run by nn.scan (over nn.remat): per-layer factors on a lead axis, fresh exact, trained = merge."""
+    net, x = _LinenScanned(), jax.random.normal(jax.random.key(1), (2, 4))
+    variables = net.init(KEY, x)
+    model = jl.wrap(net, variables, x)
+    assert {p: (l.lead, l.inputs) for p, l in model.layouts().items()} == {
+        "inp/kernel": (0, 1), "blocks/up/kernel": (1, 1), "blocks/down/kernel": (1, 1)}
+    method = jpeft.lora(rank=2, targets=r".*/kernel", model=model)
+    adapter = method.init(KEY, model.params)
+    fn = model.bind(method)
+    np.testing.assert_array_equal(fn(adapter, model.params, x), net.apply(variables, x))
+    trained = perturb(adapter)
+    out, merged = jax.jit(lambda a: (fn(a, model.params, x), model.call_merged(method, a, model.params, x)))(trained)
+    np.testing.assert_allclose(out, merged, atol=2e-5, rtol=1e-5)
