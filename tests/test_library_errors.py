@@ -39,7 +39,7 @@ def test_model_loaders_name_a_missing_folder_or_a_bad_file(tmp_path):
     from jpeft.errors import CheckpointError
     from jpeft.io.gguf import load_gguf, load_gguf_tokenizer
     from jpeft.io.hf import load_hf
-    from jpeft.io.peft_format import load_peft
+    from jpeft.io.peft import load_peft
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_bytes(b"\x00 not a model")

@@ -285,7 +285,7 @@ def test_rebased_adapters_are_refused_with_the_conversion(init):
 
 def test_a_converted_pissa_adapter_mixes_exactly():
     """The plain rank-2r form of a trained PiSSA adapter runs in a mixed batch as the PiSSA model over its residual."""
-    from jpeft.methods.lora_init import as_plain_lora
+    from jpeft.methods.lora import as_plain_lora
 
     params = FLAT_PARAMS
     method = jpeft.lora(rank=2, alpha=4, targets=r".*/(q|v)_proj/kernel", init="pissa", model=FLAT_MODEL)

@@ -123,12 +123,6 @@ def check_for_model(args: argparse.Namespace, model: Any, ids: list[list[int]], 
     the rows puts before its prompt (prompt tuning). The context must hold each row's
     real length, ``virtual + len(prompt) + max_new_tokens``.
     """
-    from jpeft.models.generation import check_can_generate
-
-    try:
-        check_can_generate(model)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
     vocab = getattr(model.config, "vocab_size", None)
     if args.top_k is not None and vocab is not None and args.top_k > vocab:
         raise ConfigError(f"--top-k {args.top_k} is more than the model's vocabulary of {vocab} tokens; lower it "
@@ -425,6 +419,10 @@ def generate(args: argparse.Namespace, out: TextIO = sys.stdout) -> None:
         adapter_format(name, folder)
     model.resolve(cfg)
     loaded = model.load(cfg)
+    try:
+        generation.check_can_generate(loaded.model)  # an encoder-only model, before its adapters load
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     adapters = {name: load_adapter(name, folder, loaded, dataclasses.asdict(cfg)) for name, folder in folders.items()}
     tokenizer = loaded.tokenizer
     eos_id = tokenizer.eos_token_id

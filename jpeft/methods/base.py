@@ -142,7 +142,7 @@ def refuse_rebased(method: Method, what: str) -> None:
     An adapter whose method has ``rebase`` (LoRA's PiSSA and OLoRA inits) was trained over
     its own residual base ``W - s*A0@B0``; over the original parameters, or next to other
     adapters on one shared base, it is another model. Its plain LoRA form of rank ``2r``
-    (:func:`jpeft.methods.lora_init.as_plain_lora`) runs on the original parameters.
+    (:func:`jpeft.methods.lora.as_plain_lora`) runs on the original parameters.
 
     Example:
         >>> import jpeft
@@ -156,7 +156,7 @@ def refuse_rebased(method: Method, what: str) -> None:
         return
     raise ValueError(f"{what}: a {method.describe()} adapter goes with the base its init rebased (the residual "
                      "W - s*A0@B0 of PiSSA / OLoRA), not with the original parameters; convert it first to the plain "
-                     "LoRA of rank 2r that runs on them: jpeft.methods.lora_init.as_plain_lora(method, params, "
+                     "LoRA of rank 2r that runs on them: jpeft.methods.lora.as_plain_lora(method, params, "
                      "adapter, method.init(key, params)), with the key that made the fresh adapter")
 
 
