@@ -179,6 +179,16 @@ class Store:
             raise CorruptCheckpointError(f"corrupt checkpoint {where!r}: cannot read its arrays "
                                          f"({type(e).__name__}: {_first_line(e)})") from None
 
+    def saved_tree(self, step: int, name: str) -> Any:
+        """The array metadata (shapes, dtypes) orbax recorded for ``name`` in save ``step``: a restore target."""
+        where = os.path.join(self.directory, str(step))
+        try:
+            item = self.manager.item_metadata(step)["state"]
+            return getattr(item, "tree", item)[name]
+        except Exception as e:  # orbax raises many types for a damaged or missing record
+            raise CorruptCheckpointError(f"corrupt checkpoint {where!r}: cannot read its arrays' metadata "
+                                         f"({type(e).__name__}: {_first_line(e)})") from None
+
     def wait(self) -> None:
         """Block until every started save is on disk."""
         self.manager.wait_until_finished()
@@ -235,7 +245,9 @@ def _refuse_other_folder(directory: str) -> None:
 
 def _open_existing(directory: str) -> Store:
     if not os.path.isdir(directory):
-        raise CheckpointError(f"no checkpoint at {directory!r}: the directory does not exist")
+        raise CheckpointError(f"no checkpoint at {directory!r}: " + ("it is a file, not a checkpoint folder"
+                                                                     if os.path.exists(directory) else
+                                                                     "the directory does not exist"))
     if os.path.isfile(os.path.join(directory, "jpeft.json")):
         raise CheckpointError(f"{directory!r} is an adapter saved by jpeft 0.1 (adapter/ + jpeft.json), which this "
                               "version does not read; save it again with this version")
@@ -278,8 +290,7 @@ def restore_adapter(directory: str | os.PathLike, *, like=None, method: str | No
                     f"{directory!r} holds a {saved!r} adapter, not a {method!r} one; restore it with method "
                     f"{saved!r} (its settings are in the checkpoint's metadata) or point at a {method!r} checkpoint")
         if like is None:
-            item = store.manager.item_metadata(step)["state"]
-            like = {"adapter": getattr(item, "tree", item)["adapter"]}
+            like = {"adapter": store.saved_tree(step, "adapter")}
         else:
             like = {"adapter": like}
         state = store.restore(step, like)

@@ -157,3 +157,33 @@ def test_bytes_on_disk_are_about_the_adapter_size(tmp_path):
     on_disk = _dir_bytes(tmp_path / "ckpt")
     assert on_disk < adapter_bytes * 1.1 + 64 * 1024
     assert on_disk < frozen_W.nbytes / 8
+
+
+@pytest.mark.parametrize("damage", ["data", "array_metadata", "no_state"])
+@pytest.mark.parametrize("with_like", [False, True])
+def test_damaged_files_name_the_step_folder(tmp_path, damage, with_like):
+    """Garbled array files, a garbled array record or a missing item: a CheckpointError naming the step folder
+    (with or without a restore target), never orbax's raw error."""
+    adapter = _adapter()
+    save_adapter(tmp_path / "ckpt", adapter, metadata={})
+    state = tmp_path / "ckpt" / "1" / "state"
+    if damage == "no_state":
+        import shutil
+
+        shutil.rmtree(state)
+    for d, _, files in os.walk(state):
+        for f in files:
+            path = os.path.join(d, f)
+            if (damage == "data" and os.sep + "d" + os.sep in path[len(str(state)):]) or (
+                    damage == "array_metadata" and f == "_METADATA"):
+                with open(path, "wb") as out:
+                    out.write(b"\x00 garbage {")
+    with pytest.raises(checkpoint.CorruptCheckpointError, match=r"corrupt checkpoint '.*ckpt/1'") as info:
+        restore_adapter(tmp_path / "ckpt", like=_abstract(adapter) if with_like else None)
+    assert len(str(info.value)) < 500
+
+
+def test_a_file_is_not_a_checkpoint_folder(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="it is a file, not a checkpoint folder"):
+        restore_adapter(tmp_path / "file")

@@ -174,3 +174,25 @@ def test_tiny_classification_run_end_to_end(tmp_path, capsys, tiny_bert):
     assert len((run_dir / "predictions.jsonl").read_text().splitlines()) == 8
     _, meta = restore_adapter(run_dir / "adapter")
     assert meta["method"] == "lora" and meta["labels"] == ["business", "entertainment", "politics", "sports", "tech"]
+
+
+def test_a_split_that_cannot_teach_or_measure_a_classifier_exits_2_and_writes_nothing(tmp_path, capsys, tiny_bert):
+    """One category (a model that learns one answer scores 1.0) or no test articles (accuracy nan): refused."""
+    corpus = tmp_path / "one_category"
+    (corpus / "sport").mkdir(parents=True)
+    for i in range(40):
+        (corpus / "sport" / f"{i:03d}.txt").write_text(f"Headline {i}\n\nThe match report number {i}.\n")
+    code, err, out_dir = _cli(tmp_path, capsys, tiny_bert, f"data.dir={corpus}", "data.val_fraction=0.2")
+    assert code == 2 and "needs articles of at least two categories" in err and "are all 'sport'" in err, err
+    assert err.count("\n") == 1 and not out_dir.exists()
+    code, err, out_dir = _cli(tmp_path, capsys, tiny_bert, "eval.test_articles=0")
+    assert code == 2 and "set eval.test_articles to at least 1" in err, err
+    assert err.count("\n") == 1 and not out_dir.exists()
+
+
+def test_a_method_that_cannot_train_the_head_beside_it_exits_2_and_writes_nothing(tmp_path, capsys, tiny_bert):
+    """AdaLoRA changes its own state while it trains: a whole head beside it is refused in one message."""
+    code, err, out_dir = _cli(tmp_path, capsys, tiny_bert, "method=adalora", "adalora.targets=.*/(query|value)/kernel",
+                              "data.max_article_tokens=32")
+    assert code == 2 and "classify.modules_to_save:" in err and "cannot train modules_to_save besides" in err, err
+    assert "Traceback" not in err and not out_dir.exists()

@@ -218,3 +218,14 @@ def test_bad_input_is_one_clear_error(setup):
         vocab_size=40, hidden_size=16, intermediate_size=48, num_layers=2, num_heads=4), jax.random.key(0)))
     with pytest.raises(ValueError, match="adapter 0 \\(lora\\) does not fit these parameters"):
         combine_adapters(small, ab, [1.0, 1.0], "cat")
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_rebased_adapters_are_refused_with_the_conversion(init):
+    """A PiSSA / OLoRA adapter goes with its residual base; over the original one it would combine into another model."""
+    params = {"dense": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(6, 5)), jnp.float32)}}
+    rebased = jpeft.lora(rank=2, targets=r"dense/kernel", init=init)
+    plain = jpeft.lora(rank=2, targets=r"dense/kernel")
+    adapters = {"p": (rebased, rebased.init(jax.random.key(0), params)), "q": (plain, random_adapter(plain, params, 1))}
+    with pytest.raises(ValueError, match=r"combine_adapters: adapter 'p'.*rebased.*as_plain_lora"):
+        combine_adapters(params, adapters, [1.0, 1.0], "cat")

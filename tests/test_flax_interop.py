@@ -285,3 +285,142 @@ def test_only_the_adapter_trains_and_it_saves_with_orbax_and_exports_to_peft(tmp
     np.testing.assert_allclose(tensors[key], np.asarray(adapter["model"]["layers_1"]["self_attn"]["v_proj"]["kernel"]["a"]).T)
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8
+
+
+# ----------------------------------------------------------------------------- layers jpeft cannot adapt
+
+
+class _MoeNet(nn.Module):
+    """A router-free mixture of experts: a Dense in, an expert einsum ``etd,edf->etf`` (``e`` is neither an input
+    nor an output axis of the kernel), a Dense out."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(8, name="proj_in")(x)                                               # (T, 8)
+        experts = nn.Einsum((3, 8, 6), "etd,edf->etf", use_bias=False, name="experts")
+        y = experts(jnp.broadcast_to(h, (3, *h.shape)))                                  # (3, T, 6)
+        return nn.Dense(4, name="proj_out")(jnp.tanh(y).sum(0))
+
+
+def test_a_layer_jpeft_cannot_factor_is_an_error_only_when_targeted():
+    net, x = _MoeNet(), jax.random.normal(jax.random.key(2), (5, 4))
+    variables = net.init(KEY, x)
+    model = jl.wrap(net, variables, x)
+    assert model.name == "linen:_MoeNet"
+    assert sorted(model.layouts()) == ["proj_in/kernel", "proj_out/kernel"]
+    method = jpeft.lora(rank=2, targets=r"proj_(in|out)/kernel", model=model)
+    adapter = method.init(KEY, model.params)
+    np.testing.assert_array_equal(model.bind(method)(adapter, model.params, x), net.apply(variables, x))
+    method = jpeft.lora(rank=2, targets=r"experts/kernel", model=model)
+    with pytest.raises(InteropError, match=r"einsum 'etd,edf->etf' uses kernel axes .*'experts/kernel'"):
+        model.bind(method)(method.init(KEY, model.params), model.params, x)
+
+
+def test_the_model_is_named_after_its_class(linen_model, nnx_model):
+    assert linen_model[2].name == "linen:LinenNet" and nnx_model[1].name == "nnx:NnxNet"
+
+
+
+# ----------------------------------------------------------------------------- nnx's lifted transforms
+
+
+class _Block(nnx.Module):
+    """A Linear, then an Einsum whose kernel is stored (out, in): transposed to (in, out) for the methods."""
+
+    def __init__(self, rngs):
+        self.up = nnx.Linear(8, 16, rngs=rngs)
+        self.down = nnx.Einsum("bf,df->bd", (8, 16), (8,), rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.down(nnx.gelu(self.up(x)))
+
+
+class _Remat(nnx.Module):
+    def __init__(self, rngs):
+        self.inp, self.block = nnx.Linear(4, 8, rngs=rngs), _Block(rngs)
+
+    def __call__(self, x):
+        return nnx.remat(_Block.__call__)(self.block, self.inp(x))
+
+
+class _Scanned(nnx.Module):
+    """Three blocks made by ``nnx.vmap`` (parameters stacked on a leading axis), run by ``nnx.scan``, then the same
+    blocks side by side by ``nnx.vmap``."""
+
+    def __init__(self, rngs):
+        @nnx.split_rngs(splits=3)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return _Block(rngs)
+
+        self.inp, self.blocks = nnx.Linear(4, 8, rngs=rngs), make(rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def step(block, h):
+            return block(h)
+
+        h = step(self.blocks, self.inp(x))
+        return nnx.vmap(lambda block, h: block(h), in_axes=(0, None))(self.blocks, h).sum(0)
+
+
+@pytest.mark.parametrize("cls", [_Remat, _Scanned])
+def test_nnx_blocks_under_lifted_transforms(cls):
+    """Layers called inside nnx.remat / nnx.scan / nnx.vmap: a fresh adapter is the model bit for bit, a trained one
+    matches merge, and the gradient is the adapter's alone (stacked blocks get stacked factors)."""
+    with nnx.use_eager_sharding(False):
+        net = cls(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (2, 4))
+    model = jn.wrap(net, x)
+    stacked = 1 if cls is _Scanned else 0
+    prefix = "blocks" if stacked else "block"
+    assert {p: (l.lead, l.inputs) for p, l in model.layouts().items()} == {
+        "inp/kernel": (0, 1), f"{prefix}/up/kernel": (stacked, 1), f"{prefix}/down/kernel": (stacked, 1)}
+    method = jpeft.lora(rank=2, targets=r".*/kernel", model=model)
+    adapter = method.init(KEY, model.params)
+    fn = model.bind(method)
+    np.testing.assert_array_equal(fn(adapter, model.params, x), net(x))
+    trained = perturb(adapter)
+
+    @jax.jit
+    def run(trained):
+        out, pullback = jax.vjp(lambda a: fn(a, model.params, x), trained)
+        return out, pullback(jnp.ones_like(out))[0], model.call_merged(method, trained, model.params, x)
+
+    out, grads, merged = run(trained)
+    np.testing.assert_allclose(out, merged, atol=2e-5, rtol=1e-5)
+    assert jax.tree.structure(grads) == jax.tree.structure(trained)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+    if stacked:
+        assert grads["blocks"]["down"]["kernel"]["a"].shape == (3, 16, 2)
+
+
+class _LinenBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        up = nn.Einsum((16, 8), "bd,fd->bf", name="up")(x)                # kernel stored (out, in)
+        return x + nn.Dense(8, name="down")(nn.gelu(up)), None
+
+
+class _LinenScanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Dense(8, name="inp")(x)
+        blocks = nn.scan(nn.remat(_LinenBlock), variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        return blocks(name="blocks")(h, None)[0]
+
+
+def test_linen_blocks_under_scan_and_remat():
+    """A linen stack run by nn.scan (over nn.remat): per-layer factors on a lead axis, fresh exact, trained = merge."""
+    net, x = _LinenScanned(), jax.random.normal(jax.random.key(1), (2, 4))
+    variables = net.init(KEY, x)
+    model = jl.wrap(net, variables, x)
+    assert {p: (l.lead, l.inputs) for p, l in model.layouts().items()} == {
+        "inp/kernel": (0, 1), "blocks/up/kernel": (1, 1), "blocks/down/kernel": (1, 1)}
+    method = jpeft.lora(rank=2, targets=r".*/kernel", model=model)
+    adapter = method.init(KEY, model.params)
+    fn = model.bind(method)
+    np.testing.assert_array_equal(fn(adapter, model.params, x), net.apply(variables, x))
+    trained = perturb(adapter)
+    out, merged = jax.jit(lambda a: (fn(a, model.params, x), model.call_merged(method, a, model.params, x)))(trained)
+    np.testing.assert_allclose(out, merged, atol=2e-5, rtol=1e-5)

@@ -193,3 +193,78 @@ def test_peft_folders_of_ia3_and_the_prompt_methods_are_served(saved, loaded_onc
     reference = {**saved, "adapters": adapters}
     assert got == {name: alone(reference, "Say hello.", name) for name in methods}
     assert len({tuple(t) for t in got.values()} | {tuple(alone(saved, "Say hello.", "base"))}) > 2
+
+
+def test_bad_options_exit_2_before_anything_is_generated(saved, loaded_once, tmp_path, capsys, monkeypatch):
+    """Every option is checked up front: one message, exit 2, and no token generated."""
+    monkeypatch.setattr(generation, "stream", lambda *a, **k: pytest.fail("generated despite a bad option"))
+    model_arg = f"model.hf_folder={saved['folder']}"
+    vocab = saved["loaded"].model.config.vocab_size
+
+    def fails(argv, *needles):
+        code, out = run([model_arg, *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and out == "", err
+        assert err.count("\n") == 1 and err.startswith("config error: "), err
+        for needle in needles:
+            assert needle in err, err
+
+    fails(["--prompt", "Hi", "--temperature", "nan"], "--temperature must be a finite number >= 0")
+    fails(["--prompt", "Hi", "--temperature", "inf"], "--temperature must be a finite number >= 0")
+    fails(["--prompt", "Hi", "--temperature", "-1"], "--temperature must be a finite number >= 0")
+    fails(["--prompt", "Hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0")
+    fails(["--prompt", "Hi", "--max-new-tokens", "-3"], "--max-new-tokens must be at least 1, got -3")
+    fails(["--prompt", "Hi", "--batch-size", "0"], "--batch-size must be at least 1")
+    fails(["--prompt", "Hi", "--temperature", "1", "--top-k", "0"], "--top-k must be at least 1")
+    fails(["--prompt", "Hi", "--top-k", "5"], "--temperature 0 is greedy")
+    fails(["--prompt", "Hi", "--seed", "-1"], "--seed must be in [0, 2**32)")
+    fails(["--prompt", "Hi", "--seed", str(2 ** 40)], "--seed must be in [0, 2**32)")
+    fails(["--prompt", "Hi", "--temperature", "1", "--top-k", str(vocab + 1)],
+          f"--top-k {vocab + 1} is more than the model's vocabulary of {vocab} tokens")
+    fails(["--raw", "--prompt", "Hi", "--prompt", ""], "row 1's prompt is empty", "drop --raw")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": ""}) + "\n")
+    fails(["--raw", "--prompts", str(rows)], "row 0's prompt is empty")
+
+
+def test_an_encoder_only_model_is_refused(saved, monkeypatch, capsys):
+    """BERT reads text; it cannot write any: one message, exit 2."""
+    from jpeft.models import bert
+
+    encoder = bert.model(bert.BertConfig(vocab_size=saved["loaded"].model.config.vocab_size, hidden_size=8,
+                                         intermediate_size=8, num_layers=1, num_heads=2))
+    monkeypatch.setattr(train_model, "load", lambda cfg: saved["loaded"]._replace(
+        model=encoder, params=jax.eval_shape(encoder.init, jax.random.key(0))))
+    code, out = run([f"model.hf_folder={saved['folder']}", "--prompt", "Hi"])
+    err = capsys.readouterr().err
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert "the 'bert' model cannot generate text" in err and "encoder-only" in err, err
+
+
+def test_prompt_tuning_rows_are_counted_at_their_real_length(saved, monkeypatch, capsys):
+    """Virtual tokens + the real prompt + new tokens fill the context exactly: allowed (the padded bucket is not
+    what counts), and one token more is refused."""
+    import dataclasses
+
+    loaded = saved["loaded"]
+    short = llama.model(dataclasses.replace(loaded.model.config, max_position_embeddings=64))
+    monkeypatch.setattr(train_model, "load", lambda cfg: loaded._replace(model=short))
+    text = "Write a headline for this article: markets rally as rail strike ends"
+    ids = cli.encode(loaded.tokenizer, text, raw=True)
+    virtual = loaded.model.virtual_tokens(saved["adapters"]["tone"][0].apply(loaded.params, saved["adapters"]["tone"][1]))
+    assert len(ids) % 16, "the prompt's bucket must be longer than the prompt for this test"
+    new = 64 - virtual - len(ids)
+    argv = [f"model.hf_folder={saved['folder']}", "--load", f"tone={saved['tone']}", "--raw", "--prompt", text,
+            "--adapter", "tone", "--jsonl"]
+    code, out = run(argv + ["--max-new-tokens", str(new)])
+    assert code == 0, capsys.readouterr().err
+    method, adapter = saved["adapters"]["tone"]
+    want = [int(t) for t in generation.generate(short, method.apply(loaded.params, adapter), jnp.asarray([ids]),
+                                                max_new_tokens=new, eos_id=loaded.tokenizer.eos_token_id)[0]]
+    eos = loaded.tokenizer.eos_token_id
+    want = want[:want.index(eos)] if eos in want else want
+    assert json.loads(out.splitlines()[-1])["tokens"] == want
+    code, out = run(argv + ["--max-new-tokens", str(new + 1)])
+    err = capsys.readouterr().err
+    assert code == 2 and out == "", err
+    assert f"row 0's prompt is {len(ids)} tokens after {virtual} virtual tokens" in err, err

@@ -267,3 +267,33 @@ def test_bad_input_is_one_clear_error():
     assert emptied.names == ("r2", "emb") and emptied.capacity == 3
     loaded = emptied.load("again", *adapters["r4"])
     assert loaded.slot("again") == 1
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_rebased_adapters_are_refused_with_the_conversion(init):
+    """A PiSSA / OLoRA adapter goes with its own residual base: over the shared base it would be another model."""
+    method = jpeft.lora(rank=2, targets=r".*/q_proj/kernel", init=init, model=MODEL)
+    shapes = jax.eval_shape(lambda p: p, PARAMS)
+    adapter = random_adapter(method, shapes, seed=3)
+    plain = jpeft.lora(rank=2, targets=r".*/v_proj/kernel", model=MODEL)
+    adapters = {"pissa": (method, adapter), "plain": (plain, random_adapter(plain, shapes, seed=4))}
+    with pytest.raises(ValueError, match=r"MixedAdapters: adapter 'pissa'.*rebased.*as_plain_lora"):
+        jpeft.MixedAdapters(shapes, adapters, model=MODEL)
+    with pytest.raises(ValueError, match=r"AdapterBank: adapter 'pissa'.*as_plain_lora"):
+        jpeft.AdapterBank(adapters)
+
+
+def test_a_converted_pissa_adapter_mixes_exactly():
+    """The plain rank-2r form of a trained PiSSA adapter runs in a mixed batch as the PiSSA model over its residual."""
+    from jpeft.methods.lora import as_plain_lora
+
+    params = FLAT_PARAMS
+    method = jpeft.lora(rank=2, alpha=4, targets=r".*/(q|v)_proj/kernel", init="pissa", model=FLAT_MODEL)
+    initial = method.init(jax.random.key(1), params)
+    trained = jax.tree.map(lambda x, n: x + n, initial, random_adapter(method, params, seed=7, std=0.05))
+    want, _ = forward(method.merge(method.rebase(params, initial), trained), FLAT_CONFIG, TOKENS,
+                      attention_mask_BxT=MASK)
+    mix = jpeft.MixedAdapters(params, {"p": as_plain_lora(method, params, trained, initial, model=FLAT_MODEL)},
+                              model=FLAT_MODEL)
+    got, _ = forward(mix.apply(params, ["p"] * TOKENS.shape[0]), FLAT_CONFIG, TOKENS, attention_mask_BxT=MASK)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-4)

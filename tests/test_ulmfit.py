@@ -187,3 +187,17 @@ def test_ulmfit_settings_are_checked():
         jpeft.ulmfit()
     with pytest.raises(ValueError, match="stage starts .* must be increasing"):
         trainer.stage_at(jpeft.full()._replace(stages=((1, jpeft.full()),)), 3)
+
+
+def test_unfreezing_past_the_last_step_is_refused():
+    """Groups that would join after the run's last step would never train: the builder refuses, naming the fix."""
+    model = llama.model(CONFIG)  # 3 layers + the embedding: 4 groups, the last joins at 1 + 3 * unfreeze_every
+    assert len(jpeft.ulmfit(unfreeze_every=3, model=model, total_step=10).stages) == 3  # joins at 4, 7, 10: fits
+    with pytest.raises(registry.SettingsError, match=r"leaves 1 of the 4 groups untrained: the last one would join "
+                                                     r"at step 13, after the run's last step 10; lower it to at most 3"
+                       ) as info:
+        registry.build("ulmfit", {"unfreeze_every": 4}, model=model, total_step=10)
+    assert info.value.setting == "unfreeze_every"
+    with pytest.raises(jpeft.errors.SettingError, match=r"set it to null"):
+        jpeft.ulmfit(unfreeze_every=1, model=model, total_step=2)
+    jpeft.ulmfit(unfreeze_every=100, groups=1, model=model, total_step=2)  # one group: nothing joins later

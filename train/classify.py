@@ -81,7 +81,7 @@ class Task:
             raise ConfigError(f"train.batch_size={bs} is larger than the {len(self.train_articles)} training or "
                               f"{len(self.split.val)} validation articles; lower train.batch_size")
         self.val_articles = self.split.val[: cfg.train.val_batches * bs]
-        self.test = self.split.test[: cfg.eval.test_articles]
+        self.test, self.test_count = self.split.test[: cfg.eval.test_articles], cfg.eval.test_articles
         self.seed, self.batch_size = cfg.train.seed, bs
         self.train, self.val_batches = [], []
 
@@ -120,6 +120,22 @@ class Task:
             for b in range(offset, per_epoch):
                 yield self.batch([self.train[i] for i in order[b * self.batch_size: (b + 1) * self.batch_size]])
             offset = 0
+
+
+def check_split(task: Task) -> None:
+    """A :class:`ConfigError` when the split cannot teach or measure a classifier (checked before the run
+    folder is written): fewer than two categories among the training articles (the model would learn one
+    answer and score a perfect 1.0), or no test articles (accuracy would be nan)."""
+    seen = sorted({a.category for a in task.train_articles})
+    if len(seen) < 2:
+        raise ConfigError(f"task: classify needs articles of at least two categories to train on, but the "
+                          f"{len(task.train_articles)} training articles are all {seen[0]!r} (the corpus has "
+                          f"{len(task.categories)} categor{'y' if len(task.categories) == 1 else 'ies'}): point "
+                          "data.dir at a corpus with several <category>/ folders, or raise data.max_train_articles")
+    if not task.test:
+        raise ConfigError("task: classify scores accuracy and macro-F1 on test articles, but there are none ("
+                          f"eval.test_articles is {task.test_count}, the test split has {len(task.split.test)}): "
+                          "set eval.test_articles to at least 1 (and data.test_fraction above 0)")
 
 
 def with_head(loaded: model.Loaded, num_labels: int, cfg: RunConfig, key: jax.Array) -> model.Loaded:
@@ -174,7 +190,12 @@ def make_method(cfg: RunConfig, loaded: model.Loaded, params):
     head = set(tree.flatten(tree.split(params, cfg.classify.modules_to_save)[0]))
     if head <= set(tree.flatten(adapter)):  # full fine-tuning (of the head): nothing to add
         return method
-    return with_modules_to_save(method, cfg.classify.modules_to_save)
+    try:
+        return with_modules_to_save(method, cfg.classify.modules_to_save)
+    except ValueError as err:
+        raise ConfigError(f"classify.modules_to_save: {err}; the classification head must train whole beside the "
+                          f"method, so use a method without those (lora, ia3, prompt_tuning...), or a model folder "
+                          "whose head is already trained with classify.modules_to_save: null") from None
 
 
 def evaluate(params, model_, task: Task, articles, batch_size: int) -> tuple[list[int], list[int]]:
@@ -200,6 +221,7 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
         loaded = model.load(cfg.model) if loaded is None else loaded
     with timer("data"):
         task = Task(cfg, loaded.tokenizer)
+        check_split(task)
         loaded = with_head(loaded, len(task.categories), cfg, jax.random.key(cfg.train.seed + 1))
         check_inputs(loaded.tokenizer, loaded.model, cfg)
         task.tokenize()

@@ -23,9 +23,13 @@ Example (the adapter folders are ``run_dir/adapter`` of ``python -m train`` runs
   object per new piece (``{"row", "adapter", "text"}``) and one per finished row
   (``{"row", "adapter", "prompt", "completion", "tokens"}``).
 
-Exit status 2 (and nothing generated) for input errors: a bad option or model setting,
-a missing or unreadable adapter folder, an adapter for another model, a PEFT folder of
-a type jpeft does not read, a row naming an adapter that was not loaded.
+Exit status 2 (and nothing generated) for input errors: a bad option (checked up front,
+:func:`validate_options`: ``--temperature`` not a finite number >= 0, ``--top-k`` without
+sampling or past the vocabulary, a non-positive ``--max-new-tokens``, an empty ``--raw``
+prompt...) or model setting, a missing or unreadable adapter folder, an adapter for
+another model, a PEFT folder of a type jpeft does not read, a row naming an adapter that
+was not loaded, a model that cannot generate (encoder-only), a row whose virtual tokens,
+prompt and new tokens do not fit the context (:func:`check_for_model`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -75,6 +80,65 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- inputs
+
+
+SEED_LIMIT = 2 ** 32
+"""Seeds are 32-bit: a larger one would give the same samples as its low 32 bits."""
+
+
+def validate_options(args: argparse.Namespace, rows: list[Row]) -> None:
+    """A :class:`ConfigError` for an option or row no model could run with (checked before anything loads).
+
+    Example:
+        >>> args = parse_args(["--prompt", "Hi", "--temperature", "nan"])
+        >>> validate_options(args, read_rows(args))
+        Traceback (most recent call last):
+        ...
+        train.config.ConfigError: --temperature must be a finite number >= 0 (0: greedy), got nan
+    """
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ConfigError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if args.top_k is not None:
+        if args.top_k < 1:
+            raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
+        if args.temperature == 0:
+            raise ConfigError("--top-k samples among the k likeliest tokens, but --temperature 0 is greedy (it "
+                              "always takes the likeliest); give --temperature > 0 or leave --top-k out")
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise ConfigError(f"--seed must be in [0, 2**32), got {args.seed}")
+    empty = [i for i, row in enumerate(rows) if not row.prompt] if args.raw else []
+    if empty:
+        raise ConfigError(f"row {empty[0]}'s prompt is empty, and with --raw nothing comes before it: the model "
+                          "needs at least one token to continue. Give a prompt, or drop --raw (the chat template)")
+
+
+def check_for_model(args: argparse.Namespace, model: Any, ids: list[list[int]], virtual: int) -> None:
+    """A :class:`ConfigError` for rows or options this model cannot run (checked before anything is generated).
+
+    ``ids``: each row's prompt tokens; ``virtual``: the most virtual tokens an adapter of
+    the rows puts before its prompt (prompt tuning). The context must hold each row's
+    real length, ``virtual + len(prompt) + max_new_tokens``.
+    """
+    vocab = getattr(model.config, "vocab_size", None)
+    if args.top_k is not None and vocab is not None and args.top_k > vocab:
+        raise ConfigError(f"--top-k {args.top_k} is more than the model's vocabulary of {vocab} tokens; lower it "
+                          "(or leave it out to sample from every token)")
+    empty = [i for i, row in enumerate(ids) if not row]
+    if empty:
+        raise ConfigError(f"row {empty[0]}'s prompt has no tokens: the model needs at least one to continue; give "
+                          "a prompt" + ("" if args.raw else " (this tokenizer has no chat template to add any)"))
+    longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+    context = model.max_positions
+    if context is not None and virtual + len(ids[longest]) + args.max_new_tokens > context:
+        after = f" after {virtual} virtual tokens (a prompt-tuning adapter's)" if virtual else ""
+        raise ConfigError(f"row {longest}'s prompt is {len(ids[longest])} tokens{after}; with --max-new-tokens "
+                          f"{args.max_new_tokens} it needs "
+                          f"more than the model's context of {context} tokens. Shorten the prompt or lower "
+                          "--max-new-tokens (nothing is truncated)")
 
 
 def model_config(args: argparse.Namespace):
@@ -342,11 +406,8 @@ def generate(args: argparse.Namespace, out: TextIO = sys.stdout) -> None:
     from jpeft.models import generation
     from train import data, model
 
-    if args.max_new_tokens < 1 or args.batch_size < 1:
-        raise ConfigError("--max-new-tokens and --batch-size must be at least 1")
-    if args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
-        raise ConfigError("--temperature must be >= 0 and --top-k at least 1")
     rows = read_rows(args)
+    validate_options(args, rows)
     folders = parse_loads(args.load)
     unknown = sorted({r.adapter for r in rows} - set(folders) - {BASE})
     if unknown:
@@ -358,6 +419,10 @@ def generate(args: argparse.Namespace, out: TextIO = sys.stdout) -> None:
         adapter_format(name, folder)
     model.resolve(cfg)
     loaded = model.load(cfg)
+    try:
+        generation.check_can_generate(loaded.model)  # an encoder-only model, before its adapters load
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     adapters = {name: load_adapter(name, folder, loaded, dataclasses.asdict(cfg)) for name, folder in folders.items()}
     tokenizer = loaded.tokenizer
     eos_id = tokenizer.eos_token_id
@@ -365,16 +430,15 @@ def generate(args: argparse.Namespace, out: TextIO = sys.stdout) -> None:
     printer = Printer(rows, tokenizer, eos_id, out, args.jsonl, len(rows))
     ids = [encode(tokenizer, r.prompt, args.raw) for r in rows]
     key = jax.random.key(args.seed)
+    virtual = max((loaded.model.virtual_tokens(method.apply(loaded.params, adapter))
+                   for name, (method, adapter) in adapters.items() if any(r.adapter == name for r in rows)), default=0)
+    check_for_model(args, loaded.model, ids, virtual)
     params_for = run_params(loaded.params, rows, adapters, loaded.model)
-    longest = max(range(len(rows)), key=lambda i: len(ids[i]))
+    # Every batch one shape (the decoder compiles once): the longest prompt rounded up to 16, within the context.
+    length = -(-max(len(i) for i in ids) // 16) * 16
     context = loaded.model.max_positions
-    if context is not None and len(ids[longest]) + args.max_new_tokens > context:
-        raise ConfigError(f"row {longest}'s prompt is {len(ids[longest])} tokens; with --max-new-tokens "
-                          f"{args.max_new_tokens} it needs more than the model's context of {context} tokens. "
-                          "Shorten the prompt or lower --max-new-tokens (nothing is truncated)")
-    length = -(-len(ids[longest]) // 16) * 16  # every batch one shape (the decoder compiles once)
     if context is not None:
-        length = min(length, context - args.max_new_tokens)
+        length = min(length, context - virtual - args.max_new_tokens)
     for start in range(0, len(rows), args.batch_size):
         chunk = list(range(start, min(start + args.batch_size, len(rows))))
         padded = chunk + [chunk[-1]] * (args.batch_size - len(chunk)) if len(rows) > args.batch_size else chunk

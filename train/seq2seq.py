@@ -40,7 +40,8 @@ class Seq2SeqFormat:
         self.max_headline_tokens = max_headline_tokens
         self.eos_id = tokenizer.eos_token_id
         if self.eos_id is None:
-            raise ValueError("the tokenizer has no eos token to end the source and the headline with")
+            raise ConfigError("the tokenizer has no end token (eos_token) to end the source and the headline with; "
+                              "use the model's own tokenizer (its tokenizer files in model.hf_folder)")
         self._prefix_ids = self._ids(source_prefix) if source_prefix else []
 
     def _ids(self, text: str) -> list[int]:

@@ -7,8 +7,8 @@ Why jpeft intercepts layers, not the contraction op
     replaces the *layer's method* (``Dense.__call__``, ``Embed.attend``, ...) by one that computes
     the same thing through :mod:`jpeft.ops` with the wrapped leaf: in linen with
     ``nn.intercept_methods`` (the module tree, its names and its non-adapted weights stay Flax's),
-    in nnx by putting a routing object in place of each adapted layer in a fresh copy of the
-    module graph made inside the call (``nnx.merge``; the user's module is never changed).
+    in nnx by giving each registered layer a routing subclass in a fresh copy of the module
+    graph made inside the call (``nnx.merge``; the user's module is never changed).
     Intercepting ``dot_general`` (qwix's way) would also catch contractions of activations
     (attention scores) and has to guess which operand is a weight from its shape; a layer knows
     which of its arrays is the kernel, which of its axes are inputs and outputs, and whether a
@@ -58,6 +58,10 @@ class InteropError(ValueError):
     """A Flax model, layer or adapter that jpeft cannot run this way (the message says what to change)."""
 
 
+class UnfactorableError(InteropError):
+    """A kernel whose einsum has axes that are neither inputs nor outputs (an expert or batch axis)."""
+
+
 class Contraction(NamedTuple):
     """A layer weight used as the kernel of a two-operand einsum ``"x,kernel->out"`` (``...`` allowed)."""
 
@@ -72,16 +76,30 @@ class Table(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """How jpeft holds one layer weight: ``kind``, its own axis order's subscripts, and the transpose to ``(*in, *out)``."""
+    """How jpeft holds one layer weight: ``kind``, its own axis order's subscripts, and the transpose to ``(*in, *out)``.
+
+    ``kind`` ``"fixed"``: a weight the layer contracts in a way jpeft cannot factor into input and
+    output axes (an MoE einsum's expert axis); it runs as written, and ``reason`` says why a
+    method cannot adapt it. ``lead``: leading axes the parameter has and the layer does not see
+    (a stack of layers that ``nnx.scan`` / ``nnx.vmap`` slices); ``shape`` and ``perm`` are the
+    layer's view, one slice.
+    """
 
     kind: str
     shape: tuple[int, ...]
     perm: tuple[int, ...] = ()
     inputs: int = 1
+    reason: str = ""
+    lead: int = 0
 
     @property
     def canonical_shape(self) -> tuple[int, ...]:
         return tuple(self.shape[i] for i in self.perm) if self.perm else self.shape
+
+    @property
+    def full_perm(self) -> tuple[int, ...]:
+        """``perm`` over the whole parameter (its leading stack axes first, in place)."""
+        return tuple(range(self.lead)) + tuple(self.lead + i for i in self.perm) if self.perm else ()
 
 
 class LayerMethod(NamedTuple):
@@ -118,7 +136,11 @@ class LayerRegistry:
     def methods_for(self, module) -> dict[str, LayerMethod]:
         """``{method name: rule}`` for ``module``: the most derived registered class's rule of each method,
         unless ``module``'s class overrides that method (then jpeft does not know what it computes)."""
-        own, out = type(module), {}
+        return self.methods_for_class(type(module))
+
+    def methods_for_class(self, own: type) -> dict[str, LayerMethod]:
+        """:meth:`methods_for` of an instance of class ``own``."""
+        out = {}
         for cls in reversed(own.__mro__):
             for name, rule in self.rules.get(cls, {}).items():
                 if getattr(own, name) is getattr(cls, name):
@@ -141,6 +163,8 @@ class Transposed(ops.WeightWrapper):
     ``shape`` is the transposed (canonical) shape that methods see; :meth:`einsum` contracts the
     array as stored, with the equation written back in its own order, so the layer computes
     exactly what Flax computes (a contraction over a transposed copy can round differently).
+    ``perm`` orders the trailing axes; leading axes the array has beyond them (a stack of
+    layers) stay in front, so a slice of the stack (``lax.scan``) is the layer's kernel.
 
     Example:
         >>> t = Transposed(jnp.ones((3, 2)), (1, 0))      # a (out, in) kernel seen as (in, out)
@@ -152,15 +176,23 @@ class Transposed(ops.WeightWrapper):
     perm: tuple = dataclasses.field(metadata=dict(static=True))
 
     @property
+    def _lead(self) -> int:
+        return self.array.ndim - len(self.perm)
+
+    @property
+    def _full_perm(self) -> tuple[int, ...]:
+        return tuple(range(self._lead)) + tuple(self._lead + i for i in self.perm)
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.array.shape[i] for i in self.perm)
+        return tuple(self.array.shape[i] for i in self._full_perm)
 
     @property
     def dtype(self):
         return self.array.dtype
 
     def materialize(self, dtype=None) -> jax.Array:
-        return jnp.transpose(self.array, self.perm).astype(dtype or self.array.dtype)
+        return jnp.transpose(self.array, self._full_perm).astype(dtype or self.array.dtype)
 
     def _own_order(self, w_sub: str) -> str:
         own = [""] * len(self.perm)
@@ -176,8 +208,8 @@ class Transposed(ops.WeightWrapper):
         return self.einsum("...i,io->...o", x)
 
     def partition_specs(self, axes: tuple, spec_for) -> "Transposed":
-        own = [None] * len(self.perm)
-        for k, axis in enumerate(self.perm):
+        own = [None] * len(self._full_perm)
+        for k, axis in enumerate(self._full_perm):
             own[axis] = axes[k]
         return dataclasses.replace(self, array=spec_for(tuple(own), self.array.shape, "kernel"))
 
@@ -210,7 +242,7 @@ def plan_of(spec: Contraction | Table, shape: tuple[int, ...], where: str) -> Pl
 
     Example:
         >>> plan_of(Contraction("BTD,NDH->BTNH", 3), (4, 16, 8), "q")
-        Plan(kind='kernel', shape=(4, 16, 8), perm=(1, 0, 2), inputs=1)
+        Plan(kind='kernel', shape=(4, 16, 8), perm=(1, 0, 2), inputs=1, reason='', lead=0)
     """
     shape = tuple(shape)
     if isinstance(spec, Table):
@@ -225,7 +257,7 @@ def plan_of(spec: Contraction | Table, shape: tuple[int, ...], where: str) -> Pl
     outs = [i for i, c in enumerate(w_sub) if c in out and c not in x_sub]
     other = [w_sub[i] for i in range(len(w_sub)) if i not in ins and i not in outs]
     if other or not ins or not outs:
-        raise InteropError(
+        raise UnfactorableError(
             f"{where}: einsum {spec.eqn!r} uses kernel axes {other or w_sub!r} that are neither only contracted with "
             "the input nor only kept in the output; jpeft adapts kernels that map input axes to output axes. "
             "Leave this weight out of the targets")
@@ -341,12 +373,14 @@ class FlaxModel:
     # ------------------------------------------------------------------ what methods ask a model
 
     def layouts(self) -> dict[str, Layout]:
-        """``{param path: Layout}`` for every weight a registered layer uses as a kernel or table."""
+        """``{param path: Layout}`` for every weight a registered layer uses as a kernel or table (and can adapt)."""
         out = {}
         for prefix, site in self._by_str.items():
             for name, plan in site.plans.items():
+                if plan.kind == "fixed":
+                    continue
                 out[f"{prefix}/{name}" if prefix else name] = (
-                    Layout("table") if plan.kind == "table" else Layout("kernel", 0, plan.inputs))
+                    Layout("table") if plan.kind == "table" else Layout("kernel", plan.lead, plan.inputs))
         return out
 
     @property
@@ -421,7 +455,7 @@ class FlaxModel:
                 if plan.perm and path in flat:
                     leaf = flat[path]
                     back[path] = leaf.array if isinstance(leaf, Transposed) else jnp.transpose(
-                        ops.as_array(leaf), _inverse(plan.perm))
+                        ops.as_array(leaf), _inverse(plan.full_perm))
         return tree.replace(params, back) if back else params
 
     # ------------------------------------------------------------------ internals
@@ -441,6 +475,8 @@ class FlaxModel:
                 continue
             prefix, _, name = path.rpartition("/")
             site = self._by_str.get(prefix)
+            if site is not None and name in site.plans and site.plans[name].kind == "fixed":
+                raise InteropError(site.plans[name].reason)
             if site is None:
                 known = sorted(f"{p}/{n}" if p else n for p, s in self._by_str.items() for n in s.plans)
                 raise InteropError(
@@ -457,38 +493,55 @@ def _inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(inv)
 
 
-def build(name: str, params: Any, records: list[tuple[tuple, str, str, Any]], runner, plain_runner,
+def build(name: str, params: Any, records: list[tuple], runner, plain_runner,
           axes: dict[str, tuple] | None = None, axes_kind: str = "mesh") -> FlaxModel:
-    """A :class:`FlaxModel` from the recorded ``(module path, class name, weight name, spec)`` of a traced call.
+    """A :class:`FlaxModel` from the recorded ``(module path, class name, weight name, spec[, seen shape])`` of a
+    traced call.
 
-    Transposes kernels to ``(*in, *out)`` (and their axis names with them).
+    ``seen shape``: the weight's shape as the layer saw it, when a lifted transform
+    (``nnx.scan``) handed the layer one slice of a stacked parameter; the axes in front
+    become the plan's ``lead``. Transposes kernels to ``(*in, *out)`` (and their axis names
+    with them).
     """
     flat = tree.flatten(params)
     axes = dict(axes or {})
     sites: dict[tuple, Site] = {}
     tied = {}
-    for path, kind, name, spec in records:
-        full = f"{path_str(path)}/{name}" if path else name
+    for path, kind, weight, spec, *seen in records:
+        full = f"{path_str(path)}/{weight}" if path else weight
         if full not in flat:
-            raise InteropError(f"{kind} at {path_str(path)!r} reads a weight {name!r} that is not in the model's params "
-                               f"(at {full!r})")
+            raise InteropError(f"{kind} at {path_str(path)!r} reads a weight {weight!r} that is not in the model's "
+                               f"params (at {full!r})")
         where = f"{kind} at {path_str(path)!r}"
-        plan = plan_of(spec, tuple(flat[full].shape), where)
+        stored = tuple(flat[full].shape)
+        shape = tuple(seen[0]) if seen and seen[0] is not None else stored
+        lead = len(stored) - len(shape)
+        if lead < 0 or stored[lead:] != shape:
+            raise InteropError(f"{where} sees its weight {weight!r} as {shape}, but the parameter is {stored}; jpeft "
+                               "follows a transform that slices leading (stacked) axes only")
+        try:
+            plan = plan_of(spec, shape, where)._replace(lead=lead)
+        except UnfactorableError as err:  # runs as written; an error only if a method's targets select it
+            plan = Plan("fixed", shape, reason=f"{err} (a method's targets select {full!r})", lead=lead)
+        if lead and plan.kind == "table":
+            plan = Plan("fixed", shape, reason=f"{where}: jpeft adapts lookup tables of one layer, not a stack of "
+                                               f"them ({full!r} has {lead} stacked axes); leave it out of the targets",
+                        lead=lead)
         site = sites.setdefault(path, Site(path, kind, {}))
-        if name in site.plans and site.plans[name] != plan:
-            raise InteropError(f"{where} uses its weight {name!r} in two ways ({site.plans[name]} and {plan}); jpeft "
-                               "needs one layout per weight")
-        site.plans[name] = plan
+        if weight in site.plans and site.plans[weight] != plan:
+            raise InteropError(f"{where} uses its weight {weight!r} in two ways ({site.plans[weight]} and {plan}); "
+                               "jpeft needs one layout per weight")
+        site.plans[weight] = plan
         if isinstance(spec, Table) and spec.head:
             tied[full] = full
     moved = {}
     for path, site in sites.items():
-        for name, plan in site.plans.items():
+        for weight, plan in site.plans.items():
             if plan.perm:
-                full = f"{path_str(path)}/{name}" if path else name
+                full = f"{path_str(path)}/{weight}" if path else weight
                 moved[full] = Transposed(flat[full], plan.perm)
                 if full in axes:
-                    axes[full] = tuple(axes[full][i] for i in plan.perm)
+                    axes[full] = tuple(axes[full][i] for i in plan.full_perm)
     return FlaxModel(name, tree.replace(params, moved) if moved else params, sites, runner, plain_runner,
                      axes, axes_kind, tied)
 

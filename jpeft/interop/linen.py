@@ -10,7 +10,10 @@ not ``dot_general``, and what the ``merge`` fallback costs: :mod:`jpeft.interop.
 Known layers: ``nn.Dense``, ``nn.DenseGeneral`` (without ``batch_dims``), ``nn.Einsum``,
 ``nn.Embed`` (lookups and ``attend``). :func:`register` adds a class (a library's own einsum or
 embedding module). A registered module's ``setup`` is skipped (jpeft computes all of its
-registered methods), and its adapted weights are not handed to Flax.
+registered methods); its weights, jpeft's wrapped leaves included, are handed to Flax as the
+``params`` collection and each layer reads its own from its scope, so lifted transforms over
+blocks (``nn.remat``, ``nn.scan`` with ``variable_axes={"params": 0}``) slice them as they slice
+plain weights: a scanned stack's kernels have a leading layer axis (their layouts' ``lead``).
 
 Example:
     >>> import jax, jax.numpy as jnp, jpeft
@@ -32,7 +35,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -41,7 +44,7 @@ from flax.core import meta, unfreeze
 
 from jpeft import ops, tree
 from jpeft.interop import layers
-from jpeft.interop.core import FlaxModel, InteropError, LayerMethod, LayerRegistry, build
+from jpeft.interop.core import FlaxModel, InteropError, LayerMethod, LayerRegistry, Weights, build, path_str
 
 _LAYERS = LayerRegistry(nn.Module, "a linen")
 
@@ -83,6 +86,12 @@ register(nn.Embed, "__call__", layers.embed_plan, layers.embed_run)
 register(nn.Embed, "attend", layers.attend_plan, layers.attend_run)
 
 
+def _own_weights(module: nn.Module) -> dict[str, Any]:
+    """The module's own parameters (jpeft's wrapped leaves when running; one slice of a stack under ``nn.scan``)."""
+    own = module.scope.variables().get("params", {}) if module.scope is not None else {}
+    return {name: value for name, value in own.items() if not isinstance(value, Mapping)}
+
+
 def _axes(boxed: Any) -> tuple[dict[str, tuple], str]:
     """``({path: names}, kind)`` from ``nn.Partitioned`` (mesh axes) / ``nn.LogicallyPartitioned`` (logical) boxes."""
     is_box = lambda x: isinstance(x, meta.AxisMetadata)  # noqa: E731
@@ -118,7 +127,9 @@ def wrap(module: nn.Module, variables: Any, *args, method: str | Callable | None
         rule = _rule_for(m, context.method_name) if m.scope is not None else None
         if rule is not None:
             for name, spec in rule.plan(m, *call_args, **call_kwargs).items():
-                records.append((tuple(m.scope.path), type(m).__name__, name, spec))
+                seen = _own_weights(m).get(name)
+                records.append((tuple(m.scope.path), type(m).__name__, name, spec,
+                                None if seen is None else tuple(seen.shape)))
         return next_fun(*call_args, **call_kwargs)
 
     def traced(p):
@@ -131,23 +142,23 @@ def wrap(module: nn.Module, variables: Any, *args, method: str | Callable | None
                            f"{_LAYERS.class_names()}); register its layer classes")
 
     def runner(by_site, applied, call_args, call_kwargs):
-        planned = {f"{'/'.join(p)}/{n}" if p else n for p, s in model.sites.items() for n in s.plans}
-        kept = {p: leaf for p, leaf in tree.flatten(applied).items() if p not in planned and not ops.is_wrapper(leaf)}
+        del by_site  # each layer reads its weights from its own scope (sliced by any lifted transform)
 
         def interceptor(next_fun, a, kw, context):
             m = context.module
             if m.scope is not None and _registered(m):
-                weights = by_site.get(tuple(m.scope.path))
-                if weights is not None:
+                site = model.sites.get(tuple(m.scope.path))
+                if site is not None:
                     if context.method_name == "setup":
                         return None
                     rule = _rule_for(m, context.method_name)
                     if rule is not None:
+                        weights = Weights(_own_weights(m), site.plans, f"{site.kind} at {path_str(site.path)!r}")
                         return rule.run(m, weights, *a, **kw)
             return next_fun(*a, **kw)
 
         with nn.intercept_methods(interceptor):
-            return module.apply({"params": tree.unflatten(kept), **rest}, *call_args, method=method, **call_kwargs)
+            return module.apply({"params": applied, **rest}, *call_args, method=method, **call_kwargs)
 
     def plain(params_, call_args, call_kwargs):
         return module.apply({"params": params_, **rest}, *call_args, method=method, **call_kwargs)

@@ -4,12 +4,17 @@
 weights, as a plain nested dict) and the rest, and traces one call on example inputs
 (``jax.eval_shape``) to record each registered layer's plan. The returned
 :class:`jpeft.interop.FlaxModel`'s ``bind(method)`` is a pure function: it rebuilds the module
-with ``nnx.merge`` from the frozen weights (a fresh object every call, so the user's module is
-never changed), puts a routing object in place of every registered layer (it computes the
-layer's methods through :mod:`jpeft.ops` with the method's wrapped leaves and reads anything
-else from the original layer), and calls the copy. nnx has no method interceptors; replacing the
-layer objects of a private copy is the out-of-place equivalent. Why layers and not
-``dot_general``, and what the ``merge`` fallback costs: :mod:`jpeft.interop.core`.
+with ``nnx.merge`` from the method's applied parameters (a fresh object every call, so the user's
+module is never changed; an adapted weight's ``nnx.Param`` holds jpeft's wrapped leaf), gives
+every registered layer of the copy a routing subclass of its own class (its registered methods
+compute through :mod:`jpeft.ops` with the weights in the layer's own parameters), and calls the
+copy. nnx has no method interceptors; changing the layer classes of a private copy is the
+out-of-place equivalent. The routed layers are still nnx modules, so lifted transforms over
+blocks (``nnx.remat``, ``nnx.scan``, ``nnx.vmap``) split, slice and merge them as they would the
+originals: a stack of blocks made with ``nnx.vmap`` and run with ``nnx.scan`` has kernels with a
+leading layer axis (their layouts' ``lead``), and each step's layer computes with its slice of
+the adapter. Why layers and not ``dot_general``, and what the ``merge`` fallback costs:
+:mod:`jpeft.interop.core`.
 
 Known layers: ``nnx.Linear``, ``nnx.LinearGeneral`` (without ``batch_axis``), ``nnx.Einsum``,
 ``nnx.Embed`` (lookups and ``attend``); :func:`register` adds others.
@@ -31,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +46,7 @@ from flax import nnx
 
 from jpeft import ops, tree
 from jpeft.interop import layers
-from jpeft.interop.core import FlaxModel, InteropError, LayerMethod, LayerRegistry, build, path_str
+from jpeft.interop.core import FlaxModel, InteropError, LayerMethod, LayerRegistry, Weights, build, path_str
 
 _LAYERS = LayerRegistry(nnx.Module, "an nnx")
 
@@ -74,38 +80,47 @@ register(nnx.Embed, "__call__", layers.embed_plan, layers.embed_run)
 register(nnx.Embed, "attend", layers.attend_plan, layers.attend_run)
 
 
-class _Routed:
-    """Stands in for a registered layer in a private copy of the graph: its registered methods go to ``call``."""
-
-    def __init__(self, layer, methods: dict[str, LayerMethod], call: Callable):
-        self._layer, self._methods, self._call = layer, methods, call
-
-    def __call__(self, *args, **kwargs):
-        return self._call(self._layer, "__call__", args, kwargs)
-
-    def __getattr__(self, name):
-        if name in self.__dict__.get("_methods", {}):
-            return lambda *a, **kw: self._call(self._layer, name, a, kw)
-        return getattr(self.__dict__["_layer"], name)
+# The layer calls of one wrapped call (recording or running), seen by the routed layer classes below.
+_HANDLER: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("jpeft_nnx_handler", default=None)
+_ROUTED: dict[type, type] = {}
+_PATH = "_jpeft_path"
 
 
-def _install(root, call: Callable):
-    """Replaces every registered layer under ``root`` by a :class:`_Routed`; returns the (possibly replaced) root."""
-    found = [(path, node) for path, node in nnx.iter_graph(root)
-             if isinstance(node, nnx.Module) and _methods_for(node)]
-    for path, node in found:
-        routed = _Routed(node, _methods_for(node), call)
-        if not path:
-            return routed
-        parent = root
-        for key in path[:-1]:
-            parent = parent[key] if isinstance(key, int) or not hasattr(parent, str(key)) else getattr(parent, key)
-        key = path[-1]
-        if isinstance(parent, nnx.Module) and not isinstance(key, int) and hasattr(parent, key):
-            setattr(parent, key, routed)
-        else:
-            parent[key] = routed
-    return root
+def _routed_class(cls: type) -> type:
+    """A subclass of layer class ``cls`` whose registered methods go to the active handler.
+
+    The layers of a private copy of the graph get this class (and their path as a static
+    attribute), so they stay nnx modules: lifted transforms (``nnx.remat``, ``nnx.scan``,
+    ``nnx.vmap``) split and merge them like any layer, slice their parameters, and the copy
+    they call inside the transform still routes its methods to jpeft.
+    """
+    if cls not in _ROUTED:
+        def route(name):
+            def method(self, *args, **kwargs):
+                handler = _HANDLER.get()
+                original = getattr(cls, name)
+                if handler is None:  # outside a wrapped call: the layer's own method
+                    return original(self, *args, **kwargs)
+                return handler(self, cls, name, original, args, kwargs)
+            method.__name__ = name
+            return method
+
+        names = _LAYERS.methods_for_class(cls)
+        _ROUTED[cls] = type(f"Routed{cls.__name__}", (cls,), {name: route(name) for name in names})
+    return _ROUTED[cls]
+
+
+def _install(root) -> None:
+    """Gives every registered layer under ``root`` (a private copy) its routed class and its path."""
+    for path, node in nnx.iter_graph(root):
+        if isinstance(node, nnx.Module) and _methods_for(node):
+            object.__setattr__(node, _PATH, tuple(path))
+            node.__class__ = _routed_class(type(node))
+
+
+def _own_weights(layer) -> dict[str, Any]:
+    """The layer's own ``nnx.Param`` values (jpeft's wrapped leaves in a running copy; slices under ``nnx.scan``)."""
+    return {name: value.get_value() for name, value in vars(layer).items() if isinstance(value, nnx.Param)}
 
 
 def _pure_axes(state) -> tuple[dict[str, tuple], str]:
@@ -139,18 +154,21 @@ def wrap(module: nnx.Module, *args, method: str | None = None, **kwargs) -> Flax
 
     records: list = []
 
-    def record(layer, name, a, kw):
-        for weight, spec in _methods_for(layer)[name].plan(layer, *a, **kw).items():
-            records.append((paths[id(layer)], type(layer).__name__, weight, spec))
-        return getattr(layer, name)(*a, **kw)
-
-    paths: dict[int, tuple] = {}
+    def record(layer, cls, name, original, a, kw):
+        own = _own_weights(layer)
+        for weight, spec in _LAYERS.methods_for_class(cls)[name].plan(layer, *a, **kw).items():
+            seen = tuple(own[weight].shape) if weight in own else None
+            records.append((getattr(layer, _PATH), cls.__name__, weight, spec, seen))
+        return original(layer, *a, **kw)
 
     def traced(pure):
         copy = rebuild(pure)
-        paths.clear()
-        paths.update({id(node): path for path, node in nnx.iter_graph(copy) if isinstance(node, nnx.Module)})
-        return getattr(_install(copy, record), entry)(*args, **kwargs)
+        _install(copy)
+        token = _HANDLER.set(record)
+        try:
+            return getattr(copy, entry)(*args, **kwargs)
+        finally:
+            _HANDLER.reset(token)
 
     jax.eval_shape(traced, params)
     if not records:
@@ -158,20 +176,22 @@ def wrap(module: nnx.Module, *args, method: str | None = None, **kwargs) -> Flax
                            f"{_LAYERS.class_names()}); register its layer classes")
 
     def runner(by_site, applied, call_args, call_kwargs):
-        planned = {path_str(p) + f"/{n}" for p, s in model.sites.items() for n in s.plans}
-        flat = tree.flatten(applied)
-        pure = tree.replace(params, {p: (jnp.zeros((), jnp.float32) if p in planned or ops.is_wrapper(leaf) else leaf)
-                                     for p, leaf in flat.items()})
-        copy = rebuild(pure)
-        where = {id(node): path for path, node in nnx.iter_graph(copy) if isinstance(node, nnx.Module)}
+        del by_site  # each layer reads its weights from its own parameters (sliced by any lifted transform)
+        copy = rebuild(tree.replace(params, tree.flatten(applied)))
+        _install(copy)
 
-        def call(layer, name, a, kw):
-            weights = by_site.get(where[id(layer)])
-            if weights is None:  # a registered layer the traced call did not use
-                return getattr(layer, name)(*a, **kw)
-            return _methods_for(layer)[name].run(layer, weights, *a, **kw)
+        def call(layer, cls, name, original, a, kw):
+            site = model.sites.get(getattr(layer, _PATH))
+            if site is None:  # a registered layer the traced call did not use
+                return original(layer, *a, **kw)
+            weights = Weights(_own_weights(layer), site.plans, f"{site.kind} at {path_str(site.path)!r}")
+            return _LAYERS.methods_for_class(cls)[name].run(layer, weights, *a, **kw)
 
-        return getattr(_install(copy, call), entry)(*call_args, **call_kwargs)
+        token = _HANDLER.set(call)
+        try:
+            return getattr(copy, entry)(*call_args, **call_kwargs)
+        finally:
+            _HANDLER.reset(token)
 
     def plain(pure, call_args, call_kwargs):
         return getattr(rebuild(pure), entry)(*call_args, **call_kwargs)

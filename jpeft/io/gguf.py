@@ -41,7 +41,8 @@ def open_reader(path: str | Path) -> gguf.GGUFReader:
     """A ``GGUFReader`` for ``path``, or a :class:`CheckpointError` saying why the file cannot be read."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"GGUF file {str(path)!r} does not exist")
+        raise CheckpointError(f"GGUF file {str(path)!r} " + ("is a folder; give the .gguf file in it" if path.is_dir()
+                                                              else "does not exist"))
     try:
         return gguf.GGUFReader(path)
     except Exception as err:  # the reader raises ValueError, struct errors, IndexError... on a bad file
@@ -109,5 +110,10 @@ def load_gguf_tokenizer(path: str | Path):
     """
     from transformers import AutoTokenizer
 
+    open_reader(path)  # a missing or unreadable file is a CheckpointError, as for load_gguf
     path = Path(path)
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (OSError, ValueError, KeyError) as err:
+        raise CheckpointError(f"{str(path)!r}: no tokenizer can be built from its metadata ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''})") from None

@@ -97,9 +97,12 @@ def read_hf_config(folder: str | Path, **overrides) -> Model:
         >>> read_hf_config("/nonexistent")
         Traceback (most recent call last):
         ...
-        jpeft.errors.CheckpointError: No config.json in /nonexistent: expected a Hugging Face model folder.
+        jpeft.errors.CheckpointError: No Hugging Face model folder at /nonexistent: it does not exist
     """
     config_path = Path(folder) / CONFIG_FILE
+    if not Path(folder).is_dir():
+        raise CheckpointError(f"No Hugging Face model folder at {folder}: " + (
+            "it is a file; give the folder that holds config.json" if Path(folder).exists() else "it does not exist"))
     if not config_path.is_file():
         raise CheckpointError(f"No {CONFIG_FILE} in {folder}: expected a Hugging Face model folder.")
     try:
@@ -156,7 +159,7 @@ def load_hf(folder: str | Path, *, dtype=jnp.float32, quantize=None, **overrides
         >>> load_hf("/nonexistent")
         Traceback (most recent call last):
         ...
-        jpeft.errors.CheckpointError: No config.json in /nonexistent: expected a Hugging Face model folder.
+        jpeft.errors.CheckpointError: No Hugging Face model folder at /nonexistent: it does not exist
     """
     folder = Path(folder)
     model = read_hf_config(folder, param_dtype=jnp.dtype(dtype).name, **overrides)

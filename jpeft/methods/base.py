@@ -136,6 +136,30 @@ def for_inference(method: Method, params: Any, adapter: Any) -> Any:
     return method.apply(params, adapter) if blocked else method.merge(params, adapter)
 
 
+def refuse_rebased(method: Method, what: str) -> None:
+    """Raises ``ValueError`` when ``method``'s adapter goes with a rebased base, not the shared one.
+
+    An adapter whose method has ``rebase`` (LoRA's PiSSA and OLoRA inits) was trained over
+    its own residual base ``W - s*A0@B0``; over the original parameters, or next to other
+    adapters on one shared base, it is another model. Its plain LoRA form of rank ``2r``
+    (:func:`jpeft.methods.lora.as_plain_lora`) runs on the original parameters.
+
+    Example:
+        >>> import jpeft
+        >>> refuse_rebased(jpeft.lora(rank=2, targets=r".*"), "here")  # a plain init: nothing to say
+        >>> refuse_rebased(jpeft.lora(rank=2, targets=r".*", init="pissa"), "here")
+        Traceback (most recent call last):
+        ...
+        ValueError: here: a lora r=2 ... adapter goes with the base its init rebased ...
+    """
+    if method.rebase is None:
+        return
+    raise ValueError(f"{what}: a {method.describe()} adapter goes with the base its init rebased (the residual "
+                     "W - s*A0@B0 of PiSSA / OLoRA), not with the original parameters; convert it first to the plain "
+                     "LoRA of rank 2r that runs on them: jpeft.methods.lora.as_plain_lora(method, params, "
+                     "adapter, method.init(key, params)), with the key that made the fresh adapter")
+
+
 def inherited_axes(adapter: Any, param_axes: Any) -> dict:
     """Default adapter axes: a leaf at a parameter's path takes its axes; others are replicated.
 

@@ -49,7 +49,7 @@ import numpy as np
 
 from jpeft import tree
 from jpeft.errors import SettingError
-from jpeft.methods.base import Method
+from jpeft.methods.base import Method, refuse_rebased
 from jpeft.methods.lora import LoraWeight, lora
 
 TASK_ARITHMETIC = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -168,6 +168,7 @@ def _lora_leaves(params: Any, entries: list[tuple[str, Method, Any]]) -> list[di
     for name, method, adapter in entries:
         if not isinstance(method, Method):
             raise TypeError(f"adapter {name} must be a (jpeft.Method, adapter) pair, got {type(method).__name__}")
+        refuse_rebased(method, f"combine_adapters: adapter {name}")
         try:
             applied = tree.flatten(method.apply(params, adapter))
         except (ValueError, TypeError, KeyError) as err:

@@ -62,7 +62,7 @@ from jpeft import tree
 from jpeft.errors import SettingError
 from jpeft.layout import layouts_for
 from jpeft.methods import rows as row_kinds
-from jpeft.methods.base import Method
+from jpeft.methods.base import Method, refuse_rebased
 import jpeft.models.hooks as hooks
 
 BASE = "base"
@@ -175,6 +175,7 @@ def _changes(like: Any, name: str, method: Method, adapter: Any, model: Any) -> 
     """``{(where, kind): leaf}``: what adapter ``name`` changes in the parameters, by kind."""
     if not isinstance(method, Method):
         raise TypeError(f"adapter {name!r} must be a (jpeft.Method, adapter) pair, got {type(method).__name__}")
+    refuse_rebased(method, f"MixedAdapters: adapter {name!r}")
     try:
         applied = method.apply(like, adapter)
     except (ValueError, TypeError, KeyError) as err:

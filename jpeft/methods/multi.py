@@ -29,7 +29,7 @@ from typing import Any
 
 import jax
 
-from jpeft.methods.base import Method
+from jpeft.methods.base import Method, refuse_rebased
 
 
 @jax.tree_util.register_pytree_node_class
@@ -47,6 +47,7 @@ class AdapterBank:
                 raise TypeError(f"adapter names must be strings, got {name!r}")
             if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], Method)):
                 raise TypeError(f"adapter {name!r} must be a (jpeft.Method, adapter) pair, got {type(entry).__name__}")
+            refuse_rebased(entry[0], f"AdapterBank: adapter {name!r}")
             entries[name] = entry
         self._entries = dict(sorted(entries.items()))
 

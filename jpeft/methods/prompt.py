@@ -143,6 +143,8 @@ def prompt_tuning(
     _check_count(num_virtual_tokens)
     if init not in (None, *_INITS):
         raise SettingError("init", init, f"must be one of {_INITS}", what="prompt")
+    if not init_std > 0:
+        raise SettingError("init_std", init_std, "must be > 0", what="prompt")
     has_text = init_text is not None or init_ids is not None
     init = init or ("text" if has_text else "vocab")
     if (init == "text") != has_text:

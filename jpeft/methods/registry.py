@@ -40,6 +40,9 @@ import typing
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+import jax.numpy as jnp
+import numpy as np
+
 from jpeft.errors import SettingError
 from jpeft.methods.base import Method
 
@@ -201,8 +204,32 @@ def check_settings(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
                     and all(typing.get_origin(a) is typing.Literal or a is type(None) for a in typing.get_args(hint))):
                 raise SettingsError(f"{value!r} must be {_type_name(hint)}", setting=key)
             raise SettingsError(f"{_describe(value)}, it needs a {_type_name(hint)}", setting=key)
+        if _is_dtype(params[key].default) and not _is_float_dtype(coerced):
+            raise SettingsError(f"{coerced!r} is not a floating-point dtype; give a name such as 'float32' or "
+                                "'bfloat16'", setting=key)
         out[key] = coerced
     return out
+
+
+def _is_dtype(default: Any) -> bool:
+    """Whether a builder argument's default is a dtype (``jnp.float32``): its value must be one too."""
+    if default is None or isinstance(default, (bool, int, float, str)) or default is inspect.Parameter.empty:
+        return False
+    try:
+        np.dtype(default)
+    except TypeError:
+        return False
+    return True
+
+
+def _is_float_dtype(value: Any) -> bool:
+    """Whether ``value`` names a floating-point dtype (``"float32"``, ``"bfloat16"``, ``jnp.float16``)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return False
+    try:
+        return bool(jnp.issubdtype(jnp.dtype(value), jnp.floating))
+    except TypeError:
+        return False
 
 
 def validate(name: str, given: Mapping[str, Any]) -> dict[str, Any]:

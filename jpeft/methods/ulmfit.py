@@ -89,6 +89,23 @@ def discriminative_rules(slots: Mapping[str, Slot], num_layers: int, layers_per_
     return rules
 
 
+def _check_stages_fit(unfreeze_every: int | None, groups: int, total_step: int | None) -> None:
+    """A :class:`SettingError` when gradual unfreezing would leave groups untrained: the last of the ``groups``
+    stages starts at step ``1 + (groups - 1) * unfreeze_every``, which must not be after ``total_step``."""
+    if unfreeze_every is None or total_step is None or groups < 2:
+        return
+    last_start = 1 + (groups - 1) * unfreeze_every
+    if last_start <= total_step:
+        return
+    untrained = groups - 1 - (total_step - 1) // unfreeze_every
+    most = (total_step - 1) // (groups - 1)
+    fix = f"lower it to at most {most}" if most >= 1 else "set it to null (every group from the first step)"
+    raise SettingError("unfreeze_every", unfreeze_every,
+                       f"leaves {untrained} of the {groups} groups untrained: the last one would join at step "
+                       f"{last_start}, after the run's last step {total_step}; {fix}, lower groups, or train more "
+                       "steps", what="ulmfit")
+
+
 def ulmfit(
     targets: tree.Targets = r".*",
     layers_per_group: int = 1,
@@ -97,6 +114,7 @@ def ulmfit(
     unfreeze_every: int | None = None,
     *,
     model: Any = None,
+    total_step: int | None = None,
 ) -> Method:
     """Gradual unfreezing with discriminative learning rates (see the module docstring).
 
@@ -109,6 +127,9 @@ def ulmfit(
         unfreeze_every: steps per stage: one more group joins every ``unfreeze_every``
             steps. ``None``: every group from the first step (no gradual unfreezing).
         model: the :class:`jpeft.models.Model` (needed: its layers, their roles).
+        total_step: the optimizer steps the run takes (a program passes it): with it, an
+            ``unfreeze_every`` whose last stage would start after the last step (groups
+            that would never train) is refused.
 
     Returns:
         A :class:`jpeft.Method` training the top group, with the later stages in its
@@ -135,6 +156,7 @@ def ulmfit(
         raise SettingError("groups", groups, f"is more than the {total} groups this model has ({layer_groups} groups "
                            f"of {layers_per_group} of its {count} layers" + (" + the embedding)" if has_table else ")"),
                            what=what)
+    _check_stages_fit(unfreeze_every, groups, total_step)
     transform = optim.scale_by_rules(discriminative_rules(chosen_slots, count, layers_per_group, factor))
 
     def stage(trained: int) -> Method:

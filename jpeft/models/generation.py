@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -34,6 +35,9 @@ def pick_token(logits_BxV, key, temperature: float, top_k: int | None) -> jax.Ar
     if temperature == 0.0:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     if top_k is not None:
+        if top_k > logits_BxV.shape[-1]:
+            raise ValueError(f"top_k={top_k} is more than the vocabulary's {logits_BxV.shape[-1]} tokens; lower it "
+                             "(or leave it out to sample from every token)")
         kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
         logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
     return jax.random.categorical(key, logits_BxV / temperature, axis=-1).astype(jnp.int32)
@@ -89,16 +93,41 @@ def _generate(params, prompt_BxT, prompt_mask_BxT, key, *, model, max_new_tokens
     return jax.lax.while_loop(keep_going, decode_one, state).tokens_BxN
 
 
-def _checked(model, params, prompt_BxT, prompt_mask_BxT, max_new_tokens, key, temperature, eos_id):
+def check_can_generate(model: Any) -> None:
+    """Raises ``ValueError`` when ``model`` cannot write text: it needs a language-model head and a key/value cache.
+
+    Example:
+        >>> from jpeft.models import bert
+        >>> check_can_generate(bert.model(bert.BertConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
+        ...                                               num_layers=1, num_heads=2)))
+        Traceback (most recent call last):
+        ...
+        ValueError: the 'bert' model cannot generate text: it has no language-model head and no key/value cache ...
+    """
+    missing = [what for what, field in (("language-model head", model.family.head),
+                                        ("key/value cache", model.family.init_cache)) if field is None]
+    if missing:
+        raise ValueError(f"the {model.name!r} model cannot generate text: it has no {' and no '.join(missing)} "
+                         "(an encoder-only model reads text, it does not write it); generate with a decoder "
+                         "(Llama) or an encoder-decoder (T5)")
+
+
+def _checked(model, params, prompt_BxT, prompt_mask_BxT, max_new_tokens, key, temperature, top_k, eos_id):
     """The arguments of :func:`generate` and :func:`stream`, checked and normalised."""
+    check_can_generate(model)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    if len(np.shape(prompt_BxT)) != 2 or np.shape(prompt_BxT)[1] < 1:
+        raise ValueError(f"the prompt must be (batch, length) with at least one token, got shape "
+                         f"{np.shape(prompt_BxT)}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}.")
     virtual = model.virtual_tokens(params)
     if virtual and model.max_positions is not None:
         kv_cache.check_room(model.max_positions, virtual, prompt_BxT.shape[1] + max_new_tokens, None,
                             "prompt and new tokens")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}.")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}.")
     if temperature > 0 and key is None:
         raise ValueError("Sampling (temperature > 0) needs a PRNG key.")
     if prompt_mask_BxT is None:
@@ -130,7 +159,7 @@ def generate(
     the whole generation must fit the model's context.
     """
     prompt_BxT, prompt_mask_BxT, key, eos_ids = _checked(model, params, prompt_BxT, prompt_mask_BxT,
-                                                         max_new_tokens, key, temperature, eos_id)
+                                                         max_new_tokens, key, temperature, top_k, eos_id)
     return _generate(params, prompt_BxT, prompt_mask_BxT, key, model=model, max_new_tokens=int(max_new_tokens),
                      temperature=float(temperature), top_k=top_k, eos_ids=eos_ids, pad_id=int(pad_id))
 
@@ -170,7 +199,7 @@ def stream(
         True
     """
     prompt_BxT, prompt_mask_BxT, key, eos_ids = _checked(model, params, prompt_BxT, prompt_mask_BxT,
-                                                         max_new_tokens, key, temperature, eos_id)
+                                                         max_new_tokens, key, temperature, top_k, eos_id)
     temperature, eos = float(temperature), np.asarray(eos_ids or (), np.int64)
     max_len = model.virtual_tokens(params) + prompt_BxT.shape[1] + int(max_new_tokens)
     token_B, cache, key = _prefill_jit(params, prompt_BxT, prompt_mask_BxT, key, model=model, max_len=max_len,
