@@ -53,7 +53,7 @@ def test_pissa_factors_are_the_top_singular_triplets_in_float64(shape, inputs):
         a_i, signs = aligned(a_i, u[:, :3] * np.sqrt(s[:3] / 2.0), axis=0)  # scale s = 6 / 3
         np.testing.assert_allclose(a_i, u[:, :3] * np.sqrt(s[:3] / 2.0), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(b_i * signs.T, np.sqrt(s[:3] / 2.0)[:, None] * vt[:3], rtol=1e-4, atol=1e-5)
-    rebased = method.rebase({"w": w}, adapter)
+    rebased = method.training.rebase.base({"w": w}, adapter)
     residual = np.asarray(rebased["w"], np.float64).reshape(-1, *shape[lead:])
     for i, w_i in enumerate(np.asarray(w, np.float64).reshape(-1, *shape[lead:])):
         mat = w_i.reshape(int(np.prod(shape[lead:lead + inputs])), -1)
@@ -92,7 +92,7 @@ def test_fresh_adapter_over_the_rebased_base_is_the_model():
     expected = logits(params)
     method = jpeft.lora(rank=4, alpha=8, targets=r".*/(q|v)_proj/kernel", init="pissa", model=model)
     adapter = method.init(jax.random.key(1), params)
-    frozen = method.rebase(params, adapter)  # OLoRA's rebase: the PEFT test below
+    frozen = method.training.rebase.base(params, adapter)  # OLoRA's rebase: the PEFT test below
     assert not np.allclose(frozen["layers"]["self_attn"]["q_proj"]["kernel"],
                            params["layers"]["self_attn"]["q_proj"]["kernel"], atol=1e-3)
 
@@ -104,7 +104,7 @@ def test_only_the_adapter_gets_gradients_and_both_factors_move():
     w = jnp.asarray(RNG.standard_normal((3, 8, 6)), jnp.float32)
     method = jpeft.lora(rank=2, targets="w", init="pissa")
     adapter = method.init(jax.random.key(0), {"w": w})
-    frozen = method.rebase({"w": w}, adapter)
+    frozen = method.training.rebase.base({"w": w}, adapter)
     x = jnp.asarray(RNG.standard_normal((3, 4, 8)), jnp.float32)
     grads = jax.grad(lambda a: jnp.sum(jpeft.ops.linear(x, method.apply(frozen, a)["w"]) ** 3))(adapter)
     assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(adapter)
@@ -122,7 +122,8 @@ def test_bad_inits_and_bases_are_clear_errors():
     with pytest.raises(ValueError, match="embedding table; init='pissa' adapts kernels only"):
         jpeft.lora(rank=2, targets="w", init="pissa", model=Kernels({"w": Layout("table")})).init(
             jax.random.key(0), {"w": w})
-    assert jpeft.lora(targets=".*").rebase is None and jpeft.lora(targets=".*", init="olora").rebase is not None
+    assert jpeft.lora(targets=".*").training.rebase is None
+    assert jpeft.lora(targets=".*", init="olora").training.rebase is not None
     abstract = jax.eval_shape(jpeft.lora(rank=2, targets="w", init="pissa").init, jax.random.key(0), {"w": w})
     assert abstract["w"]["a"].shape == (64, 2)
 
@@ -136,7 +137,7 @@ def test_pissa_on_a_4bit_base_quantizes_the_residual_again():
     adapter = method.init(jax.random.key(0), {"w": q})
     from_float = method.init(jax.random.key(0), {"w": q.materialize()})
     jax.tree.map(np.testing.assert_array_equal, adapter, from_float)  # the SVD of the 4-bit weight's values
-    residual = method.rebase({"w": q}, adapter)["w"]
+    residual = method.training.rebase.base({"w": q}, adapter)["w"]
     assert quant.is_quantized(residual)
     assert (residual.format, residual.block_size, residual.axis, residual.double_quant) == \
         (q.format, q.block_size, q.axis, q.double_quant)
@@ -197,7 +198,7 @@ def test_matches_peft_init_and_its_conversion_to_a_rank_2r_lora(base_folder, tmp
     model, params = load_hf(base_folder)
     method = jpeft.lora(rank=4, alpha=8, targets=r".*/(q|v)_proj/kernel", init=init, model=model)
     ours = method.init(jax.random.key(0), params)
-    rebased = method.rebase(params, ours)
+    rebased = method.training.rebase.base(params, ours)
     core = hf.base_model.model.model
     for i, layer in enumerate(core.layers):            # the same factors (up to sign) and the same residual base
         for proj in ("q_proj", "v_proj"):
@@ -221,7 +222,7 @@ def test_matches_peft_init_and_its_conversion_to_a_rank_2r_lora(base_folder, tmp
     # jpeft, from PEFT's own initial and trained factors: the same tuned model, the same conversion.
     initial = peft_factors(load_file(str(tmp_path / "initial" / "adapter_model.safetensors")), model, params)
     trained = peft_factors({k: v.detach().numpy() for k, v in hf.named_parameters() if ".lora_" in k}, model, params)
-    frozen = method.rebase(params, initial)
+    frozen = method.training.rebase.base(params, initial)
     np.testing.assert_allclose(np.asarray(model.forward(method.apply(frozen, trained), jnp.asarray(TOKENS))[0]),
                                tuned, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="convert it first"):

@@ -118,10 +118,10 @@ def test_method_config_errors_name_the_key(raw, message):
 
 def test_method_overrides():
     cfg = config_lib.apply_overrides(config_lib.from_dict({}), ["method=ia3", "ia3.feedforward=null",
-                                                                 "model.quantize=int8", "bottleneck.size=4"])
-    assert (cfg.method, cfg.ia3.feedforward, cfg.model.quantize, cfg.bottleneck.size) == ("ia3", None, "int8", 4)
+                                                                 "model.quantize=int8"])
+    assert (cfg.method, cfg.ia3.feedforward, cfg.model.quantize, cfg.bottleneck.size) == ("ia3", None, "int8", 64)
     with pytest.raises(ConfigError, match=r"unknown key 'bottleneck.sise'.*did you mean 'size'"):
-        config_lib.apply_overrides(cfg, ["bottleneck.sise=3"])
+        config_lib.apply_overrides(cfg, ["method=bottleneck", "bottleneck.sise=3"])
 
 
 def test_cli_exits_2_on_a_bad_method_section(tmp_path):

@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m train",
         description="Fine-tune a model with a jpeft method on the job a YAML config describes.",
-        epilog="Overrides use dotted keys, e.g.: train.steps=20 lora.rank=4 method=full",
+        epilog="Overrides use dotted keys, e.g.: train.steps=20 lora.rank=4 (a section the run does not use is an "
+               "error: with method=full, drop the lora section by lora=null)",
     )
     parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/smollm2_bbc_lora.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")

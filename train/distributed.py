@@ -19,7 +19,8 @@ import os
 
 import jax
 
-from train.config import ConfigError, DistributedConfig, MeshConfig
+from train.sections import DistributedConfig, MeshConfig
+from train.errors import ConfigError
 
 _ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
         "process_id": "JAX_PROCESS_ID"}

@@ -39,10 +39,9 @@ from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
 from jpeft.errors import CheckpointError
-from train.config import ConfigError
+from train.errors import ConfigError
 
 BASE = "base"
-PEFT_CONFIG = "adapter_config.json"
 
 
 class Row(NamedTuple):
@@ -148,88 +147,31 @@ def parse_loads(loads: list[str]) -> dict[str, str]:
 
 def adapter_format(name: str, folder: str) -> str:
     """``"peft"`` or ``"jpeft"``: what kind of adapter folder ``folder`` is (checked before the model loads)."""
-    where = f"--load {name}={folder}"
-    path = Path(folder)
-    if not path.is_dir():
-        raise CheckpointError(f"{where}: no such folder; give a jpeft adapter folder (python -m train writes "
-                              "run_dir/adapter) or a PEFT folder (adapter_config.json)")
-    if (path / PEFT_CONFIG).is_file():
-        return "peft"
-    if not any(p.name.isdigit() for p in path.iterdir()):
-        raise CheckpointError(f"{where} is neither a jpeft adapter folder (python -m train writes run_dir/adapter) "
-                              f"nor a PEFT folder ({PEFT_CONFIG})")
-    return "jpeft"
+    from jpeft import lifecycle
+
+    try:
+        return lifecycle.adapter_format(folder)
+    except CheckpointError as err:
+        raise CheckpointError(f"--load {name}={folder}: {err}") from None
 
 
 def load_adapter(name: str, folder: str, loaded, base_model: dict | None = None) -> tuple[Any, Any]:
     """``(method, adapter)`` from a jpeft adapter folder or a PEFT folder, for ``loaded``'s model.
 
-    ``base_model``: the loaded model's config section; a jpeft adapter trained on another
-    base is noted on stderr (its shapes are checked either way).
+    :func:`jpeft.lifecycle.load_adapter` reads it, in the form that runs on the loaded
+    weights (a method whose init rebased its base, PiSSA, is converted by its own
+    ``rebase.over_original``). ``base_model``: the loaded model's config section; a jpeft
+    adapter trained on another base is noted on stderr (its shapes are checked either way).
     """
-    import jax
+    from jpeft import checkpoint, lifecycle
 
-    from jpeft import checkpoint
-    from jpeft.io.peft_format import load_peft
-    from jpeft.methods import registry
-
-    where = f"--load {name}={folder}"
-    path = Path(folder)
-    if adapter_format(name, folder) == "peft":
-        try:
-            return load_peft(path, loaded.model, loaded.params)
-        except CheckpointError as err:
-            raise CheckpointError(f"{where}: {err}") from None
     try:
-        metadata = checkpoint.read_metadata(path)["metadata"]
+        method, adapter = lifecycle.load_adapter(folder, loaded.model, loaded.params, tokenizer=loaded.tokenizer)
     except CheckpointError as err:
-        raise CheckpointError(f"{where}: {err}") from None
-    method_name = metadata.get("method") if isinstance(metadata, dict) else None
-    if method_name not in registry.names():
-        raise CheckpointError(f"{where}: its metadata names the method {method_name!r}, which is not registered "
-                              f"(known: {', '.join(registry.names())})")
-    settings = {k: v for k, v in metadata.items() if k in registry.settings(method_name)}
-    try:
-        method = registry.build(method_name, settings, model=loaded.model, tokenizer=loaded.tokenizer)
-        like = jax.eval_shape(lambda p: method.saved_form(method.init(jax.random.key(0), p)), loaded.params)
-    except (registry.SettingsError, ValueError) as err:
-        raise CheckpointError(f"{where}: its {method_name} settings {settings} do not fit this base model: {err}")
-    if method.rebase is not None:
-        _check_rebuildable(where, method, metadata, loaded.params)
-    try:
-        adapter, _ = checkpoint.restore_adapter(path, like=like, method=method_name)
-    except CheckpointError as err:
-        raise CheckpointError(f"{where} does not fit this base model (was it trained on another?): {err}") from None
-    _note_other_base(name, metadata.get("model"), base_model)
-    if method.rebase is not None:  # PiSSA / OLoRA: as a plain LoRA for the loaded (original) weights
-        from jpeft.methods.lora_init import as_plain_lora
-
-        initial = method.init(jax.random.key(int(metadata["seed"])), loaded.params)
-        return as_plain_lora(method, loaded.params, adapter, initial, model=loaded.model)
+        raise CheckpointError(f"--load {name}={folder}: {err}") from None
+    if adapter_format(name, folder) == "jpeft":
+        _note_other_base(name, checkpoint.read_metadata(folder)["metadata"].get("model"), base_model)
     return method, adapter
-
-
-def _check_rebuildable(where: str, method, metadata: dict, params) -> None:
-    """Refuses an adapter trained over a rebased base (PiSSA's ``W - s*A0@B0``) that cannot be run here.
-
-    Such an adapter runs on the loaded weights as the plain LoRA of rank ``2r``
-    (:func:`jpeft.methods.lora_init.as_plain_lora`), which needs the fresh adapter ``A0, B0``:
-    the run's seed rebuilds it. Over a quantized base that form is not the trained model (the
-    run's base was the re-quantized residual), so it is refused.
-    """
-    import jax
-
-    from jpeft.quant.array import is_quantized
-
-    if "seed" not in metadata:
-        raise CheckpointError(f"{where}: a {method.describe()} adapter goes with the base its init rebased (PiSSA's "
-                              "residual W - s*A0@B0), and its metadata has no seed to rebuild the fresh adapter "
-                              "(saved by an older jpeft); convert it to a plain LoRA adapter "
-                              "(jpeft.methods.lora_init.as_plain_lora) and load that")
-    if any(is_quantized(leaf) for leaf in jax.tree.leaves(params, is_leaf=is_quantized)):
-        raise CheckpointError(f"{where}: a {method.describe()} adapter trained over a re-quantized residual base "
-                              "runs only over that base; load the model without model.quantize to run it as a "
-                              "plain LoRA of rank 2r on the float weights")
 
 
 def _note_other_base(name: str, recorded: Any, current: dict | None) -> None:

@@ -23,7 +23,8 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
-from train.config import ConfigError, ModelConfig
+from train.sections import ModelConfig
+from train.errors import ConfigError
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")

@@ -46,7 +46,7 @@ def _export(method, params: Any, adapter: Any, model) -> tuple[dict, dict]:
     from jpeft.methods.dora import DoraWeight
     from jpeft.methods.lora import LoraWeight, weight_layouts
 
-    if method.rebase is not None:
+    if method.training.rebase is not None:
         raise ValueError(f"{method.describe()}: this adapter goes with a rebased base (W - s*A0@B0), not the model's "
                          "own weights; convert it first with jpeft.methods.lora_init.as_plain_lora(method, params, "
                          "adapter, initial) and save that (a plain LoRA of rank 2r, as PEFT's conversion)")

@@ -103,9 +103,7 @@ def get(name: str) -> Registered:
 
 def settings(name: str) -> dict[str, inspect.Parameter]:
     """The builder's settings (its parameters, without :data:`CONTEXT`), by name."""
-    params = inspect.signature(get(name).builder).parameters
-    return {n: p for n, p in params.items()
-            if n not in CONTEXT and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return arguments(get(name).builder)
 
 
 def defaults(name: str) -> dict[str, Any]:
@@ -180,8 +178,27 @@ def check_settings(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
         SettingsError: for an unknown setting (with a close match when there is one), a
             value of the wrong type, or a value outside a ``Literal``'s choices.
     """
-    builder = get(name).builder
-    params = settings(name)
+    return check_arguments(get(name).builder, given, what=name)
+
+
+def arguments(builder: Callable[..., Any], context: tuple[str, ...] = CONTEXT) -> dict[str, inspect.Parameter]:
+    """A builder's settings: its parameters without ``context`` and ``*args`` / ``**kwargs``."""
+    params = inspect.signature(builder).parameters
+    return {n: p for n, p in params.items()
+            if n not in context and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def check_arguments(builder: Callable[..., Any], given: Mapping[str, Any], *, what: str,
+                    context: tuple[str, ...] = CONTEXT) -> dict[str, Any]:
+    """Validates keyword arguments against any builder's signature (a method's, a task's); returns them coerced.
+
+    ``what`` names the builder in messages; ``context``: parameters that are not settings.
+
+    Raises:
+        SettingsError: as :func:`check_settings`.
+    """
+    name = what
+    params = arguments(builder, context)
     try:
         hints = typing.get_type_hints(builder)
     except Exception:  # unresolvable annotations: leave the checks to the builder
