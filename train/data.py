@@ -26,6 +26,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from jpeft import assets
 from train.errors import ConfigError
 
 INSTRUCTION = "Write a headline for this article.\n\n"
@@ -205,8 +206,6 @@ def configured_split(dc) -> tuple[list[Article], Split]:
 
     directory = dc.dir
     if directory is None:
-        from jpeft import assets
-
         directory = assets.bbc_news_dir()
     try:
         articles = load_bbc(directory)

@@ -38,7 +38,16 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
+import jax
+import numpy as np
+
+import jpeft
+from jpeft import checkpoint, lifecycle
 from jpeft.errors import CheckpointError
+from jpeft.models import generation
+from train import data, model
+from train.__main__ import _input_errors
+from train.config import ModelConfig, apply_overrides, from_dict, load_config
 from train.errors import ConfigError
 
 BASE = "base"
@@ -78,8 +87,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def model_config(args: argparse.Namespace):
     """The base model's :class:`train.config.ModelConfig` from ``--config`` and ``model.*`` overrides."""
-    from train.config import apply_overrides, from_dict, load_config
-
     other = [o for o in args.overrides if not o.partition("=")[0].strip().startswith("model.")]
     if other:
         raise ConfigError(f"override {other[0]!r} is not a model setting; python -m train.generate takes model.* "
@@ -147,8 +154,6 @@ def parse_loads(loads: list[str]) -> dict[str, str]:
 
 def adapter_format(name: str, folder: str) -> str:
     """``"peft"`` or ``"jpeft"``: what kind of adapter folder ``folder`` is (checked before the model loads)."""
-    from jpeft import lifecycle
-
     try:
         return lifecycle.adapter_format(folder)
     except CheckpointError as err:
@@ -163,8 +168,6 @@ def load_adapter(name: str, folder: str, loaded, base_model: dict | None = None)
     ``rebase.over_original``). ``base_model``: the loaded model's config section; a jpeft
     adapter trained on another base is noted on stderr (its shapes are checked either way).
     """
-    from jpeft import checkpoint, lifecycle
-
     try:
         method, adapter = lifecycle.load_adapter(folder, loaded.model, loaded.params, tokenizer=loaded.tokenizer)
     except CheckpointError as err:
@@ -187,9 +190,6 @@ def _note_other_base(name: str, recorded: Any, current: dict | None) -> None:
 
 def _model_file(section: dict) -> str | None:
     """The model file or folder a config's ``model:`` section names (the default resolved), or None."""
-    from train import model
-    from train.config import ModelConfig
-
     try:
         _, path = model.resolve(ModelConfig(**{k: section.get(k) for k in ("source", "gguf", "hf_folder")}))
     except (ConfigError, ValueError, TypeError, OSError):
@@ -259,8 +259,6 @@ class Printer:
 def run_params(params, rows: list[Row], adapters: dict[str, tuple[Any, Any]], model):
     """``chunk of rows -> the parameters it runs with``: one adapter for every row (merged where that is
     exact), or one mix of every adapter the rows name, shared by all chunks so the decoder compiles once."""
-    import jpeft
-
     used = sorted({r.adapter for r in rows} - {BASE})
     if not used:
         return lambda chunk: params
@@ -278,12 +276,6 @@ def run_params(params, rows: list[Row], adapters: dict[str, tuple[Any, Any]], mo
 
 def generate(args: argparse.Namespace, out: TextIO = sys.stdout) -> None:
     """Load the model and the adapters, then generate every row (see the module docstring)."""
-    import jax
-    import numpy as np
-
-    from jpeft.models import generation
-    from train import data, model
-
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise ConfigError("--max-new-tokens and --batch-size must be at least 1")
     if args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
@@ -332,8 +324,6 @@ def generate(args: argparse.Namespace, out: TextIO = sys.stdout) -> None:
 
 
 def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
-    from train.__main__ import _input_errors
-
     args = parse_args(argv)
     try:
         generate(args, out or sys.stdout)

@@ -48,7 +48,8 @@ import jax
 import jax.numpy as jnp
 
 from jpeft import ops, tree
-from jpeft.io.names import CheckpointNames
+from jpeft.models.names import CheckpointNames
+from jpeft.sharding import adapter_axes
 from jpeft.layout import Layout
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -366,8 +367,6 @@ class FlaxModel:
 
     def adapter_axes(self, method, adapter) -> Any:
         """Axis names of every adapter leaf, inherited from the weight it adapts (LoRA's rank axis: ``"lora_rank"``)."""
-        from jpeft.sharding import adapter_axes
-
         return adapter_axes(method, adapter, self.param_axes())
 
     def adapter_specs(self, method, adapter, rules: Any = None) -> Any:

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft import ops
+from jpeft.methods.lora_weight import LoraWeight
 
 
 def column_norm(weight: jax.Array, lead: int, inputs: int) -> jax.Array:
@@ -132,8 +133,6 @@ class DoraWeight(ops.WeightWrapper):
 
 def init_magnitude(weight, lead: int, inputs: int, a, b, scale: float, dtype) -> Any:
     """DoRA's starting magnitude ``||W + s A @ B||`` (``||W||`` when ``B = 0``); shapes only for abstract weights."""
-    from jpeft.methods.lora import LoraWeight
-
     def norm(w, a_, b_):
         return DoraWeight(LoraWeight(base=w, a=a_, b=b_, scale=scale), jnp.zeros(())).weight_norm().astype(dtype)
 

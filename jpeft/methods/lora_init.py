@@ -40,6 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import tree
+from jpeft.methods.dora import DoraWeight
+from jpeft.methods.lora_weight import LoraWeight
+from jpeft.quant.array import is_quantized
+from jpeft.quant.quantize import quantize_array
 
 BASE_CHANGING = re.compile(r"pissa|pissa_niter_[1-9][0-9]*|olora")
 """The ``init`` values whose adapter is taken out of the base weight."""
@@ -105,12 +109,7 @@ def residual(weight: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax
     size and axis: the point of PiSSA on a 4-bit base, whose residual has lost the top
     singular values and so quantizes with less error than ``W`` did.
     """
-    from jpeft.methods.lora import LoraWeight
-    from jpeft.quant.array import is_quantized
-
     if is_quantized(weight):
-        from jpeft.quant.quantize import quantize_array
-
         return quantize_array(residual(weight.materialize(), a, b, scale), weight.format,
                               block_size=weight.block_size, axis=weight.axis, double_quant=weight.double_quant)
 
@@ -129,7 +128,7 @@ def as_plain_lora(method, params, adapter, initial, *, model=None):
     rebased parameters (only shapes are read). The result runs with ``apply`` / ``merge``
     on the original parameters and is written by :func:`jpeft.io.peft_format.save_peft`.
     """
-    from jpeft.methods.lora import LoraWeight, lora  # lora imports this module
+    from jpeft.methods.lora import lora  # the builder; lora imports this module
 
     applied, fresh = tree.flatten(method.apply(params, adapter)), tree.flatten(method.apply(params, initial))
     rules, out, ranks, tie = [], {}, [], False
@@ -156,8 +155,6 @@ def as_plain_lora(method, params, adapter, initial, *, model=None):
 
 def _adapted(leaf) -> bool:
     """A LoRA (or DoRA) update that ``apply`` put in place of a weight."""
-    from jpeft.methods.dora import DoraWeight
-    from jpeft.methods.lora import LoraWeight
 
     return isinstance(leaf, (LoraWeight, DoraWeight))
 

@@ -56,7 +56,7 @@ class Family(NamedTuple):
         init_cache: ``(config, batch, max_len, dtype) -> cache`` (decoders).
         keys_values_of_text: ``(params, config, ids) -> (key, value)``, each ``(L, n, width)``:
             the ``"prefix"`` value that acts as ``ids`` written before the input.
-        names: checkpoint name tables (a :class:`jpeft.io.names.CheckpointNames`) or None.
+        names: checkpoint name tables (a :class:`jpeft.models.names.CheckpointNames`) or None.
         num_layers: ``config -> int``.
         unstacked: ``config -> config`` with unrolled layers (what checkpoint files name).
         max_positions: ``config -> int``, the context length (or None).
