@@ -182,13 +182,13 @@ def from_dict(raw: dict) -> RunConfig:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"bad value for {builders.kind!r}: {chosen!r} must be one of "
                               f"{', '.join(map(repr, names))}{hint}")
+    sections = {name: Section(name, _section(name, value, known[name]), known[name].defaults(name))
+                for name, value in given.items()}  # bad values first: they name the key
     for name in given:
         kind = known[name].kind
         if getattr(config, kind) != name:
             raise ConfigError(f"unknown key {name!r} for this run: it is the section of the {kind} {name!r}, but the "
                               f"run's {kind} is {getattr(config, kind)!r}; remove the section, or set {kind}: {name}")
-    sections = {name: Section(name, _section(name, value, known[name]), known[name].defaults(name))
-                for name, value in given.items()}
     config = dataclasses.replace(config, sections=sections)
     _check_whole(config)
     return config

@@ -30,8 +30,8 @@ Example:
 
 from __future__ import annotations
 
-import collections.abc
 import difflib
+import functools
 import importlib
 import inspect
 import math
@@ -39,6 +39,8 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
+
+import pydantic
 
 from jpeft.errors import SettingError
 from jpeft.methods.base import Method
@@ -116,6 +118,8 @@ def defaults(name: str) -> dict[str, Any]:
 
 def _type_name(hint) -> str:
     origin = typing.get_origin(hint)
+    if origin is typing.Annotated:
+        return _type_name(typing.get_args(hint)[0])
     if origin is typing.Literal:
         return "one of " + ", ".join(map(repr, typing.get_args(hint)))
     if origin in (types.UnionType, typing.Union):
@@ -125,44 +129,49 @@ def _type_name(hint) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
-    """``(fits, value)``: whether ``value`` fits ``hint``, and the value (ints become floats for floats)."""
+_CONSTRAINTS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<"),
+                "less_than_equal": ("le", "<="), "multiple_of": ("multiple_of", "a multiple of")}
+"""pydantic's error types for ``annotated_types`` constraints, and how a message says them."""
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(hint: Any) -> pydantic.TypeAdapter | None:
+    """A strict pydantic validator of ``hint`` (ints are not bools, strings not numbers, floats finite), or
+    ``None`` for an annotation pydantic cannot build one for (the builder checks those)."""
+    config = pydantic.ConfigDict(strict=True, allow_inf_nan=False, arbitrary_types_allowed=True)
+    try:
+        return pydantic.TypeAdapter(hint, config=config)
+    except (pydantic.PydanticSchemaGenerationError, pydantic.PydanticUserError, TypeError):
+        return None
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any, str | None]:
+    """``(fits, value, constraint problem)``: whether ``value`` fits ``hint``, the value (ints become floats
+    for floats), and a broken ``Annotated`` constraint as a predicate (``"must be > 0"``) when that is why."""
     if hint is Any or hint is inspect.Parameter.empty:
-        return True, value
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (types.UnionType, typing.Union):
-        for arg in args:
-            fits, out = _coerce(value, arg)
-            if fits:
-                return True, out
-        return False, value
-    if origin is typing.Literal:
-        return value in args, value
-    if hint is type(None):
-        return value is None, value
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        if isinstance(value, str):  # YAML reads 1e-3 as a string
-            try:
-                value = float(value)
-            except ValueError:
-                return False, value
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        return ok, float(value) if ok else value
-    if origin in (list, tuple, collections.abc.Sequence):
-        if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            return False, value
-        inner = args[0] if args else Any
-        checked = [_coerce(v, inner) for v in value]
-        return all(ok for ok, _ in checked), [v for _, v in checked]
-    if origin is collections.abc.Callable or hint is collections.abc.Callable:
-        return callable(value), value
-    if isinstance(hint, type):
-        return isinstance(value, hint), value
-    return True, value  # an annotation this checker does not know: the builder checks it
+        return True, value, None
+    try:
+        adapter = _adapter(hint)
+    except TypeError:  # an unhashable annotation
+        adapter = None
+    if adapter is None:
+        return True, value, None
+    try:
+        return True, adapter.validate_python(value), None
+    except pydantic.ValidationError as err:
+        errors = err.errors()
+    if isinstance(value, str):  # YAML reads 1e-3 as a string: a number where the hint takes one
+        try:
+            return True, adapter.validate_python(float(value)), None
+        except (ValueError, pydantic.ValidationError):
+            pass
+    for e in errors:
+        if e["type"] in _CONSTRAINTS:
+            key, words = _CONSTRAINTS[e["type"]]
+            return False, value, f"must be {words} {e['ctx'][key]}"
+        if e["type"] == "finite_number":
+            return False, value, "is not a finite number"
+    return False, value, None
 
 
 def _describe(value: Any) -> str:
@@ -192,7 +201,22 @@ def check_arguments(builder: Callable[..., Any], given: Mapping[str, Any], *, wh
                     context: tuple[str, ...] = CONTEXT) -> dict[str, Any]:
     """Validates keyword arguments against any builder's signature (a method's, a task's); returns them coerced.
 
-    ``what`` names the builder in messages; ``context``: parameters that are not settings.
+    One pydantic validator per annotation (strict: a bool is not an int, a string not a number, except a
+    float written as YAML reads ``1e-3``; floats finite), with ``Annotated`` constraints
+    (``annotated_types.Gt`` ...) and ``Literal`` choices. ``what`` names the builder in messages;
+    ``context``: parameters that are not settings.
+
+    Example:
+        >>> from typing import Annotated, Literal
+        >>> from annotated_types import Gt
+        >>> def scaled(size: Annotated[int, Gt(0)] = 4, mode: Literal["in", "out"] = "in", scale: float = 1.0):
+        ...     ...
+        >>> check_arguments(scaled, {"size": 8, "scale": "1e-3"}, what="scaled")
+        {'size': 8, 'scale': 0.001}
+        >>> check_arguments(scaled, {"size": 0}, what="scaled")
+        Traceback (most recent call last):
+        ...
+        jpeft.methods.registry.SettingsError: 0 must be > 0
 
     Raises:
         SettingsError: as :func:`check_settings`.
@@ -200,7 +224,7 @@ def check_arguments(builder: Callable[..., Any], given: Mapping[str, Any], *, wh
     name = what
     params = arguments(builder, context)
     try:
-        hints = typing.get_type_hints(builder)
+        hints = typing.get_type_hints(builder, include_extras=True)  # with Annotated constraints
     except Exception:  # unresolvable annotations: leave the checks to the builder
         hints = {}
     out = {}
@@ -211,8 +235,10 @@ def check_arguments(builder: Callable[..., Any], given: Mapping[str, Any], *, wh
             raise SettingsError(f"unknown setting {key!r}{hint} ({name}'s settings: {', '.join(sorted(params))})",
                                 setting=None)
         hint = hints.get(key, inspect.Parameter.empty)
-        fits, coerced = _coerce(value, hint)
+        fits, coerced, problem = _coerce(value, hint)
         if not fits:
+            if problem is not None:
+                raise SettingsError(f"{value!r} {problem}", setting=key)
             if typing.get_origin(hint) is typing.Literal or (
                     typing.get_origin(hint) in (types.UnionType, typing.Union)
                     and all(typing.get_origin(a) is typing.Literal or a is type(None) for a in typing.get_args(hint))):
