@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -246,52 +244,28 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
 
 
 def _build(cls, raw, prefix: str, extra_keys=()):
-    """Check ``raw`` against dataclass ``cls`` (keys, types, values), recursively."""
+    """Check ``raw`` against dataclass ``cls`` (keys, types, values), recursively.
+
+    A dataclass's fields are checked as a builder's keyword arguments are
+    (:func:`jpeft.methods.registry.check_arguments`): one validator for every section.
+    """
     where = prefix.rstrip(".") or "the top level"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where!r} must be a mapping of keys, not {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "sections"}
+    fields = {f.name for f in dataclasses.fields(cls) if f.name != "sections"}
     for key in raw:
         if key not in fields:
-            options = {**fields, **dict.fromkeys(extra_keys)}
+            options = {**dict.fromkeys(fields), **dict.fromkeys(extra_keys)}
             raise ConfigError(f"unknown key {prefix + str(key)!r}{_suggest(str(key), options)}")
-    values = {}
-    for name, value in raw.items():
-        f = fields[name]
-        key = prefix + name
-        kind = typing.get_type_hints(cls)[name]
-        if dataclasses.is_dataclass(kind):
-            values[name] = _build(kind, value or {}, prefix=key + ".")
-            continue
-        value = _coerce(key, value, kind)
-        check = f.metadata.get("check")
-        problem = check(value) if check and value is not None else None
-        if problem:
-            raise ConfigError(f"bad value for {key!r}: {value!r} {problem}")
-        values[name] = value
-    return cls(**values)
-
-
-def _coerce(key: str, value, kind):
-    """Return ``value`` as type ``kind`` or raise a ConfigError naming ``key``."""
-    optional = isinstance(kind, types.UnionType) and type(None) in typing.get_args(kind)
-    base = next((t for t in typing.get_args(kind) if t is not type(None)), kind) if optional else kind
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"bad value for {key!r}: it needs a {base.__name__}, not null")
-    if base is float and isinstance(value, str):
-        try:
-            value = float(value)  # PyYAML reads 1e-3 as a string
-        except ValueError:
-            pass
-    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise ConfigError(f"bad value for {key!r}: {value!r} is not a finite number")
-        return float(value)
-    if isinstance(value, base) and not (base is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"bad value for {key!r}: {value!r} is a {type(value).__name__}, it needs a {base.__name__}")
+    hints = typing.get_type_hints(cls)
+    nested = {name: _build(hints[name], value or {}, prefix=prefix + name + ".")
+              for name, value in raw.items() if dataclasses.is_dataclass(hints[name])}
+    try:
+        values = registry.check_arguments(cls, {k: v for k, v in raw.items() if k not in nested}, what=where,
+                                          context=("sections",))
+    except registry.SettingsError as err:
+        raise ConfigError(f"bad value for {prefix + str(err.setting)!r}: {err}") from None
+    return cls(**values, **nested)
 
 
 def _check_whole(config: RunConfig) -> None:

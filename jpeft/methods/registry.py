@@ -129,15 +129,37 @@ def _type_name(hint) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+class Says(NamedTuple):
+    """``Annotated`` metadata: how a message says a broken constraint (``Says("must be in [0, 1)")``)."""
+
+    problem: str
+
+
+def _says(hint: Any) -> str | None:
+    """The :class:`Says` of ``hint`` or of an ``Annotated`` member of its union, if any."""
+    if typing.get_origin(hint) is typing.Annotated:
+        return next((m.problem for m in hint.__metadata__ if isinstance(m, Says)), None)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return next((said for arg in typing.get_args(hint) if (said := _says(arg))), None)
+    return None
+
+
 _CONSTRAINTS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<"),
                 "less_than_equal": ("le", "<="), "multiple_of": ("multiple_of", "a multiple of")}
 """pydantic's error types for ``annotated_types`` constraints, and how a message says them."""
 
 
-@functools.lru_cache(maxsize=None)
 def _adapter(hint: Any) -> pydantic.TypeAdapter | None:
     """A strict pydantic validator of ``hint`` (ints are not bools, strings not numbers, floats finite), or
     ``None`` for an annotation pydantic cannot build one for (the builder checks those)."""
+    try:
+        return _cached_adapter(hint)
+    except TypeError:  # an unhashable annotation: built each time
+        return _cached_adapter.__wrapped__(hint)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_adapter(hint: Any) -> pydantic.TypeAdapter | None:
     config = pydantic.ConfigDict(strict=True, allow_inf_nan=False, arbitrary_types_allowed=True)
     try:
         return pydantic.TypeAdapter(hint, config=config)
@@ -150,10 +172,7 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any, str | None]:
     for floats), and a broken ``Annotated`` constraint as a predicate (``"must be > 0"``) when that is why."""
     if hint is Any or hint is inspect.Parameter.empty:
         return True, value, None
-    try:
-        adapter = _adapter(hint)
-    except TypeError:  # an unhashable annotation
-        adapter = None
+    adapter = _adapter(hint)
     if adapter is None:
         return True, value, None
     try:
@@ -165,7 +184,10 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any, str | None]:
             return True, adapter.validate_python(float(value)), None
         except (ValueError, pydantic.ValidationError):
             pass
+    said = _says(hint)
     for e in errors:
+        if said is not None and (e["type"] in _CONSTRAINTS or e["type"] == "value_error"):
+            return False, value, said
         if e["type"] in _CONSTRAINTS:
             key, words = _CONSTRAINTS[e["type"]]
             return False, value, f"must be {words} {e['ctx'][key]}"
@@ -239,6 +261,8 @@ def check_arguments(builder: Callable[..., Any], given: Mapping[str, Any], *, wh
         if not fits:
             if problem is not None:
                 raise SettingsError(f"{value!r} {problem}", setting=key)
+            if value is None:
+                raise SettingsError(f"it needs a {_type_name(hint)}, not null", setting=key)
             if typing.get_origin(hint) is typing.Literal or (
                     typing.get_origin(hint) in (types.UnionType, typing.Union)
                     and all(typing.get_origin(a) is typing.Literal or a is type(None) for a in typing.get_args(hint))):
