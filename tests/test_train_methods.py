@@ -250,6 +250,6 @@ def test_tiny_method_run_end_to_end(tmp_path, mixing_hf_folder, bbc_dir, loaded_
     assert meta["method"] == method and meta["model"]["quantize"] == quantize
     if method in ("prefix_tuning", "p_tuning"):  # folded before saving
         assert set(adapter) == {"prefix" if method == "prefix_tuning" else "prompt"}
-    other_cfg = config_lib.apply_overrides(cfg, [f"method={other}"])
+    other_cfg = config_lib.apply_overrides(cfg, [f"method={other}", f"{method}=null"])  # its section dropped
     with pytest.raises(CheckpointError, match=f"holds a '{method}' adapter, not a '{other}' one"):
         run.restore(str(run_dir / "adapter"), other_cfg, loaded)

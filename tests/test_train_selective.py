@@ -154,7 +154,8 @@ def test_ulmfit_run_unfreezes_on_schedule_and_resumes_across_a_stage(tmp_path, m
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # The saved adapter is the last stage's: restoring it as another method's is refused.
     with pytest.raises(CheckpointError, match="holds a 'ulmfit' adapter, not a 'selective' one"):
-        run.restore(str(run_dir / "adapter"), config_lib.apply_overrides(cfg, ["method=selective"]), loaded)
+        other = config_lib.apply_overrides(cfg, ["method=selective", "ulmfit=null"])
+        run.restore(str(run_dir / "adapter"), other, loaded)
 
 
 @pytest.mark.parametrize("raw, message", [

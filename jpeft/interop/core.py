@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft import ops, tree
+from jpeft.models import capabilities
 from jpeft.models.names import CheckpointNames
 from jpeft.sharding import adapter_axes
 from jpeft.layout import Layout
@@ -340,6 +341,9 @@ class FlaxModel:
         self._by_str = {path_str(p): s for p, s in sites.items()}
 
     # ------------------------------------------------------------------ what methods ask a model
+
+    capabilities = frozenset({capabilities.WeightLayouts})
+    """What it offers (:mod:`jpeft.models.capabilities`): weight methods, through its layers' layouts."""
 
     def layouts(self) -> dict[str, Layout]:
         """``{param path: Layout}`` for every weight a registered layer uses as a kernel or table."""

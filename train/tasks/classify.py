@@ -27,6 +27,7 @@ from jpeft import tree
 from jpeft.methods.base import Method
 from jpeft.methods.heads import with_modules_to_save
 from jpeft.models import spec
+from jpeft.models.capabilities import Classifier, offers
 from train import data
 from train.errors import ConfigError
 
@@ -195,7 +196,7 @@ def with_head(loaded, num_labels: int, classifier_input: str, origin: str, key: 
             its head (restored from the folder) has another number of classes than the task.
     """
     model_ = loaded.model
-    if model_.family.classify is None:
+    if not offers(model_, Classifier):
         raise ConfigError(f"task: classify needs an encoder with a classification head, but the {model_.name!r} "
                           "model is a decoder-only language model; set model.source: minilm (or model.hf_folder: a "
                           "BERT folder, e.g. all-MiniLM-L6-v2), or use task: headlines with this model")

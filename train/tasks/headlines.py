@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from jpeft.methods.base import Method
+from jpeft.models.capabilities import CausalLM, EncoderDecoder, offers
 from train import data, evaluate
 from train.errors import ConfigError
 
@@ -138,10 +139,10 @@ def headlines(*, run, loaded) -> Generation:
             or the tokenizer does not fit its vocabulary.
     """
     model, tokenizer = loaded.model, loaded.tokenizer
-    if getattr(model, "is_encoder_decoder", False):
+    if offers(model, EncoderDecoder):
         raise ConfigError(f"the model is a {model.name!r} encoder-decoder, which reads a source and writes a target: "
                           "set task: seq2seq (task: headlines is for decoder-only models)")
-    if model.family.init_cache is None or model.family.head is None:
+    if not offers(model, CausalLM):
         raise ConfigError(f"task: headlines generates text, but the {model.name!r} model is an encoder without a "
                           "language-model head; use task: classify with it, or a decoder (model.source: smollm2)")
     check_tokenizer(tokenizer, model)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jpeft.models.capabilities import EncoderDecoder, offers
 from train import data
 from train.errors import ConfigError
 from train.tasks.headlines import Generation, check_tokenizer
@@ -128,7 +129,7 @@ def seq2seq(*, run, loaded) -> Generation:
         train.errors.ConfigError: task: seq2seq needs an encoder-decoder model (T5), but the model is a 'llama' decoder; use task: headlines, or point model.hf_folder at a T5 folder
     """
     model, tokenizer = loaded.model, loaded.tokenizer
-    if not getattr(model, "is_encoder_decoder", False):
+    if not offers(model, EncoderDecoder):
         raise ConfigError(f"task: seq2seq needs an encoder-decoder model (T5), but the model is a {model.name!r} "
                           "decoder; use task: headlines, or point model.hf_folder at a T5 folder")
     check_tokenizer(tokenizer, model)
