@@ -31,6 +31,15 @@ def loaded_models(mixing_hf_folder):
     return {q: model.load(config_lib.ModelConfig(hf_folder=str(mixing_hf_folder), quantize=q)) for q in (None, "nf4")}
 
 
+SECTIONS = {
+    "lora": {"rank": 4, "alpha": 8},
+    "prompt_tuning": {"num_virtual_tokens": 4, "init_text": "Write a headline for this article:"},
+    "prefix_tuning": {"num_virtual_tokens": 4, "init_text": "Write a headline for this article:"},
+    "p_tuning": {"num_virtual_tokens": 4, "hidden_size": 32},
+    "bottleneck": {"size": 8, "placement": "houlsby"},
+}
+
+
 def _tiny_config(tmp_path, folder, bbc_dir, method, *, quantize=None, lr):
     """Four training articles in batches of four: every step sees the same examples, so the loss must fall."""
     return config_lib.from_dict({
@@ -39,11 +48,7 @@ def _tiny_config(tmp_path, folder, bbc_dir, method, *, quantize=None, lr):
         "run_dir": str(tmp_path / method),
         "progress": False,
         "model": {"hf_folder": str(folder), "quantize": quantize},
-        "lora": {"rank": 4, "alpha": 8},
-        "prompt_tuning": {"num_virtual_tokens": 4, "init_text": "Write a headline for this article:"},
-        "prefix_tuning": {"num_virtual_tokens": 4, "init_text": "Write a headline for this article:"},
-        "p_tuning": {"num_virtual_tokens": 4, "hidden_size": 32},
-        "bottleneck": {"size": 8, "placement": "houlsby"},
+        **{name: section for name, section in SECTIONS.items() if name == method},  # the run's own section
         "data": {"dir": str(bbc_dir), "max_article_tokens": 24, "max_headline_tokens": 12, "bucket_size": 32,
                  "max_train_articles": 4},
         "train": {"steps": 8, "batch_size": 4, "warmup_steps": 1, "eval_every": 8, "val_batches": 1, "lr": lr},
