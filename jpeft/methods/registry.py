@@ -181,16 +181,25 @@ def _coerce(value: Any, hint: Any) -> tuple[bool, Any, str | None]:
         errors = err.errors()
     if isinstance(value, str):  # YAML reads 1e-3 as a string: a number where the hint takes one
         try:
-            return True, adapter.validate_python(float(value)), None
-        except (ValueError, pydantic.ValidationError):
-            pass
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None:
+            try:
+                return True, adapter.validate_python(number), None
+            except pydantic.ValidationError as err:
+                as_number = err.errors()
+                if any(e["type"] in _CONSTRAINTS or e["type"] == "finite_number" for e in as_number):
+                    errors = as_number  # a number, out of range: say that, not "a str"
     said = _says(hint)
     for e in errors:
         if said is not None and (e["type"] in _CONSTRAINTS or e["type"] == "value_error"):
             return False, value, said
         if e["type"] in _CONSTRAINTS:
             key, words = _CONSTRAINTS[e["type"]]
-            return False, value, f"must be {words} {e['ctx'][key]}"
+            bound = e["ctx"][key]
+            bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound  # "> 0", not "> 0.0"
+            return False, value, f"must be {words} {bound}"
         if e["type"] == "finite_number":
             return False, value, "is not a finite number"
     return False, value, None
