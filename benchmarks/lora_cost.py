@@ -40,6 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 import jpeft  # noqa: E402
+from jpeft import lifecycle  # noqa: E402
 from jpeft.analysis import grad_step_cost  # noqa: E402
 from jpeft.models import llama  # noqa: E402
 from train.records import write_record  # noqa: E402
@@ -59,16 +60,16 @@ TARGETS = {
 
 
 def loss_for(method, model):
-    def loss(adapter, frozen, tokens_BxT):
-        logits_BxTxV, _ = model.forward(method.apply(frozen, adapter), tokens_BxT)
-        xent = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV[:, :-1], tokens_BxT[:, 1:]).mean()
-        return xent if method.penalty is None else xent + method.penalty(adapter)
-    return loss
+    """The trainer's loss shape: the model's next-token loss of the adapted parameters, plus the method's penalty."""
+    def xent(params, tokens_BxT):
+        logits_BxTxV, _ = model.forward(params, tokens_BxT)
+        return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV[:, :-1], tokens_BxT[:, 1:]).mean()
+    return lifecycle.loss(method, xent)
 
 
 def whole_step_flops(method, model, adapter, params, tokens) -> float:
-    """FLOPs of gradient + AdamW update (with the method's ``transform``, as the trainer builds it)."""
-    optimizer = jpeft.optim.with_transform(optax.adamw(1e-3), method.transform)
+    """FLOPs of gradient + AdamW update (with the method's own optimizer hook, as the trainer builds it)."""
+    optimizer = lifecycle.optimizer(method, optax.adamw(1e-3))
     loss = loss_for(method, model)
 
     def step(adapter, opt_state, frozen, tokens_BxT):

@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from train import model, run  # noqa: E402
+from train import model, run, tasks  # noqa: E402
 from train.config import apply_overrides, load_config  # noqa: E402
 from train.records import write_record  # noqa: E402
 
@@ -126,9 +126,8 @@ def main(argv=None) -> None:
 
     base_cfg = apply_overrides(float_cfg, [f"run_dir={os.path.join(out_dir, 'base')}"])
     os.makedirs(base_cfg.run_dir, exist_ok=True)
-    task = run.Task(base_cfg, loaded[None].tokenizer)
-    base = run.score(base_cfg, "base", loaded[None].params, loaded[None].model, task, trainable=0, percent=0.0,
-                     run_dir=base_cfg.run_dir)
+    task = tasks.build(base_cfg.task, dict(base_cfg.task_settings), run=base_cfg, loaded=loaded[None])
+    base = task.evaluate("base", loaded[None].params, base_cfg.run_dir, trainable=0, percent=0.0)
 
     rows = []
     for name, cfg in configs.items():

@@ -7,8 +7,6 @@ and carrying optimizer state from one adapter structure to the next.
   learning rates (ULMFiT's discriminative rates are such rules, one per layer group).
 * :func:`slanted_triangular`: ULMFiT's learning-rate schedule (Howard & Ruder, 2018):
   a short linear rise, then a long linear decay, between ``peak / ratio`` and ``peak``.
-* :func:`with_transform`: a program's optimizer with a method's ``transform`` (chained after
-  it, or wrapping it).
 * :func:`carry_over`: the state of an optimizer over a grown adapter, keeping every
   leaf that was there before (gradual unfreezing adds layers to the adapter).
 
@@ -30,32 +28,6 @@ import jax.numpy as jnp
 import optax
 
 from jpeft import tree
-
-
-def with_transform(optimizer: optax.GradientTransformation, transform: Any) -> optax.GradientTransformation:
-    """``optimizer`` with a method's ``transform``: a ``GradientTransformation`` is chained after it, a function
-    ``transform(optimizer) -> GradientTransformation`` wraps it (it sees the raw gradients and the parameters,
-    and returns the updates); ``None`` leaves it as it is.
-
-    Example:
-        >>> import jax.numpy as jnp, optax
-        >>> halve = lambda inner: optax.chain(inner, optax.scale(0.5))   # a wrapper
-        >>> tx = with_transform(optax.sgd(1.0), halve)
-        >>> tx.update({"w": jnp.ones(2)}, tx.init({"w": jnp.ones(2)}))[0]["w"].tolist()
-        [-0.5, -0.5]
-    """
-    if transform is None:
-        return optimizer
-    if isinstance(transform, optax.GradientTransformation):
-        return optax.chain(optimizer, transform)
-    if callable(transform):
-        wrapped = transform(optimizer)
-        if not isinstance(wrapped, optax.GradientTransformation):
-            raise TypeError(f"a method's transform(optimizer) must return an optax GradientTransformation, "
-                            f"got {type(wrapped).__name__}")
-        return wrapped
-    raise TypeError(f"a method's transform must be an optax GradientTransformation or a function of the optimizer, "
-                    f"got {type(transform).__name__}")
 
 
 def scale_by_rules(rules: tree.Targets, *, setting: str = "lr_scale") -> optax.GradientTransformation:

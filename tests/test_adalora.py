@@ -1,5 +1,5 @@
 """AdaLoRA in the library: a fresh adapter changes nothing, merge equals apply (float64 reference), gradients
-reach the adapter only, multi-axis kernels, settings errors, and the optimizer-wrapping transform."""
+reach the adapter only, multi-axis kernels, settings errors, and the optimizer-wrapping hook."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,8 @@ import optax
 import pytest
 
 import jpeft
+from jpeft import lifecycle
+from jpeft.methods.base import Training
 from jpeft import ops, tree
 from jpeft.errors import SettingError
 from jpeft.methods import adalora as adalora_lib
@@ -57,7 +59,7 @@ def test_gradients_reach_the_adapter_only(setup):
 
     def loss(adapter):
         return reference.target_xent(method.apply(params, adapter), CONFIG, TOKENS, jnp.ones(TOKENS.shape)) \
-            + method.penalty(adapter)
+            + method.training.penalty(adapter)
 
     grads = jax.jit(jax.grad(loss))(fresh)
     assert jax.tree.structure(grads) == jax.tree.structure(fresh)
@@ -111,17 +113,17 @@ def test_bad_settings_are_named():
     params = {"embed": {"embedding": jnp.zeros((10, 4))}, "dense": {"kernel": jnp.zeros((4, 4))}}
     method = jpeft.adalora(init_r=2, target_r=1, targets=r".*/kernel")
     with pytest.raises(ValueError, match="total_step=N"):
-        jpeft.optim.with_transform(optax.sgd(0.1), method.transform)
+        lifecycle.optimizer(method, optax.sgd(0.1))
 
 
-def test_with_transform_chains_or_wraps():
+def test_the_lifecycle_wraps_the_optimizer_with_the_method_s():
     params = {"w": jnp.ones(2)}
-    chained = jpeft.optim.with_transform(optax.sgd(1.0), optax.scale(0.5))
-    assert chained.update(params, chained.init(params))[0]["w"].tolist() == [-0.5, -0.5]
-    with pytest.raises(TypeError, match="GradientTransformation or a function"):
-        jpeft.optim.with_transform(optax.sgd(1.0), 3)
+    halve = jpeft.full()._replace(training=Training(optimizer=lambda inner: optax.chain(inner, optax.scale(0.5))))
+    wrapped = lifecycle.optimizer(halve, optax.sgd(1.0))
+    assert wrapped.update(params, wrapped.init(params))[0]["w"].tolist() == [-0.5, -0.5]
+    broken = jpeft.full()._replace(training=Training(optimizer=lambda inner: None))
     with pytest.raises(TypeError, match="must return an optax GradientTransformation"):
-        jpeft.optim.with_transform(optax.sgd(1.0), lambda inner: None)
+        lifecycle.optimizer(broken, optax.sgd(1.0))
 
 
 def test_budget_table_is_peft_s_schedule():

@@ -14,7 +14,7 @@ from jpeft.methods import registry
 from jpeft.methods.heads import with_modules_to_save
 from jpeft.models import bert
 from train import config as config_lib
-from train.classify import macro_f1
+from train.tasks.classify import macro_f1
 
 import reference
 
@@ -101,7 +101,7 @@ def bert_tokenizer_folder():
     return assets.minilm_dir()
 
 
-def _tiny_bert_folder(folder, tokenizer_folder, *, vocab_size, num_labels=0):
+def _tiny_bert_folder(folder, tokenizer_folder, *, vocab_size, num_labels=0, stddev=0.02):
     import shutil
 
     from jpeft.io.hf import save_hf
@@ -109,7 +109,7 @@ def _tiny_bert_folder(folder, tokenizer_folder, *, vocab_size, num_labels=0):
     config = bert.BertConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
                              max_position_embeddings=64, num_labels=num_labels)
     model = bert.model(config)
-    save_hf(folder, model, reference.numpy_params(model))
+    save_hf(folder, model, reference.numpy_params(model, stddev=stddev))
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         shutil.copy(Path(tokenizer_folder) / name, folder / name)
     return folder
@@ -190,9 +190,37 @@ def test_a_split_that_cannot_teach_or_measure_a_classifier_exits_2_and_writes_no
     assert err.count("\n") == 1 and not out_dir.exists()
 
 
-def test_a_method_that_cannot_train_the_head_beside_it_exits_2_and_writes_nothing(tmp_path, capsys, tiny_bert):
-    """AdaLoRA changes its own state while it trains: a whole head beside it is refused in one message."""
-    code, err, out_dir = _cli(tmp_path, capsys, tiny_bert, "method=adalora", "adalora.targets=.*/(query|value)/kernel",
-                              "data.max_article_tokens=32")
-    assert code == 2 and "classify.modules_to_save:" in err and "cannot train modules_to_save besides" in err, err
-    assert "Traceback" not in err and not out_dir.exists()
+def _step0_val_loss(out_dir: Path) -> float:
+    (run_dir,) = out_dir.iterdir()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return next(r["loss"] for r in records if r["kind"] == "val" and r["step"] == 0)
+
+
+def test_pissa_classification_starts_from_the_base_model(tmp_path, capsys, bert_tokenizer_folder):
+    """A method whose init takes its factors out of the base (PiSSA) trains over the residual in this task too:
+    before the first step its validation loss is the base model's (a fresh plain LoRA's), with the head trained
+    whole or not. (Weights of std 0.3 and a head of its own, so that the loss feels the encoder.)"""
+    bert_folder = _tiny_bert_folder(tmp_path / "bert", bert_tokenizer_folder, vocab_size=30522, num_labels=5,
+                                    stddev=0.3)
+    common = ("method=lora", "lora.rank=2", "lora.targets=.*/(query|value)/kernel", "lora.alpha=16",
+              "train.steps=1", "eval.test_articles=4", "train.val_batches=1", "data.max_article_tokens=32")
+    losses = {}
+    for name, extra in {"plain": (), "pissa": ("lora.init=pissa",),
+                        "pissa, no head copy": ("lora.init=pissa", "classify.modules_to_save=null")}.items():
+        folder = tmp_path / name.replace(" ", "_").replace(",", "")
+        folder.mkdir()
+        code, err, out_dir = _cli(folder, capsys, bert_folder, *common, *extra)
+        assert code == 0, err
+        losses[name] = _step0_val_loss(out_dir)
+    assert losses["pissa"] == pytest.approx(losses["plain"], rel=1e-4), losses
+    assert losses["pissa, no head copy"] == pytest.approx(losses["plain"], rel=1e-4), losses
+
+
+@pytest.mark.parametrize("method", ["adalora", "pir"])
+def test_a_method_that_cannot_train_next_to_the_head_exits_2_and_writes_nothing(tmp_path, capsys, tiny_bert,
+                                                                                    method):
+    code, err, out_dir = _cli(tmp_path, capsys, tiny_bert, f"method={method}",
+                              f"{method}.targets=.*/(query|value)/kernel", "data.max_article_tokens=32")
+    assert code == 2 and "cannot train modules_to_save" in err and "modules_to_save (null)" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not out_dir.exists()

@@ -131,7 +131,7 @@ def copy_run(finished_run, tmp_path) -> tuple[Path, str]:
 
 @pytest.mark.parametrize("overrides, expected", [
     (["train.lr=0.02"], "train.lr=0.01 (this run: 0.02)"),
-    (["method=ia3"], "holds a 'lora' run; this config trains 'ia3'"),
+    (["method=ia3", "lora=null"], "holds a 'lora' run; this config trains 'ia3'"),
     (["checkpoint.resume=false"], "set checkpoint.resume=true"),
     (["lora.rank=3"], "shape mismatch"),
 ])

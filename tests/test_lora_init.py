@@ -53,7 +53,7 @@ def test_pissa_factors_are_the_top_singular_triplets_in_float64(shape, inputs):
         a_i, signs = aligned(a_i, u[:, :3] * np.sqrt(s[:3] / 2.0), axis=0)  # scale s = 6 / 3
         np.testing.assert_allclose(a_i, u[:, :3] * np.sqrt(s[:3] / 2.0), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(b_i * signs.T, np.sqrt(s[:3] / 2.0)[:, None] * vt[:3], rtol=1e-4, atol=1e-5)
-    rebased = method.rebase({"w": w}, adapter)
+    rebased = method.training.rebase.base({"w": w}, adapter)
     residual = np.asarray(rebased["w"], np.float64).reshape(-1, *shape[lead:])
     for i, w_i in enumerate(np.asarray(w, np.float64).reshape(-1, *shape[lead:])):
         mat = w_i.reshape(int(np.prod(shape[lead:lead + inputs])), -1)
@@ -92,7 +92,7 @@ def test_fresh_adapter_over_the_rebased_base_is_the_model():
     expected = logits(params)
     method = jpeft.lora(rank=4, alpha=8, targets=r".*/(q|v)_proj/kernel", init="pissa", model=model)
     adapter = method.init(jax.random.key(1), params)
-    frozen = method.rebase(params, adapter)  # OLoRA's rebase: the PEFT test below
+    frozen = method.training.rebase.base(params, adapter)  # OLoRA's rebase: the PEFT test below
     assert not np.allclose(frozen["layers"]["self_attn"]["q_proj"]["kernel"],
                            params["layers"]["self_attn"]["q_proj"]["kernel"], atol=1e-3)
 
@@ -104,7 +104,7 @@ def test_only_the_adapter_gets_gradients_and_both_factors_move():
     w = jnp.asarray(RNG.standard_normal((3, 8, 6)), jnp.float32)
     method = jpeft.lora(rank=2, targets="w", init="pissa")
     adapter = method.init(jax.random.key(0), {"w": w})
-    frozen = method.rebase({"w": w}, adapter)
+    frozen = method.training.rebase.base({"w": w}, adapter)
     x = jnp.asarray(RNG.standard_normal((3, 4, 8)), jnp.float32)
     grads = jax.grad(lambda a: jnp.sum(jpeft.ops.linear(x, method.apply(frozen, a)["w"]) ** 3))(adapter)
     assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(adapter)
@@ -122,7 +122,8 @@ def test_bad_inits_and_bases_are_clear_errors():
     with pytest.raises(ValueError, match="embedding table; init='pissa' adapts kernels only"):
         jpeft.lora(rank=2, targets="w", init="pissa", model=Kernels({"w": Layout("table")})).init(
             jax.random.key(0), {"w": w})
-    assert jpeft.lora(targets=".*").rebase is None and jpeft.lora(targets=".*", init="olora").rebase is not None
+    assert jpeft.lora(targets=".*").training.rebase is None
+    assert jpeft.lora(targets=".*", init="olora").training.rebase is not None
     abstract = jax.eval_shape(jpeft.lora(rank=2, targets="w", init="pissa").init, jax.random.key(0), {"w": w})
     assert abstract["w"]["a"].shape == (64, 2)
 
@@ -136,7 +137,7 @@ def test_pissa_on_a_4bit_base_quantizes_the_residual_again():
     adapter = method.init(jax.random.key(0), {"w": q})
     from_float = method.init(jax.random.key(0), {"w": q.materialize()})
     jax.tree.map(np.testing.assert_array_equal, adapter, from_float)  # the SVD of the 4-bit weight's values
-    residual = method.rebase({"w": q}, adapter)["w"]
+    residual = method.training.rebase.base({"w": q}, adapter)["w"]
     assert quant.is_quantized(residual)
     assert (residual.format, residual.block_size, residual.axis, residual.double_quant) == \
         (q.format, q.block_size, q.axis, q.double_quant)
@@ -156,95 +157,3 @@ def test_pissa_on_a_4bit_base_quantizes_the_residual_again():
 
 
 # ----------------------------------------------------------------------------- Hugging Face PEFT
-
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-
-TOKENS = np.array([[1, 5, 9, 2, 7, 3], [4, 4, 8, 1, 0, 6]])
-PREFIX = "base_model.model."
-
-
-@pytest.fixture(scope="module")
-def base_folder(tmp_path_factory):
-    return reference.save_torch_llama(tmp_path_factory.mktemp("pissa_base"))
-
-
-def torch_base(folder):
-    return reference.torch_llama(folder)
-
-
-def peft_factors(tensors, model, params_like):
-    """A jpeft adapter (unstacked paths) from PEFT's ``lora_A`` / ``lora_B`` tensors."""
-    from jpeft.io.peft import common
-
-    out = {}
-    for key, value in tensors.items():
-        module, _, name = key[len(PREFIX):].rpartition(".lora_")
-        path = common.hf_names(model).to_path(module + ".weight")[0]
-        out[f"{path}/{'a' if name.startswith('A') else 'b'}"] = jnp.asarray(value.T)
-    return tree.unflatten(out)
-
-
-@pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_matches_peft_init_and_its_conversion_to_a_rank_2r_lora(base_folder, tmp_path, init):
-    from jpeft.io.hf import load_hf
-    from jpeft.io.peft import load_peft, save_peft
-
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
-    hf = peft.get_peft_model(torch_base(base_folder), config).eval()
-    hf.save_pretrained(tmp_path / "initial")         # PEFT's recipe: the fresh adapter, saved before training
-    model, params = load_hf(base_folder)
-    method = jpeft.lora(rank=4, alpha=8, targets=r".*/(q|v)_proj/kernel", init=init, model=model)
-    ours = method.init(jax.random.key(0), params)
-    rebased = method.rebase(params, ours)
-    core = hf.base_model.model.model
-    for i, layer in enumerate(core.layers):            # the same factors (up to sign) and the same residual base
-        for proj in ("q_proj", "v_proj"):
-            module = getattr(layer.self_attn, proj)
-            a, b = (ours[f"layers_{i}"]["self_attn"][proj]["kernel"][k] for k in "ab")
-            their_a = module.lora_A["default"].weight.detach().numpy().T
-            a, signs = aligned(a, their_a, axis=0)
-            np.testing.assert_allclose(a, their_a, atol=2e-5)
-            np.testing.assert_allclose(np.asarray(b) * signs.T, module.lora_B["default"].weight.detach().numpy().T,
-                                       atol=2e-5)
-            np.testing.assert_allclose(rebased[f"layers_{i}"]["self_attn"][proj]["kernel"],
-                                       module.base_layer.weight.detach().numpy().T, atol=2e-5)
-
-    with torch.no_grad():                              # "training": move every factor
-        for name, p in hf.named_parameters():
-            if "lora_" in name:
-                p.add_(0.05 * torch.randn_like(p))
-    tuned = hf(torch.tensor(TOKENS)).logits.detach().numpy()
-    hf.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
-
-    # jpeft, from PEFT's own initial and trained factors: the same tuned model, the same conversion.
-    initial = peft_factors(load_file(str(tmp_path / "initial" / "adapter_model.safetensors")), model, params)
-    trained = peft_factors({k: v.detach().numpy() for k, v in hf.named_parameters() if ".lora_" in k}, model, params)
-    frozen = method.rebase(params, initial)
-    np.testing.assert_allclose(np.asarray(model.forward(method.apply(frozen, trained), jnp.asarray(TOKENS))[0]),
-                               tuned, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="convert it first"):
-        save_peft(tmp_path / "raw", model, method, params, trained)
-    plain, converted = jpeft.methods.lora.as_plain_lora(method, params, trained, initial, model=model)
-    save_peft(tmp_path / "ours", model, plain, params, converted)
-    theirs = load_file(str(tmp_path / "converted" / "adapter_model.safetensors"))
-    mine = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
-    assert sorted(mine) == sorted(theirs)
-    for key in theirs:
-        np.testing.assert_allclose(mine[key], theirs[key], rtol=1e-6, atol=1e-7)
-    their_config = json.loads((tmp_path / "converted" / "adapter_config.json").read_text())
-    my_config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    assert (my_config["r"], my_config["lora_alpha"]) == (their_config["r"], their_config["lora_alpha"]) == (8, 16)
-    # The plain adapter runs on the original base, in jpeft and in PEFT.
-    np.testing.assert_allclose(np.asarray(model.forward(plain.merge(params, converted), jnp.asarray(TOKENS))[0]),
-                               tuned, rtol=1e-4, atol=1e-4)
-    back = peft.PeftModel.from_pretrained(torch_base(base_folder), tmp_path / "ours").eval()
-    np.testing.assert_allclose(back(torch.tensor(TOKENS)).logits.detach().numpy(), tuned, rtol=1e-4, atol=1e-4)
-    method2, adapter2 = load_peft(tmp_path / "converted", model, params)
-    np.testing.assert_allclose(np.asarray(model.forward(method2.apply(params, adapter2), jnp.asarray(TOKENS))[0]),
-                               tuned, rtol=1e-4, atol=1e-4)
-
-    hf.save_pretrained(tmp_path / "unconverted")      # PEFT's own unconverted file needs its residual base
-    with pytest.raises(CheckpointError, match=f"init_lora_weights='{init}'"):
-        load_peft(tmp_path / "unconverted", model, params)

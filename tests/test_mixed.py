@@ -291,7 +291,7 @@ def test_a_converted_pissa_adapter_mixes_exactly():
     method = jpeft.lora(rank=2, alpha=4, targets=r".*/(q|v)_proj/kernel", init="pissa", model=FLAT_MODEL)
     initial = method.init(jax.random.key(1), params)
     trained = jax.tree.map(lambda x, n: x + n, initial, random_adapter(method, params, seed=7, std=0.05))
-    want, _ = forward(method.merge(method.rebase(params, initial), trained), FLAT_CONFIG, TOKENS,
+    want, _ = forward(method.merge(method.training.rebase.base(params, initial), trained), FLAT_CONFIG, TOKENS,
                       attention_mask_BxT=MASK)
     mix = jpeft.MixedAdapters(params, {"p": as_plain_lora(method, params, trained, initial, model=FLAT_MODEL)},
                               model=FLAT_MODEL)

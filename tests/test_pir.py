@@ -85,7 +85,7 @@ def test_selection_equals_a_float64_reference(hf_pair, kind):
     assert ratios.max() - 1 > 10 * top_error, (ratios.max(), top_error)
     want = np.sort(order[:budget])
     np.testing.assert_array_equal(sparse.top_entries(scores, budget), want)
-    method = jpeft.pir(budget=budget, score=kind, score_batches=2, model=model).prepare(params, _xent(model),
+    method = jpeft.pir(budget=budget, score=kind, score_batches=2, model=model).training.prepare(params, _xent(model),
                                                                                         iter(BATCHES))
     np.testing.assert_array_equal(method.saved_form(method.init(None, params))["indices"], want)
     # Per tensor: each kernel keeps its share of the budget, its own top entries (float64 reference).
@@ -114,7 +114,7 @@ def _stacked(model, params):
 def test_sparse_adapter_trains_only_its_entries_and_saves_restores_and_merges_exactly(hf_pair, tmp_path):
     _, model, params = hf_pair
     budget = 300
-    method = jpeft.pir(budget=budget, model=model).prepare(params, _xent(model), iter(BATCHES))
+    method = jpeft.pir(budget=budget, model=model).training.prepare(params, _xent(model), iter(BATCHES))
     adapter = method.init(None, params)
     loss = lambda a: _xent(model)(method.apply(params, a), BATCHES[0])  # noqa: E731
     grads = jax.jit(jax.grad(loss))(adapter)
@@ -160,7 +160,7 @@ def test_saved_bytes_grow_with_the_budget(hf_pair, tmp_path):
     _, model, params = hf_pair
 
     def saved_bytes(budget):
-        method = jpeft.pir(budget=budget, model=model).prepare(params, _xent(model), iter(BATCHES))
+        method = jpeft.pir(budget=budget, model=model).training.prepare(params, _xent(model), iter(BATCHES))
         saved = method.saved_form({"values": jax.random.normal(jax.random.key(0), (budget,))})
         folder = tmp_path / f"b{budget}"
         checkpoint.save_adapter(folder, saved, metadata={"method": "pir"})
@@ -181,6 +181,6 @@ def test_pir_settings_are_checked(hf_pair):
     with pytest.raises(registry.SettingsError, match="must be one of 'global', 'per_tensor'"):
         registry.check_settings("pir", {"allocation": "layer"})
     with pytest.raises(jpeft.errors.SettingError, match=r"budget is more than the [\d,]+ entries the targets select"):
-        jpeft.pir(budget=10**7, model=model).prepare(params, _xent(model), iter(BATCHES))
+        jpeft.pir(budget=10**7, model=model).training.prepare(params, _xent(model), iter(BATCHES))
     with pytest.raises(jpeft.RuleError, match="matched no parameter"):
         jpeft.pir(targets=r".*/kernal", model=model).init(None, params)

@@ -13,7 +13,8 @@ import pytest
 
 import reference
 from jpeft.models import generation, t5
-from train import data, seq2seq, trainer
+from train import data, trainer
+from train.tasks import seq2seq
 
 EOS, LENGTH = 1, 5
 
@@ -29,7 +30,7 @@ def train_copy(steps: int):
                                  feed_forward_proj="gated-gelu", tie_word_embeddings=False,
                                  relative_attention_num_buckets=32, relative_attention_max_distance=32))
     params = model.init(jax.random.key(0), stddev=0.1)
-    loss_fn = trainer.make_params_loss(model)
+    loss_fn = trainer.make_params_loss(model, seq2seq.target_xent)
     optimizer = optax.adam(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 20, steps))
     shape = dict(pad_id=0, decoder_start_id=0, bucket_size=8, max_len=8, max_answer=LENGTH + 1)
 

@@ -32,8 +32,9 @@ def _write(path, text):
 def test_config_defaults_and_overrides(tmp_path):
     cfg = config_lib.from_dict({"name": "x", "train": {"steps": 30, "lr": "1e-3"}})
     assert cfg.train.lr == 1e-3  # PyYAML leaves 1e-3 a string: coerced for float keys
-    cfg = config_lib.apply_overrides(cfg, ["lora.rank=4", "method=full", f"data.dir={tmp_path}", "train.lr=2e-4"])
-    assert (cfg.lora.rank, cfg.method, cfg.data.dir, cfg.train.lr) == (4, "full", str(tmp_path), 2e-4)
+    cfg = config_lib.apply_overrides(cfg, ["lora.rank=4", f"data.dir={tmp_path}", "train.lr=2e-4"])
+    assert (cfg.lora.rank, cfg.method, cfg.data.dir, cfg.train.lr) == (4, "lora", str(tmp_path), 2e-4)
+    assert config_lib.apply_overrides(cfg, ["method=full", "lora=null"]).lora.rank == 8  # the section dropped
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.train.steps = 3
 
@@ -105,6 +106,29 @@ def test_cli_exits_2_and_writes_nothing(tmp_path, yaml_text, overrides, message)
     )
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
+    assert not out_dir.exists()
+
+
+@pytest.mark.parametrize("yaml_text, overrides, message", [
+    ("name: x\nmethod: loha\n", ["lora.rank=2"],
+     "unknown key 'lora' for this run: it is the section of the method 'lora', but the run's method is 'loha'"),
+    ("name: x\nlora:\n  rank: 2\n", ["method=loha"], "the run's method is 'loha'"),
+    ("name: x\n", ["classify.classifier_input=cls"], "the run's task is 'headlines'"),
+    ("", [], "is empty"),
+    ("# nothing but a comment\n", [], "is empty"),
+])
+def test_a_setting_the_run_would_not_read_exits_2_and_writes_nothing(tmp_path, capsys, yaml_text, overrides,
+                                                                    message):
+    """A section of a method or task the run does not use is refused like an unknown key, and so is an empty
+    config file (it would start a run with every default). A missing model file would stop such a run later:
+    it must not be the first complaint."""
+    from train import __main__ as cli
+
+    out_dir = tmp_path / "runs"
+    code = cli.main(["--config", _write(tmp_path / "c.yaml", yaml_text), f"out_dir={out_dir}",
+                     "model.gguf=/no/such/model.gguf", *overrides])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not out_dir.exists()
 
 
@@ -228,6 +252,7 @@ def test_train_step_takes_frozen_params_as_arguments():
     import jpeft
     from jpeft.models import llama
     from train import trainer
+    from train.tasks.headlines import answer_xent
 
     c = llama.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                           num_kv_heads=2, tie_word_embeddings=True, scan_layers=True)
@@ -236,7 +261,7 @@ def test_train_step_takes_frozen_params_as_arguments():
     adapter = method.init(jax.random.key(1), params)
     cfg = config_lib.from_dict({}).train
     optimizer, _ = trainer.make_optimizer(cfg)
-    step = trainer.make_train_step(method, llama.model(c), optimizer)
+    step = trainer.make_train_step(method, llama.model(c), optimizer, sums=answer_xent)
     encoded = [data.Encoded([1, 2, 3, 4], [5, 6, 7]), data.Encoded([1, 2], [8, 9])]
     batch = data.train_batch(encoded, pad_id=0, bucket_size=8, max_len=16, max_answer=4)
     args = (adapter, optimizer.init(adapter), params, batch, jax.random.key(2))

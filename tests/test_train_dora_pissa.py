@@ -76,10 +76,10 @@ def test_tiny_run_end_to_end(tmp_path, mixing_hf_folder, bbc_dir, method, settin
                 load_adapter("p", adapter_dir, loaded)
             return
         pissa = run.make_method(cfg, loaded.model, loaded.tokenizer)
-        trained = pissa.merge(pissa.rebase(loaded.params, pissa.init(jax.random.key(cfg.train.seed), loaded.params)),
+        trained = pissa.merge(pissa.training.rebase.base(loaded.params, pissa.init(jax.random.key(cfg.train.seed), loaded.params)),
                               adapter)
         plain, plain_adapter = load_adapter("p", adapter_dir, loaded)
-        assert plain.rebase is None and plain.describe().startswith("lora r=8")
+        assert plain.training.rebase is None and plain.describe().startswith("lora r=8")
         tokens = np.arange(12, dtype=np.int32).reshape(2, 6) % loaded.model.config.vocab_size
         want, _ = loaded.model.forward(trained, tokens)
         got, _ = loaded.model.forward(plain.merge(loaded.params, plain_adapter), tokens)

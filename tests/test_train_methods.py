@@ -31,6 +31,15 @@ def loaded_models(mixing_hf_folder):
     return {q: model.load(config_lib.ModelConfig(hf_folder=str(mixing_hf_folder), quantize=q)) for q in (None, "nf4")}
 
 
+SECTIONS = {
+    "lora": {"rank": 4, "alpha": 8},
+    "prompt_tuning": {"num_virtual_tokens": 4, "init_text": "Write a headline for this article:"},
+    "prefix_tuning": {"num_virtual_tokens": 4, "init_text": "Write a headline for this article:"},
+    "p_tuning": {"num_virtual_tokens": 4, "hidden_size": 32},
+    "bottleneck": {"size": 8, "placement": "houlsby"},
+}
+
+
 def _tiny_config(tmp_path, folder, bbc_dir, method, *, quantize=None, lr):
     """Four training articles in batches of four: every step sees the same examples, so the loss must fall."""
     return config_lib.from_dict({
@@ -39,11 +48,7 @@ def _tiny_config(tmp_path, folder, bbc_dir, method, *, quantize=None, lr):
         "run_dir": str(tmp_path / method),
         "progress": False,
         "model": {"hf_folder": str(folder), "quantize": quantize},
-        "lora": {"rank": 4, "alpha": 8},
-        "prompt_tuning": {"num_virtual_tokens": 4, "init_text": "Write a headline for this article:"},
-        "prefix_tuning": {"num_virtual_tokens": 4, "init_text": "Write a headline for this article:"},
-        "p_tuning": {"num_virtual_tokens": 4, "hidden_size": 32},
-        "bottleneck": {"size": 8, "placement": "houlsby"},
+        **{name: section for name, section in SECTIONS.items() if name == method},  # the run's own section
         "data": {"dir": str(bbc_dir), "max_article_tokens": 24, "max_headline_tokens": 12, "bucket_size": 32,
                  "max_train_articles": 4},
         "train": {"steps": 8, "batch_size": 4, "warmup_steps": 1, "eval_every": 8, "val_batches": 1, "lr": lr},
@@ -118,10 +123,10 @@ def test_method_config_errors_name_the_key(raw, message):
 
 def test_method_overrides():
     cfg = config_lib.apply_overrides(config_lib.from_dict({}), ["method=ia3", "ia3.feedforward=null",
-                                                                 "model.quantize=int8", "bottleneck.size=4"])
-    assert (cfg.method, cfg.ia3.feedforward, cfg.model.quantize, cfg.bottleneck.size) == ("ia3", None, "int8", 4)
+                                                                 "model.quantize=int8"])
+    assert (cfg.method, cfg.ia3.feedforward, cfg.model.quantize, cfg.bottleneck.size) == ("ia3", None, "int8", 64)
     with pytest.raises(ConfigError, match=r"unknown key 'bottleneck.sise'.*did you mean 'size'"):
-        config_lib.apply_overrides(cfg, ["bottleneck.sise=3"])
+        config_lib.apply_overrides(cfg, ["method=bottleneck", "bottleneck.sise=3"])
 
 
 def test_cli_exits_2_on_a_bad_method_section(tmp_path):
@@ -250,6 +255,6 @@ def test_tiny_method_run_end_to_end(tmp_path, mixing_hf_folder, bbc_dir, loaded_
     assert meta["method"] == method and meta["model"]["quantize"] == quantize
     if method in ("prefix_tuning", "p_tuning"):  # folded before saving
         assert set(adapter) == {"prefix" if method == "prefix_tuning" else "prompt"}
-    other_cfg = config_lib.apply_overrides(cfg, [f"method={other}"])
+    other_cfg = config_lib.apply_overrides(cfg, [f"method={other}", f"{method}=null"])  # its section dropped
     with pytest.raises(CheckpointError, match=f"holds a '{method}' adapter, not a '{other}' one"):
         run.restore(str(run_dir / "adapter"), other_cfg, loaded)

@@ -9,12 +9,14 @@ import optax
 import pytest
 
 import jpeft
-from jpeft import analysis, tree
+from jpeft import analysis, lifecycle, tree
+from jpeft.methods.base import Training
 from jpeft.methods import registry
 from jpeft.models import llama
 from train import trainer
 from train.config import TrainConfig
 from train.data import TrainBatch
+from train.tasks.headlines import answer_xent
 
 from reference import numpy_params
 
@@ -49,14 +51,14 @@ def test_discriminative_rates_scale_updates_group_by_group(per_group):
     lr = 1e-2
     # AdamW (decoupled weight decay) chained with the rates: its own update, scaled group by group (optax reference).
     adamw = optax.adamw(lr, weight_decay=0.1)
-    tx = optax.chain(adamw, method.transform)
+    tx = lifecycle.optimizer(method, adamw)
     updates, _ = jax.jit(tx.update)(grads, tx.init(adapter), adapter)
     plain, _ = jax.jit(adamw.update)(grads, adamw.init(adapter), adapter)
     for path, u in tree.flatten(updates).items():
         want = np.asarray(tree.flatten(plain)[path], np.float64) * 2.6 ** -_group_of(path, per_group=per_group)
         np.testing.assert_allclose(u, want, rtol=1e-6, err_msg=path)
     # SGD against the definition: each leaf moves by -lr * 2.6^-group * g.
-    tx = optax.chain(optax.sgd(lr), method.transform)
+    tx = lifecycle.optimizer(method, optax.sgd(lr))
     updates, _ = jax.jit(tx.update)(grads, tx.init(adapter))
     for path, u in tree.flatten(updates).items():
         g = np.asarray(tree.flatten(grads)[path], np.float64)
@@ -85,9 +87,9 @@ def test_gradual_unfreezing_costs_grow_stage_by_stage():
     model = llama.model(dataclasses.replace(CONFIG, num_layers=2))
     params = model.abstract_params()
     method = jpeft.ulmfit(layers_per_group=1, groups=2, unfreeze_every=5, model=model)
-    assert [start for start, _ in method.stages] == [6]
-    stages = [method] + [s for _, s in method.stages]
-    optimizer = optax.chain(optax.adamw(1e-3), method.transform)
+    assert [start for start, _ in method.training.stages] == [6]
+    stages = [method] + [s for _, s in method.training.stages]
+    optimizer = lifecycle.optimizer(method, optax.adamw(1e-3))
 
     def loss(m):
         def fn(adapter, frozen):
@@ -112,20 +114,20 @@ def test_gradual_unfreezing_costs_grow_stage_by_stage():
 
 
 def test_stages_begin_at_the_configured_steps():
-    """One more group every ``unfreeze_every`` steps: the trainer's stage_at picks the method of each step."""
+    """One more group every ``unfreeze_every`` steps: the lifecycle's stage_at picks the method of each step."""
     model = llama.model(dataclasses.replace(CONFIG, num_layers=4))
     method = jpeft.ulmfit(layers_per_group=1, groups=3, unfreeze_every=3, model=model)
     params = model.abstract_params()
 
     def layers_trained(step):
-        adapter = jax.eval_shape(trainer.stage_at(method, step).init, None, params)
+        adapter = jax.eval_shape(lifecycle.stage_at(method, step).init, None, params)
         return sorted({p.split("/")[0] for p in tree.flatten(adapter) if p.startswith("layers_")})
 
     expected = {1: ["layers_3"], 3: ["layers_3"], 4: ["layers_2", "layers_3"], 6: ["layers_2", "layers_3"],
                 7: ["layers_1", "layers_2", "layers_3"], 100: ["layers_1", "layers_2", "layers_3"]}
     assert {step: layers_trained(step) for step in expected} == expected
     whole = jpeft.ulmfit(layers_per_group=2, model=model)  # no unfreezing: every group from step 1
-    assert whole.stages == ()
+    assert whole.training.stages == ()
     assert set(jax.eval_shape(whole.init, None, params)) == {"embed_tokens", "norm", *(f"layers_{i}" for i in range(4))}
 
 
@@ -153,14 +155,14 @@ def test_trainer_enters_each_stage_at_its_step_and_compiles_once_per_stage():
             return stage.apply(p, a, rng=rng)
         return stage._replace(apply=apply)
 
-    method = counted(method, 0)._replace(stages=tuple((s, counted(st, k + 1))
-                                                      for k, (s, st) in enumerate(method.stages)))
+    stages = tuple((s, counted(st, k + 1)) for k, (s, st) in enumerate(method.training.stages))
+    method = counted(method, 0)._replace(training=method.training._replace(stages=stages))
     adapter = method.init(None, params)
     records = []
     cfg = TrainConfig(steps=4, lr=1e-2, warmup_steps=1, eval_every=100, max_bad_steps=0)
     final = trainer.train_loop(cfg=cfg, method=method, model=model, adapter=adapter,
-                               frozen=trainer.frozen_part(params, adapter), batches=_batches, val_batches=[],
-                               log=records.append, progress=False)
+                               frozen=lifecycle.frozen_part(params, adapter), batches=_batches, val_batches=[],
+                               log=records.append, progress=False, sums=answer_xent)
     per_layer = sum(x.size for x in jax.tree.leaves(params["layers_0"]))
     assert [(r["step"], r["stage"], r["trainable"]) for r in records if r["kind"] == "stage"] == [
         (3, 1, 2 * per_layer + 32)]
@@ -186,13 +188,13 @@ def test_ulmfit_settings_are_checked():
     with pytest.raises(ValueError, match="ulmfit needs model="):
         jpeft.ulmfit()
     with pytest.raises(ValueError, match="stage starts .* must be increasing"):
-        trainer.stage_at(jpeft.full()._replace(stages=((1, jpeft.full()),)), 3)
+        lifecycle.stage_at(jpeft.full()._replace(training=Training(stages=((1, jpeft.full()),))), 3)
 
 
 def test_unfreezing_past_the_last_step_is_refused():
     """Groups that would join after the run's last step would never train: the builder refuses, naming the fix."""
     model = llama.model(CONFIG)  # 3 layers + the embedding: 4 groups, the last joins at 1 + 3 * unfreeze_every
-    assert len(jpeft.ulmfit(unfreeze_every=3, model=model, total_step=10).stages) == 3  # joins at 4, 7, 10: fits
+    assert len(jpeft.ulmfit(unfreeze_every=3, model=model, total_step=10).training.stages) == 3  # joins at 4, 7, 10: fits
     with pytest.raises(registry.SettingsError, match=r"leaves 1 of the 4 groups untrained: the last one would join "
                                                      r"at step 13, after the run's last step 10; lower it to at most 3"
                        ) as info:

@@ -15,13 +15,21 @@ import os
 import sys
 
 from jpeft.errors import CheckpointError
+from jpeft.quant import QuantizationError
+from jpeft.sharding import ShardingError
+from jpeft.tree import RuleError
+from train import distributed, model, run
 from train.config import ConfigError, load_config
 from train.records import write_record
+from train.trainer import TrainingStopped
 
-# The library's errors about inputs: each names the file or the setting.
+# The errors about inputs: each names the file or the setting.
 EXPECTED = {
     ConfigError: "config error",
     CheckpointError: "checkpoint error",
+    QuantizationError: "quantization error",
+    RuleError: "target error",
+    ShardingError: "sharding error",
 }
 
 
@@ -29,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m train",
         description="Fine-tune a model with a jpeft method on the job a YAML config describes.",
-        epilog="Overrides use dotted keys, e.g.: train.steps=20 lora.rank=4 method=full",
+        epilog="Overrides use dotted keys, e.g.: train.steps=20 lora.rank=4 (a section the run does not use is an "
+               "error: with method=full, drop the lora section by lora=null)",
     )
     parser.add_argument("--config", required=True, help="YAML run config, e.g. configs/smollm2_bbc_lora.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -37,20 +46,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _input_errors() -> dict[type, str]:
-    from jpeft.quant import QuantizationError
-    from jpeft.sharding import ShardingError
-    from jpeft.tree import RuleError
-
-    return {**EXPECTED, QuantizationError: "quantization error", RuleError: "target error",
-            ShardingError: "sharding error"}
+    """The errors reported as one line and exit status 2, with their labels."""
+    return EXPECTED
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        from train import distributed, model, run, trainer  # heavy imports only once the config is valid
-
         model.resolve(config.model)
         distributed.initialize(config.distributed)
         distributed.check_run(config)
@@ -64,13 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         kind = next(label for cls, label in _input_errors().items() if isinstance(e, cls))
         print(f"{kind}: {e}", file=sys.stderr)
         return 2
-    except Exception as e:
-        from train.trainer import TrainingStopped
-
-        if isinstance(e, TrainingStopped):
-            print(f"training stopped: {e}", file=sys.stderr)
-            return 3
-        raise
+    except TrainingStopped as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -6,10 +6,12 @@ A run is described by a YAML file plus ``key=value`` overrides
 the offending key and says how to fix it. Nothing is loaded or written before
 the configuration is valid.
 
-The program's own sections (``model``, ``data``, ``train``, ...) are dataclasses here.
-Methods are not: ``method:`` names any method in :mod:`jpeft.methods.registry`, and a
-top-level section with a method's name holds that builder's keyword arguments
-(``lora: {rank: 8}``), validated against the builder's signature and its own checks.
+The program's own sections (``model``, ``data``, ``train``, ...) are dataclasses
+(:mod:`train.sections`). Methods and tasks are not: ``method:`` names any method in
+:mod:`jpeft.methods.registry` and ``task:`` any task in :mod:`train.tasks`, and a
+top-level section with such a name holds that builder's keyword arguments
+(``lora: {rank: 8}``, ``classify: {classifier_input: cls}``), validated against the
+builder's signature and its own checks. A section the run does not use is an error.
 
 Example:
     >>> cfg = from_dict({"name": "demo", "train": {"steps": 50}})
@@ -23,9 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,198 +33,75 @@ from typing import Any
 import yaml
 
 from jpeft.methods import registry
+from jpeft.sharding import ShardingError
+from train import tasks
+from train.placement import load_rules
+from train.errors import ConfigError  # noqa: F401  (re-exported: the config's errors)
+from train.sections import (  # noqa: F401  (re-exported: the run config's sections)
+    CheckpointConfig, DataConfig, DistributedConfig, EvalConfig, MeshConfig, ModelConfig, ShardingConfig,
+    TrainConfig)
 
-MODEL_SOURCES = ("smollm2", "minilm")  # minilm: all-MiniLM-L6-v2 (BERT), for task: classify
-SCHEDULES = ("cosine", "linear", "slanted_triangular")  # slanted_triangular: ULMFiT's, warmup_steps = its rise
-DTYPES = ("float32", "bfloat16")
-QUANT_FORMATS = ("nf4", "int4", "int8")  # model.quantize: the frozen base on load (QLoRA)
-# headlines: a decoder writes the headline after the article (train/run.py); seq2seq: an encoder-decoder
-# (T5) reads the article and writes the headline (train/seq2seq.py); classify: BBC News categories with an
-# encoder (train/classify.py)
-TASKS = ("headlines", "seq2seq", "classify")
-CLASSIFIER_INPUTS = ("pooler", "cls", "mean")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key and the fix."""
-
-
-# ---------------------------------------------------------------- value checks
-
-
-def _positive(value) -> str | None:
-    return None if value > 0 else "must be > 0"
-
-
-def _non_negative(value) -> str | None:
-    return None if value >= 0 else "must be >= 0"
-
-
-def _fraction(value) -> str | None:
-    return None if 0.0 <= value < 1.0 else "must be in [0, 1)"
-
-
-def _one_of(*choices):
-    def check(value) -> str | None:
-        if value in choices:
-            return None
-        return f"must be one of {', '.join(map(repr, choices))}"
-
-    return check
-
-
-def _check(fn, default=dataclasses.MISSING, **kwargs):
-    """A dataclass field whose value is checked by ``fn`` (returns an error or None)."""
-    return field(default=default, metadata={"check": fn}, **kwargs)
-
-
-# ---------------------------------------------------------------- the tree
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Where the base model comes from: at most one of the three (none: smollm2)."""
-
-    source: str | None = _check(_one_of(*MODEL_SOURCES), default=None)
-    gguf: str | None = None
-    hf_folder: str | None = None
-    dtype: str = _check(_one_of(*DTYPES), default="float32")
-    scan_layers: bool = True
-    quantize: str | None = _check(_one_of(*QUANT_FORMATS), default=None)  # nf4 + method lora = QLoRA
-    quant_block_size: int = _check(_positive, default=64)  # weights per absmax scale (must divide the in-dim)
-
-
-class MethodSection(dict):
-    """A method's settings (its builder's keyword arguments), read-only, with attribute access.
+class Section(dict):
+    """A method's or a task's settings (its builder's keyword arguments), read-only, with attribute access.
 
     Attributes that were not set read the builder's default, so ``cfg.lora.rank`` always answers.
 
     Example:
-        >>> section = MethodSection("lora", {"rank": 4})
+        >>> section = Section("lora", {"rank": 4}, registry.defaults("lora"))
         >>> section.rank, section.alpha
         (4, 16.0)
     """
 
-    def __init__(self, method: str, settings: dict):
+    def __init__(self, name: str, settings: dict, defaults: dict):
         super().__init__(settings)
-        object.__setattr__(self, "_method", method)
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_defaults", dict(defaults))
 
     def __getattr__(self, name: str):
         if name in self:
             return self[name]
-        defaults = registry.defaults(self._method)
-        if name in defaults:
-            return defaults[name]
-        raise AttributeError(f"{self._method} has no setting {name!r}")
+        if name in self._defaults:
+            return self._defaults[name]
+        raise AttributeError(f"{self._name} has no setting {name!r}")
 
     def __setattr__(self, name, value):
-        raise dataclasses.FrozenInstanceError(f"cannot assign to {self._method}.{name}")
+        raise dataclasses.FrozenInstanceError(f"cannot assign to {self._name}.{name}")
 
     def _readonly(self, *args, **kwargs):
-        raise TypeError("method sections are read-only; use apply_overrides")
+        raise TypeError("config sections are read-only; use apply_overrides")
 
     __setitem__ = __delitem__ = update = pop = setdefault = clear = _readonly
 
     def __hash__(self):  # noqa: D105
-        return hash((self._method, tuple(sorted((k, repr(v)) for k, v in self.items()))))
+        return hash((self._name, tuple(sorted((k, repr(v)) for k, v in self.items()))))
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    """The BBC News headline task: split, prompt truncation, padding buckets."""
+class Builders(typing.NamedTuple):
+    """A kind of builder with a config section per name: the methods, the tasks."""
 
-    dir: str | None = None  # None: the offline corpus from jpeft.assets
-    split_seed: int = 0
-    val_fraction: float = _check(_fraction, default=0.05)
-    test_fraction: float = _check(_fraction, default=0.10)
-    max_article_tokens: int = _check(_positive, default=128)
-    max_headline_tokens: int = _check(_positive, default=24)
-    bucket_size: int = _check(_positive, default=64)
-    max_train_articles: int | None = _check(_positive, default=None)
-    source_prefix: str = ""  # task: seq2seq: text before each article (e.g. "summarize: " for FLAN-T5)
+    kind: str  # the top-level key that picks one: "method", "task"
+    names: typing.Callable[[], list[str]]
+    check: typing.Callable[[str, dict], dict]  # validates a section; raises registry.SettingsError
+    defaults: typing.Callable[[str], dict]
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimizer, schedule and loop settings."""
-
-    steps: int = _check(_positive, default=100)
-    batch_size: int = _check(_positive, default=8)
-    lr: float = _check(_positive, default=1e-3)
-    schedule: str = _check(_one_of(*SCHEDULES), default="cosine")
-    warmup_steps: int = _check(_non_negative, default=10)
-    weight_decay: float = _check(_non_negative, default=0.0)
-    grad_clip: float = _check(_positive, default=1.0)
-    eval_every: int = _check(_positive, default=50)
-    val_batches: int = _check(_positive, default=4)
-    seed: int = 0
-    max_bad_steps: int = _check(_non_negative, default=0)  # steps with a non-finite loss skipped before stopping
+def _builders() -> tuple[Builders, ...]:
+    return (Builders("method", registry.names, registry.validate, registry.defaults),
+            Builders("task", tasks.names, tasks.check_settings, tasks.defaults))
 
 
-@dataclass(frozen=True)
-class EvalConfig:
-    """ROUGE on held-out test articles, greedy decoding with the KV cache."""
-
-    test_articles: int = _check(_non_negative, default=64)  # 0: no ROUGE evaluation
-    batch_size: int = _check(_positive, default=32)
-    max_new_tokens: int = _check(_positive, default=24)
-    base_model: bool = True  # also score the base model
-
-
-@dataclass(frozen=True)
-class ClassifyConfig:
-    """The classification job (``task: classify``): the head's input and the weights trained whole."""
-
-    classifier_input: str = _check(_one_of(*CLASSIFIER_INPUTS), default="pooler")  # pooler, [CLS] or mean
-    modules_to_save: str | None = "classifier/.*"  # trained whole besides the method (PEFT's modules_to_save)
-
-
-@dataclass(frozen=True)
-class CheckpointConfig:
-    """Training checkpoints in ``<run_dir>/checkpoints``: adapter, optimizer state, step, RNG key."""
-
-    every: int = _check(_non_negative, default=100)  # steps between saves; 0: only the last step
-    keep: int = _check(_positive, default=2)  # the newest ``keep`` are kept
-    async_save: bool = True  # write in the background while training goes on
-    resume: bool = True  # continue from the latest checkpoint when the run folder holds one
-
-
-def _mesh_size(value) -> str | None:
-    return None if value >= 1 or value == -1 else "must be >= 1, or -1 (the rest of the devices)"
-
-
-@dataclass(frozen=True)
-class MeshConfig:
-    """Device mesh axis sizes (one may be -1: the rest); the default is one device."""
-
-    data: int = _check(_mesh_size, default=1)
-    fsdp: int = _check(_mesh_size, default=1)
-    tensor: int = _check(_mesh_size, default=1)
-
-
-@dataclass(frozen=True)
-class ShardingConfig:
-    """Logical-axis rules: ``default`` (FSDP x tensor), ``fsdp``, or a YAML file path."""
-
-    rules: str = "default"
-
-
-@dataclass(frozen=True)
-class DistributedConfig:
-    """Multi-process runs; unset keys fall back to JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID."""
-
-    coordinator: str | None = None  # host:port of process 0
-    num_processes: int | None = _check(_positive, default=None)
-    process_id: int | None = _check(_non_negative, default=None)
+def _section_names() -> dict[str, Builders]:
+    """Every name that may be a top-level section, and the kind of builder it configures."""
+    return {name: builders for builders in _builders() for name in builders.names()}
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """A whole training run."""
+    """A whole training run: the program's sections, plus the sections of the run's method and task."""
 
     name: str = "run"
     method: str = "lora"  # a name in jpeft.methods.registry
-    task: str = _check(_one_of(*TASKS), default="headlines")
+    task: str = "headlines"  # a name in train.tasks
     out_dir: str = "runs"
     run_dir: str | None = None  # None: <out_dir>/<name>-<timestamp>
     progress: bool = True
@@ -232,23 +109,28 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    methods: dict = field(default_factory=dict)  # {method name: MethodSection}, the sections given
+    sections: dict = field(default_factory=dict)  # {method or task name: Section}, the sections given
 
     def __getattr__(self, name: str):
-        # cfg.lora, cfg.prompt_tuning, ...: the section of a registered method (empty if not given).
-        if name.startswith("_") or name not in registry.names():
+        # cfg.lora, cfg.classify, ...: the section of a registered method or task (its defaults if not given).
+        builders = None if name.startswith("_") else _section_names().get(name)
+        if builders is None:
             raise AttributeError(name)
-        return self.methods.get(name) or MethodSection(name, {})
+        return self.sections.get(name) or Section(name, {}, builders.defaults(name))
 
     @property
-    def method_settings(self) -> MethodSection:
+    def method_settings(self) -> Section:
         """The settings of the method this run trains."""
         return getattr(self, self.method)
+
+    @property
+    def task_settings(self) -> Section:
+        """The settings of the run's task."""
+        return getattr(self, self.task)
 
 
 # ---------------------------------------------------------------- building
@@ -270,40 +152,52 @@ def load_config(path: str, overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(f"config file {path!r} cannot be read (permission denied)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
-    if raw is None:
-        raw = {}
+    if raw is None or raw == {}:
+        raise ConfigError(f"config file {path!r} is empty; a run needs at least its name, model and method (start "
+                          "from one of configs/*.yaml)")
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path!r} must hold a mapping of keys, not {type(raw).__name__}")
     return apply_overrides(from_dict(raw), overrides)
 
 
 def from_dict(raw: dict) -> RunConfig:
-    """Build and validate a :class:`RunConfig` from a plain nested dict."""
+    """Build and validate a :class:`RunConfig` from a plain nested dict.
+
+    A top-level key that names a registered method or task is that builder's section; a
+    section the run does not use (another method's, another task's) is refused like an
+    unknown key, so a setting never goes unread.
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"the config must be a mapping of keys, not {raw!r}")
-    known = registry.names()
-    sections = {k: v for k, v in raw.items() if k in known}
+    known = _section_names()
+    given = {k: v for k, v in raw.items() if k in known and v not in (None, {})}
     rest = {k: v for k, v in raw.items() if k not in known}
-    config = _build(RunConfig, rest, prefix="", extra_keys=known)
-    if config.method not in known:
-        close = difflib.get_close_matches(config.method, known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"bad value for 'method': {config.method!r} must be one of "
-                          f"{', '.join(map(repr, known))}{hint}")
-    methods = {name: MethodSection(name, _method_section(name, value)) for name, value in sections.items()}
-    config = dataclasses.replace(config, methods=methods)
+    config = _build(RunConfig, rest, prefix="", extra_keys=list(known))
+    for builders in _builders():
+        chosen, names = getattr(config, builders.kind), builders.names()
+        if chosen not in names:
+            close = difflib.get_close_matches(chosen, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"bad value for {builders.kind!r}: {chosen!r} must be one of "
+                              f"{', '.join(map(repr, names))}{hint}")
+    sections = {name: Section(name, _section(name, value, known[name]), known[name].defaults(name))
+                for name, value in given.items()}  # bad values first: they name the key
+    for name in given:
+        kind = known[name].kind
+        if getattr(config, kind) != name:
+            raise ConfigError(f"unknown key {name!r} for this run: it is the section of the {kind} {name!r}, but the "
+                              f"run's {kind} is {getattr(config, kind)!r}; remove the section, or set {kind}: {name}")
+    config = dataclasses.replace(config, sections=sections)
     _check_whole(config)
     return config
 
 
-def _method_section(name: str, value) -> dict:
-    """A method section validated against its builder (names, types, the builder's own value checks)."""
-    if value is None:
-        return {}
+def _section(name: str, value, builders: Builders) -> dict:
+    """A method's or task's section validated against its builder (names, types, the builder's own value checks)."""
     if not isinstance(value, dict):
         raise ConfigError(f"{name!r} must be a mapping of keys, not {value!r}")
     try:
-        return registry.validate(name, value)
+        return builders.check(name, value)
     except registry.SettingsError as err:
         if err.setting is None:
             message = str(err).replace("unknown setting '", f"unknown key '{name}.", 1)
@@ -315,17 +209,18 @@ def to_dict(config) -> dict:
     """A config (or a section of one) as a plain nested dict: method sections as top-level keys."""
     if not isinstance(config, RunConfig):
         return dataclasses.asdict(config)
-    out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "methods"}
+    out = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "sections"}
     out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
-    out.update({name: dict(section) for name, section in config.methods.items()})
+    out.update({name: dict(section) for name, section in config.sections.items()})
     return out
 
 
 def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
     """Apply ``dotted.key=value`` strings; values are parsed as YAML scalars."""
     raw = to_dict(config)
-    for name in registry.names():
-        raw.setdefault(name, {})  # any method's section can be overridden, given or not
+    known = _section_names()
+    for name in known:
+        raw.setdefault(name, {})  # any method's or task's section can be overridden, given or not
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -338,63 +233,39 @@ def apply_overrides(config: RunConfig, overrides: list[str]) -> RunConfig:
                 where = ".".join(parents[: i + 1])
                 raise ConfigError(f"unknown key {where!r} in override {item!r}{_suggest(part, node)}")
             node = child
-        method_section = len(parents) == 1 and parents[0] in registry.names()
-        if leaf not in node and not method_section:
+        builder_section = len(parents) == 1 and parents[0] in known
+        if leaf not in node and not builder_section:
             raise ConfigError(f"unknown key {key!r} in override {item!r}{_suggest(leaf, node)}")
         try:
             node[leaf] = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError:
             node[leaf] = text
-    return from_dict({k: v for k, v in raw.items() if v != {} or k not in registry.names()})
+    return from_dict({k: v for k, v in raw.items() if v != {} or k not in known})
 
 
 def _build(cls, raw, prefix: str, extra_keys=()):
-    """Check ``raw`` against dataclass ``cls`` (keys, types, values), recursively."""
+    """Check ``raw`` against dataclass ``cls`` (keys, types, values), recursively.
+
+    A dataclass's fields are checked as a builder's keyword arguments are
+    (:func:`jpeft.methods.registry.check_arguments`): one validator for every section.
+    """
     where = prefix.rstrip(".") or "the top level"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where!r} must be a mapping of keys, not {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "methods"}
+    fields = {f.name for f in dataclasses.fields(cls) if f.name != "sections"}
     for key in raw:
         if key not in fields:
-            options = {**fields, **dict.fromkeys(extra_keys)}
+            options = {**dict.fromkeys(fields), **dict.fromkeys(extra_keys)}
             raise ConfigError(f"unknown key {prefix + str(key)!r}{_suggest(str(key), options)}")
-    values = {}
-    for name, value in raw.items():
-        f = fields[name]
-        key = prefix + name
-        kind = typing.get_type_hints(cls)[name]
-        if dataclasses.is_dataclass(kind):
-            values[name] = _build(kind, value or {}, prefix=key + ".")
-            continue
-        value = _coerce(key, value, kind)
-        check = f.metadata.get("check")
-        problem = check(value) if check and value is not None else None
-        if problem:
-            raise ConfigError(f"bad value for {key!r}: {value!r} {problem}")
-        values[name] = value
-    return cls(**values)
-
-
-def _coerce(key: str, value, kind):
-    """Return ``value`` as type ``kind`` or raise a ConfigError naming ``key``."""
-    optional = isinstance(kind, types.UnionType) and type(None) in typing.get_args(kind)
-    base = next((t for t in typing.get_args(kind) if t is not type(None)), kind) if optional else kind
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"bad value for {key!r}: it needs a {base.__name__}, not null")
-    if base is float and isinstance(value, str):
-        try:
-            value = float(value)  # PyYAML reads 1e-3 as a string
-        except ValueError:
-            pass
-    if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise ConfigError(f"bad value for {key!r}: {value!r} is not a finite number")
-        return float(value)
-    if isinstance(value, base) and not (base is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(f"bad value for {key!r}: {value!r} is a {type(value).__name__}, it needs a {base.__name__}")
+    hints = typing.get_type_hints(cls)
+    nested = {name: _build(hints[name], value or {}, prefix=prefix + name + ".")
+              for name, value in raw.items() if dataclasses.is_dataclass(hints[name])}
+    try:
+        values = registry.check_arguments(cls, {k: v for k, v in raw.items() if k not in nested}, what=where,
+                                          context=("sections",))
+    except registry.SettingsError as err:
+        raise ConfigError(f"bad value for {prefix + str(err.setting)!r}: {err}") from None
+    return cls(**values, **nested)
 
 
 def _check_whole(config: RunConfig) -> None:
@@ -416,9 +287,6 @@ def _check_whole(config: RunConfig) -> None:
     if config.data.dir is not None and not os.path.isdir(config.data.dir):
         raise ConfigError(f"data.dir={config.data.dir!r} is not a folder; point it at the BBC News folder "
                           "(<category>/<nnn>.txt files), or leave it out for the offline corpus")
-    from jpeft.sharding import ShardingError
-    from train.placement import load_rules
-
     try:
         load_rules(config.sharding.rules)
     except ShardingError as err:

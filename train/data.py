@@ -26,6 +26,9 @@ from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from jpeft import assets
+from train.errors import ConfigError
+
 INSTRUCTION = "Write a headline for this article.\n\n"
 _ARTICLE_SLOT = "\x00ARTICLE\x00"
 
@@ -200,12 +203,9 @@ def configured_split(dc) -> tuple[list[Article], Split]:
 
     Raises :class:`train.config.ConfigError` when the folder cannot be read as the BBC News corpus.
     """
-    from train.config import ConfigError
 
     directory = dc.dir
     if directory is None:
-        from jpeft import assets
-
         directory = assets.bbc_news_dir()
     try:
         articles = load_bbc(directory)
@@ -271,7 +271,7 @@ def train_batches(
     Batch ``i`` is a pure function of ``(seed, i)``: ``start`` skips the first
     ``start`` batches without building them, so a resumed run sees exactly the
     batches an uninterrupted one would. ``make(examples, **shape)`` builds a batch
-    (default :func:`train_batch`; :func:`train.seq2seq.seq2seq_batch` for seq2seq jobs).
+    (default :func:`train_batch`; :func:`train.tasks.seq2seq.seq2seq_batch` for seq2seq jobs).
     """
     make = train_batch if make is None else make
     rng = np.random.default_rng(seed)

@@ -19,7 +19,9 @@ import os
 
 import jax
 
-from train.config import ConfigError, DistributedConfig, MeshConfig
+from jpeft import sharding
+from train.sections import DistributedConfig, MeshConfig
+from train.errors import ConfigError
 
 _ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
         "process_id": "JAX_PROCESS_ID"}
@@ -84,8 +86,6 @@ def is_main() -> bool:
 
 def build_mesh(cfg: MeshConfig) -> jax.sharding.Mesh:
     """The mesh ``cfg`` describes over every process's devices, or a ConfigError that says why not."""
-    from jpeft import sharding
-
     shape = {"data": cfg.data, "fsdp": cfg.fsdp, "tensor": cfg.tensor}
     devices = jax.devices()
     if all(size == 1 for size in shape.values()) and jax.process_count() == 1:

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 from rouge_score import rouge_scorer
 
+from jpeft.models import generation
 from train import data
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -29,8 +30,6 @@ def generate_headlines(
     pad_id: int,
 ) -> list[str]:
     """Greedy headlines for ``articles`` (batches padded to ``batch_size`` rows)."""
-    from jpeft.models import generation
-
     prompts = fmt.prompts(articles)
     headlines = []
     for start in range(0, len(prompts), batch_size):

@@ -43,11 +43,19 @@ import sys
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
+import jax
+import numpy as np
+
+import jpeft
+from jpeft import checkpoint, lifecycle
 from jpeft.errors import CheckpointError
-from train.config import ConfigError
+from jpeft.models import generation
+from train import data, model
+from train.__main__ import _input_errors
+from train.config import ModelConfig, apply_overrides, from_dict, load_config
+from train.errors import ConfigError
 
 BASE = "base"
-PEFT_CONFIG = "adapter_config.json"
 
 
 class Row(NamedTuple):
@@ -143,8 +151,6 @@ def check_for_model(args: argparse.Namespace, model: Any, ids: list[list[int]], 
 
 def model_config(args: argparse.Namespace):
     """The base model's :class:`train.config.ModelConfig` from ``--config`` and ``model.*`` overrides."""
-    from train.config import apply_overrides, from_dict, load_config
-
     other = [o for o in args.overrides if not o.partition("=")[0].strip().startswith("model.")]
     if other:
         raise ConfigError(f"override {other[0]!r} is not a model setting; python -m train.generate takes model.* "
@@ -212,88 +218,27 @@ def parse_loads(loads: list[str]) -> dict[str, str]:
 
 def adapter_format(name: str, folder: str) -> str:
     """``"peft"`` or ``"jpeft"``: what kind of adapter folder ``folder`` is (checked before the model loads)."""
-    where = f"--load {name}={folder}"
-    path = Path(folder)
-    if not path.is_dir():
-        raise CheckpointError(f"{where}: no such folder; give a jpeft adapter folder (python -m train writes "
-                              "run_dir/adapter) or a PEFT folder (adapter_config.json)")
-    if (path / PEFT_CONFIG).is_file():
-        return "peft"
-    if not any(p.name.isdigit() for p in path.iterdir()):
-        raise CheckpointError(f"{where} is neither a jpeft adapter folder (python -m train writes run_dir/adapter) "
-                              f"nor a PEFT folder ({PEFT_CONFIG})")
-    return "jpeft"
+    try:
+        return lifecycle.adapter_format(folder)
+    except CheckpointError as err:
+        raise CheckpointError(f"--load {name}={folder}: {err}") from None
 
 
 def load_adapter(name: str, folder: str, loaded, base_model: dict | None = None) -> tuple[Any, Any]:
     """``(method, adapter)`` from a jpeft adapter folder or a PEFT folder, for ``loaded``'s model.
 
-    ``base_model``: the loaded model's config section; a jpeft adapter trained on another
-    base is noted on stderr (its shapes are checked either way).
+    :func:`jpeft.lifecycle.load_adapter` reads it, in the form that runs on the loaded
+    weights (a method whose init rebased its base, PiSSA, is converted by its own
+    ``rebase.over_original``). ``base_model``: the loaded model's config section; a jpeft
+    adapter trained on another base is noted on stderr (its shapes are checked either way).
     """
-    import jax
-
-    from jpeft import checkpoint
-    from jpeft.io.peft import load_peft
-    from jpeft.methods import registry
-
-    where = f"--load {name}={folder}"
-    path = Path(folder)
-    if adapter_format(name, folder) == "peft":
-        try:
-            return load_peft(path, loaded.model, loaded.params)
-        except CheckpointError as err:
-            raise CheckpointError(f"{where}: {err}") from None
     try:
-        metadata = checkpoint.read_metadata(path)["metadata"]
+        method, adapter = lifecycle.load_adapter(folder, loaded.model, loaded.params, tokenizer=loaded.tokenizer)
     except CheckpointError as err:
-        raise CheckpointError(f"{where}: {err}") from None
-    method_name = metadata.get("method") if isinstance(metadata, dict) else None
-    if method_name not in registry.names():
-        raise CheckpointError(f"{where}: its metadata names the method {method_name!r}, which is not registered "
-                              f"(known: {', '.join(registry.names())})")
-    settings = {k: v for k, v in metadata.items() if k in registry.settings(method_name)}
-    try:
-        method = registry.build(method_name, settings, model=loaded.model, tokenizer=loaded.tokenizer)
-        like = jax.eval_shape(lambda p: method.saved_form(method.init(jax.random.key(0), p)), loaded.params)
-    except (registry.SettingsError, ValueError) as err:
-        raise CheckpointError(f"{where}: its {method_name} settings {settings} do not fit this base model: {err}")
-    if method.rebase is not None:
-        _check_rebuildable(where, method, metadata, loaded.params)
-    try:
-        adapter, _ = checkpoint.restore_adapter(path, like=like, method=method_name)
-    except CheckpointError as err:
-        raise CheckpointError(f"{where} does not fit this base model (was it trained on another?): {err}") from None
-    _note_other_base(name, metadata.get("model"), base_model)
-    if method.rebase is not None:  # PiSSA / OLoRA: as a plain LoRA for the loaded (original) weights
-        from jpeft.methods.lora import as_plain_lora
-
-        initial = method.init(jax.random.key(int(metadata["seed"])), loaded.params)
-        return as_plain_lora(method, loaded.params, adapter, initial, model=loaded.model)
+        raise CheckpointError(f"--load {name}={folder}: {err}") from None
+    if adapter_format(name, folder) == "jpeft":
+        _note_other_base(name, checkpoint.read_metadata(folder)["metadata"].get("model"), base_model)
     return method, adapter
-
-
-def _check_rebuildable(where: str, method, metadata: dict, params) -> None:
-    """Refuses an adapter trained over a rebased base (PiSSA's ``W - s*A0@B0``) that cannot be run here.
-
-    Such an adapter runs on the loaded weights as the plain LoRA of rank ``2r``
-    (:func:`jpeft.methods.lora.as_plain_lora`), which needs the fresh adapter ``A0, B0``:
-    the run's seed rebuilds it. Over a quantized base that form is not the trained model (the
-    run's base was the re-quantized residual), so it is refused.
-    """
-    import jax
-
-    from jpeft.quant.array import is_quantized
-
-    if "seed" not in metadata:
-        raise CheckpointError(f"{where}: a {method.describe()} adapter goes with the base its init rebased (PiSSA's "
-                              "residual W - s*A0@B0), and its metadata has no seed to rebuild the fresh adapter "
-                              "(saved by an older jpeft); convert it to a plain LoRA adapter "
-                              "(jpeft.methods.lora.as_plain_lora) and load that")
-    if any(is_quantized(leaf) for leaf in jax.tree.leaves(params, is_leaf=is_quantized)):
-        raise CheckpointError(f"{where}: a {method.describe()} adapter trained over a re-quantized residual base "
-                              "runs only over that base; load the model without model.quantize to run it as a "
-                              "plain LoRA of rank 2r on the float weights")
 
 
 def _note_other_base(name: str, recorded: Any, current: dict | None) -> None:
@@ -309,9 +254,6 @@ def _note_other_base(name: str, recorded: Any, current: dict | None) -> None:
 
 def _model_file(section: dict) -> str | None:
     """The model file or folder a config's ``model:`` section names (the default resolved), or None."""
-    from train import model
-    from train.config import ModelConfig
-
     try:
         _, path = model.resolve(ModelConfig(**{k: section.get(k) for k in ("source", "gguf", "hf_folder")}))
     except (ConfigError, ValueError, TypeError, OSError):
@@ -381,8 +323,6 @@ class Printer:
 def run_params(params, rows: list[Row], adapters: dict[str, tuple[Any, Any]], model):
     """``chunk of rows -> the parameters it runs with``: one adapter for every row (merged where that is
     exact), or one mix of every adapter the rows name, shared by all chunks so the decoder compiles once."""
-    import jpeft
-
     used = sorted({r.adapter for r in rows} - {BASE})
     if not used:
         return lambda chunk: params
@@ -400,12 +340,6 @@ def run_params(params, rows: list[Row], adapters: dict[str, tuple[Any, Any]], mo
 
 def generate(args: argparse.Namespace, out: TextIO = sys.stdout) -> None:
     """Load the model and the adapters, then generate every row (see the module docstring)."""
-    import jax
-    import numpy as np
-
-    from jpeft.models import generation
-    from train import data, model
-
     rows = read_rows(args)
     validate_options(args, rows)
     folders = parse_loads(args.load)
@@ -454,8 +388,6 @@ def generate(args: argparse.Namespace, out: TextIO = sys.stdout) -> None:
 
 
 def main(argv: list[str] | None = None, out: TextIO | None = None) -> int:
-    from train.__main__ import _input_errors
-
     args = parse_args(argv)
     try:
         generate(args, out or sys.stdout)

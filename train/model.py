@@ -23,7 +23,11 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
-from train.config import ConfigError, ModelConfig
+from jpeft import assets
+from jpeft.io.gguf import load_gguf, load_gguf_tokenizer
+from jpeft.io.hf import load_hf
+from train.sections import ModelConfig
+from train.errors import ConfigError
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -61,8 +65,6 @@ def resolve(cfg: ModelConfig) -> tuple[str, str]:
         if not os.path.isfile(cfg.gguf):
             raise ModelSourceError(f"model.gguf={cfg.gguf!r} does not exist; give the path of a .gguf file")
         return "gguf", cfg.gguf
-    from jpeft import assets
-
     if cfg.source == "minilm":
         try:
             return "hf", os.fspath(assets.minilm_dir())
@@ -92,14 +94,10 @@ def load(cfg: ModelConfig) -> Loaded:
     quantize = cfg.quantize and {"format": cfg.quantize, "block_size": cfg.quant_block_size}
     settings = dict(dtype=dtype, scan_layers=cfg.scan_layers, quantize=quantize)
     if kind == "gguf":
-        from jpeft.io.gguf import load_gguf, load_gguf_tokenizer
-
         model_, params = load_gguf(path, **settings)
         tokenizer = load_gguf_tokenizer(path)
     else:
-        from transformers import AutoTokenizer
-
-        from jpeft.io.hf import load_hf
+        from transformers import AutoTokenizer  # the tokenizer of a Hugging Face folder (heavy: only then)
 
         model_, params = load_hf(path, **settings)
         try:

@@ -27,7 +27,7 @@ import os
 import time
 from typing import NamedTuple
 
-from train.config import ConfigError
+from train.errors import ConfigError
 
 MARKER = "run.json"
 FORMAT = "jpeft-run"

@@ -3,14 +3,13 @@
 The loss is a function of the adapter alone::
 
     loss(adapter) = xent(model.forward(method.apply(frozen, adapter, rng=rng), batch))
-                    + method.penalty(adapter)         (methods that have one)
+                    + method.training.penalty(adapter)         (methods that have one)
 
 so ``jax.value_and_grad`` gives adapter-shaped gradients only. The frozen
 parameters are an argument of the jitted step (not constants baked into the
 program), and the adapter and optimizer state are donated. A method that updates its
-own state during training (``method.transform``) gets it as an optax transformation
-after or around the optimizer (:func:`jpeft.optim.with_transform`): the trainer knows no
-method by name.
+own state during training gets it through :mod:`jpeft.lifecycle` (its optimizer
+transformation, its penalty, its stages): the trainer knows no method by name.
 """
 
 from __future__ import annotations
@@ -24,10 +23,9 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-import jpeft
-from jpeft import optim, sharding
+from jpeft import lifecycle, optim, sharding
 from train import placement
-from train.config import TrainConfig
+from train.sections import TrainConfig
 from train.data import TrainBatch
 
 
@@ -62,15 +60,14 @@ def make_schedule(cfg: TrainConfig) -> optax.Schedule:
 def make_optimizer(cfg: TrainConfig, method=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW on :func:`make_schedule`'s learning rates, after global-norm clipping.
 
-    A method's ``transform`` is applied by :func:`jpeft.optim.with_transform`: chained after
-    AdamW (per-weight rate scales) or wrapping clipping + AdamW (a method that updates its own
-    state from the raw gradients, the parameters and the step). A method with stages keeps one
-    optimizer for all of them.
+    A method's ``training.optimizer`` wraps it (:func:`jpeft.lifecycle.optimizer`): per-weight
+    rate scales after AdamW, or a method that updates its own state from the raw gradients,
+    the parameters and the step. A method with stages keeps one optimizer for all of them.
     """
     schedule = make_schedule(cfg)
     optimizer = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
                             optax.adamw(schedule, weight_decay=cfg.weight_decay))
-    return optim.with_transform(optimizer, None if method is None else method.transform), schedule
+    return (optimizer if method is None else lifecycle.optimizer(method, optimizer)), schedule
 
 
 def schedule_settings(cfg: TrainConfig) -> dict:
@@ -79,41 +76,12 @@ def schedule_settings(cfg: TrainConfig) -> dict:
                                                   "grad_clip")}
 
 
-def answer_xent(params, model, batch: TrainBatch) -> tuple[jax.Array, jax.Array]:
-    """``(sum of answer-token cross-entropies, number of answer tokens)``.
+def make_params_loss(model, sums: Callable) -> Callable:
+    """``loss(params, batch) -> mean loss`` of the model run with ``params``.
 
-    Only the hidden states at answer positions are projected onto the
-    vocabulary: ``B x A`` rows instead of ``B x T``.
-    """
-    hidden_BxTxD, _ = model.forward(params, batch.tokens_BxT, attention_mask_BxT=batch.attention_mask_BxT,
-                                    return_hidden=True)
-    valid_BxA = batch.answer_positions_BxA >= 0
-    positions_BxA = jnp.maximum(batch.answer_positions_BxA, 0)
-    hidden_BxAxD = jnp.take_along_axis(hidden_BxTxD, positions_BxA[:, :, None], axis=1)
-    targets_BxA = jnp.take_along_axis(batch.targets_BxT, positions_BxA, axis=1)
-    logits_BxAxV = model.head(params, hidden_BxAxD)
-    losses_BxA = optax.softmax_cross_entropy_with_integer_labels(logits_BxAxV, targets_BxA)
-    return jnp.sum(jnp.where(valid_BxA, losses_BxA, 0.0)), jnp.sum(valid_BxA).astype(jnp.float32)
-
-
-def xent_for(model) -> Callable:
-    """``(params, model, batch) -> (loss sum, token count)`` for the model's kind of job.
-
-    A decoder's is :func:`answer_xent`; an encoder-decoder's (T5) :func:`train.seq2seq.target_xent`.
-    """
-    from train import seq2seq
-
-    return seq2seq.target_xent if getattr(model, "is_encoder_decoder", False) else answer_xent
-
-
-def make_params_loss(model, sums: Callable | None = None) -> Callable:
-    """``loss(params, batch) -> mean answer-token cross-entropy`` of the model run with ``params``.
-
+    ``sums``: the task's ``(params, model, batch) -> (loss sum, count)`` (:meth:`train.tasks.Task.loss_sums`).
     What a method's ``prepare`` (choosing what to train from data) differentiates.
-    ``sums``: another task's ``(params, model, batch) -> (loss sum, count)`` in place of
-    :func:`answer_xent` (the classification job's, :mod:`train.classify`).
     """
-    sums = xent_for(model) if sums is None else sums
 
     def loss(params, batch: TrainBatch):
         total, count = sums(params, model, batch)
@@ -122,20 +90,12 @@ def make_params_loss(model, sums: Callable | None = None) -> Callable:
     return loss
 
 
-def make_loss_fn(method, model, sums: Callable | None = None) -> Callable:
-    """``loss(adapter, frozen, batch, rng) -> mean answer-token cross-entropy`` (plus the method's penalty)."""
-    params_loss = make_params_loss(model, sums)
-
-    def loss_fn(adapter, frozen, batch: TrainBatch, rng):
-        loss = params_loss(method.apply(frozen, adapter, rng=rng), batch)
-        if method.penalty is not None:
-            loss = loss + method.penalty(adapter)
-        return loss
-
-    return loss_fn
+def make_loss_fn(method, model, sums: Callable) -> Callable:
+    """``loss(adapter, frozen, batch, rng) -> mean loss`` (plus the method's penalty)."""
+    return lifecycle.loss(method, make_params_loss(model, sums))
 
 
-def make_train_step(method, model, optimizer, shardings: dict | None = None, sums: Callable | None = None) -> Callable:
+def make_train_step(method, model, optimizer, shardings: dict | None = None, *, sums: Callable) -> Callable:
     """Jitted ``step(adapter, opt_state, frozen, batch, rng) -> (adapter, opt_state, stats)``.
 
     A step whose loss, gradients or updated adapter are not finite changes nothing: it
@@ -202,39 +162,8 @@ class Placement:
                 "batch": self.batch_shardings(batch), "rng": self.replicated}
 
 
-def frozen_part(params, adapter):
-    """The parameters a train step holds frozen: without those the adapter replaces (full fine-tuning, BitFit)."""
-    replaced = set(jpeft.tree.flatten(adapter)) & set(jpeft.tree.flatten(params))
-    return jpeft.tree.without(params, adapter) if replaced else params
-
-
-def stage_at(method, step: int):
-    """The method that trains optimizer step ``step`` (1-based): ``method``, or the last of its ``stages`` begun by then."""
-    starts = [start for start, _ in method.stages]
-    if any(not isinstance(a, int) or a < 2 for a in starts) or starts != sorted(set(starts)):
-        raise ValueError(f"{method.name}: stage starts {starts} must be increasing steps >= 2 (step 1 is the method's own)")
-    current = method
-    for start, stage in method.stages:
-        if start <= step:
-            current = stage
-    return current
-
-
-def enter_stage(current, stage, frozen, adapter, key) -> tuple[Any, Any]:
-    """``(adapter, frozen)`` of ``stage``, continuing ``current``'s training.
-
-    The current adapter is merged into the parameters, and the next stage's ``init`` runs
-    on them: weights that stay trainable keep their trained values, new ones start from
-    the (frozen) parameters. What the next adapter replaces leaves the frozen tree.
-    """
-    params = current.merge(frozen, adapter)
-    adapter = stage.init(key, params)
-    return adapter, frozen_part(params, adapter)
-
-
-def make_eval_loss(method, model, sums: Callable | None = None) -> Callable:
+def make_eval_loss(method, model, sums: Callable) -> Callable:
     """Jitted ``eval_loss(adapter, frozen, batch) -> (loss sum, token count)`` (no dropout)."""
-    sums = xent_for(model) if sums is None else sums
 
     def eval_loss(adapter, frozen, batch: TrainBatch):
         return sums(method.apply(frozen, adapter), model, batch)
@@ -267,7 +196,7 @@ def train_loop(
     rules: str = "default",
     checkpoints=None,
     resumed=None,
-    sums: Callable | None = None,
+    sums: Callable,
 ) -> Any:
     """Run ``cfg.steps`` optimizer steps; ``log`` receives one dict per event. Returns the adapter.
 
@@ -275,26 +204,24 @@ def train_loop(
     (a plain iterator cannot resume). ``mesh``/``rules``: where the arrays live (default:
     one device). ``checkpoints``: a :class:`train.checkpointing.Checkpoints` to save to;
     ``resumed``: the state to continue from (from :meth:`Checkpoints.resume_point`).
-    ``sums``: the task's ``(params, model, batch) -> (loss sum, count)`` (default: :func:`answer_xent`);
-    a batch needs ``tokens_BxT`` and ``attention_mask_BxT``.
+    ``sums``: the task's ``(params, model, batch) -> (loss sum, count)``; a batch needs ``tokens_BxT``
+    and ``attention_mask_BxT``.
 
     Raises:
         TrainingStopped: when more than ``cfg.max_bad_steps`` steps had a non-finite loss
             (or gradients); the checkpoints saved before stay, and none holds a bad state.
     """
-    from train import distributed
-
-    main = distributed.is_main()
+    main = jax.process_index() == 0
     optimizer, schedule = make_optimizer(cfg, method)
-    if method.stages and jax.process_count() > 1:
+    if method.training.stages and jax.process_count() > 1:
         raise ValueError(f"{method.name} changes its trainable weights by stages, which runs in one process only")
     if mesh is None:
         mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     # The stage that trained the resumed step (a method without stages is its own only stage).
-    current = stage_at(method, 1 if resumed is None else resumed.step)
+    current = lifecycle.stage_at(method, 1 if resumed is None else resumed.step)
     if resumed is not None:
         adapter = resumed.adapter
-        frozen = frozen_part(frozen, adapter)  # a later stage's adapter replaces more of the base
+        frozen = lifecycle.frozen_part(frozen, adapter)  # a later stage's adapter replaces more of the base
     place = Placement(mesh, rules, current, model, frozen, adapter, optimizer)
     frozen = place.put(frozen, place.frozen)
     first, key = 1, jax.random.key(cfg.seed)
@@ -328,22 +255,22 @@ def train_loop(
     bad_steps = []
     bar = tqdm(range(first, cfg.steps + 1), desc="train", disable=not (progress and main), dynamic_ncols=True)
     for step in bar:
-        stage = stage_at(method, step)
+        stage = lifecycle.stage_at(method, step)
         if stage is not current:  # a new stage: more (or other) weights train; compiled once for it
-            adapter, frozen = enter_stage(current, stage, frozen, adapter, jax.random.key(cfg.seed))
+            adapter, frozen = lifecycle.enter_stage(current, stage, frozen, adapter, jax.random.key(cfg.seed))
             opt_state = optim.carry_over(opt_state, optimizer.init(adapter))
             current, place = stage, Placement(mesh, rules, stage, model, frozen, adapter, optimizer)
             frozen, adapter = place.put(frozen, place.frozen), place.put(adapter, place.adapter)
             opt_state = place.put(opt_state, place.opt_state)
             step_fn, eval_loss = None, make_eval_loss(current, model, sums)
             trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapter))
-            log({"kind": "stage", "step": step, "stage": sum(start <= step for start, _ in method.stages),
+            log({"kind": "stage", "step": step, "stage": lifecycle.stage_number(method, step),
                  "trainable": trainable})
             if main:
                 bar.write(f"step {step}: stage {stage.describe()}, {trainable:,} trainable parameters")
         batch = next(batches)
         if step_fn is None:
-            step_fn = make_train_step(current, model, optimizer, place.step_shardings(batch), sums)
+            step_fn = make_train_step(current, model, optimizer, place.step_shardings(batch), sums=sums)
         start = time.perf_counter()
         adapter, opt_state, stats = step_fn(adapter, opt_state, frozen, place.batch(batch),
                                             jax.random.fold_in(key, step))

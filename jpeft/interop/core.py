@@ -48,7 +48,9 @@ import jax
 import jax.numpy as jnp
 
 from jpeft import ops, tree
-from jpeft.io.names import CheckpointNames
+from jpeft.models import capabilities
+from jpeft.models.names import CheckpointNames
+from jpeft.sharding import adapter_axes
 from jpeft.layout import Layout
 
 _LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -372,6 +374,9 @@ class FlaxModel:
 
     # ------------------------------------------------------------------ what methods ask a model
 
+    capabilities = frozenset({capabilities.WeightLayouts})
+    """What it offers (:mod:`jpeft.models.capabilities`): weight methods, through its layers' layouts."""
+
     def layouts(self) -> dict[str, Layout]:
         """``{param path: Layout}`` for every weight a registered layer uses as a kernel or table (and can adapt)."""
         out = {}
@@ -400,8 +405,6 @@ class FlaxModel:
 
     def adapter_axes(self, method, adapter) -> Any:
         """Axis names of every adapter leaf, inherited from the weight it adapts (LoRA's rank axis: ``"lora_rank"``)."""
-        from jpeft.sharding import adapter_axes
-
         return adapter_axes(method, adapter, self.param_axes())
 
     def adapter_specs(self, method, adapter, rules: Any = None) -> Any:

@@ -2,7 +2,7 @@
 
 Shared by every loader (Hugging Face safetensors, GGUF) and every model family: the
 loader reads tensors in the order :meth:`ParamAssembler.read_order` gives, converts each
-to jpeft's layout through the family's name table (:mod:`jpeft.io.names`), and hands it
+to jpeft's layout through the family's name table (:mod:`jpeft.models.names`), and hands it
 to :meth:`ParamAssembler.add`. When the model stacks its layers, a leaf is complete
 once every layer's tensor is in; as soon as a leaf is complete it becomes a device array
 (and, with a quantize-on-load ``leaf_fn``, a 4-bit one), so the float model is never
@@ -34,7 +34,7 @@ import numpy as np
 
 from jpeft import tree
 from jpeft.errors import CheckpointError
-from jpeft.io import names as names_lib
+from jpeft.models import names as names_lib
 import jpeft.models.stack as stack
 
 

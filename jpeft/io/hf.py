@@ -42,7 +42,7 @@ from safetensors.numpy import save_file
 
 from jpeft import ops, quant, tree
 from jpeft.errors import CheckpointError
-from jpeft.io import names as names_lib
+from jpeft.models import names as names_lib
 from jpeft.io.assembler import ParamAssembler
 import jpeft.models.stack as stack
 from jpeft.models.model import Model

@@ -11,7 +11,7 @@ As Hugging Face PEFT's ``AdaLoraConfig`` / ``RankAllocator``, with Flax-oriented
 * **The orthogonality penalty** (:func:`orthogonality_penalty`, the method's ``penalty``):
   ``orth_reg_weight`` times the mean over every ``A`` and ``B`` of ``||A A^T - I||_F`` and
   ``||B^T B - I||_F``, added to the training loss.
-* **The budget schedule** (:func:`budget_schedule`, the method's ``transform``, wrapping the
+* **The budget schedule** (:func:`budget_schedule`, the method's ``training.optimizer``, wrapping the
   optimizer): after each optimizer step (0-based step ``t``, PEFT's ``global_step`` in its
   example loop), while ``t < total_step - tfinal``, each factor entry's sensitivity
   ``|p * grad|`` (``p`` after the step, ``grad`` the raw gradient) is smoothed with ``beta1``
@@ -56,7 +56,7 @@ import optax
 from jpeft import tree
 from jpeft.errors import SettingError
 from jpeft.methods import delta, registry
-from jpeft.methods.base import Method
+from jpeft.methods.base import Method, Training
 
 EPS = 1e-5
 """PEFT's ``ranknum + 1e-5`` in the scale."""
@@ -342,13 +342,13 @@ def adalora(
         orth_reg_weight: weight of the orthogonality penalty on ``A`` and ``B`` (0: none).
         total_step: the number of optimizer steps of the run (PEFT requires it; the trainer passes its
             ``train.steps``). Without it the method runs, merges and saves, but cannot train (its
-            ``transform`` says so).
+            ``training.optimizer`` says so).
         dtype: dtype of the trainable factors.
         model: the :class:`jpeft.models.Model` whose parameters are adapted (input/output axes).
 
     Returns:
         A :class:`jpeft.Method` with ``a (*in, r)``, ``e (r,)``, ``b (r, *out)`` per kernel, the penalty, the
-        budget schedule as its ``transform`` and the rank pattern as its ``summary``.
+        budget schedule, the penalty and the rank pattern in its ``training`` record.
     """
     _check(init_r, target_r, tinit, tfinal, deltaT, beta1, beta2, orth_reg_weight, total_step)
     schedule = Schedule(target_r, tinit, tfinal, deltaT, float(beta1), float(beta2), total_step)
@@ -365,7 +365,7 @@ def adalora(
               "total_step": total_step}
     method = delta.delta_method(KIND, init_r, alpha, targets, dtype=dtype, model=model,
                                 settings=fields,
-                                transform=transform, penalty=penalty, summary=describe_pattern)
+                                training=Training(optimizer=transform, penalty=penalty, summary=describe_pattern))
     return method._replace(label=f"adalora r={init_r}->{target_r}")
 
 

@@ -29,45 +29,11 @@ The optional fields say what a training program would otherwise have to guess:
     What the method was built with that its adapter does not show (VeRA's projection seed,
     AdaLoRA's budget schedule, OFT's block options), by the builder's argument names: writers
     of other formats read it (:mod:`jpeft.io.peft`). Empty for most methods.
-``transform``
-    For methods that shape or follow their own training: either an optax
-    ``GradientTransformation``, which a program chains after its optimizer (ULMFiT's
-    per-layer rates scale the updates), or a function ``transform(optimizer) ->
-    GradientTransformation`` that wraps the program's optimizer, for a method that updates
-    its own state from the raw gradients, the parameters and the step (AdaLoRA's rank
-    budget: it scores each triplet by ``|p * grad|`` and zeroes the lowest-scored ones
-    after the optimizer's step, with updates ``-p`` there). The wrapper keeps its state
-    (scores, step, the rank pattern) in the optax state, so checkpoints and resumes carry
-    it with the optimizer's. :func:`jpeft.optim.with_transform` applies either form.
-    ``None`` for most methods.
-``penalty(adapter) -> scalar``
-    A term a program adds to the training loss (AdaLoRA's orthogonality penalty).
-``summary(adapter) -> str | None``
-    A line a program prints (and records) about a trained adapter, for methods whose
-    adapter says more than its shapes (AdaLoRA: the rank pattern it ended with).
-``stages``
-    For methods whose trainable set changes during training (ULMFiT's gradual
-    unfreezing): ``((first_step, method), ...)``, the method that trains from each
-    1-based optimizer step on (this one trains until the first). At a boundary a program
-    merges the current adapter into the parameters (``merge``), calls the next method's
-    ``init`` on them (leaves that stay trainable keep their trained values) and carries
-    the optimizer state over by path (:func:`jpeft.optim.carry_over`), then compiles the
-    step once for the new stage. ``()`` for most methods.
-``prepare``
-    For methods that choose what to train from data (importance-ranked sparse
-    fine-tuning): ``prepare(params, loss_fn, batches) -> Method`` with the frozen
-    parameters, ``loss_fn(params, batch) -> scalar`` and an iterator of training batches;
-    a program calls it once before ``init`` and trains the method it returns. ``None``
-    for most methods.
-``rebase``
-    For methods whose fresh adapter is taken out of the base weights (LoRA's PiSSA and
-    OLoRA inits): ``rebase(params, adapter) -> params``, the frozen parameters that go with
-    the *fresh* ``adapter`` (PiSSA's residual ``W - s * A @ B``), so ``apply`` of the fresh
-    adapter over them is the original model. A program calls it once, right after
-    ``init``, and trains and evaluates over what it returns (the original parameters stay
-    what ``merge`` of a converted adapter, :func:`jpeft.methods.lora.as_plain_lora`,
-    runs on). ``init`` is deterministic in the key and parameters, so a resumed run gets
-    the same base again. ``None`` for most methods.
+``training``
+    A :class:`Training` record of what the method adds to a training run (AdaLoRA's budget
+    and penalty, ULMFiT's stages, PIR's data-driven selection, PiSSA's rebase), one typed
+    field per hook. Most methods have none; :mod:`jpeft.lifecycle` is the one place that
+    honours them, in the order a run needs.
 ``label``
     A short human-readable description (``"lora r=8"``) for result tables.
 
@@ -76,17 +42,85 @@ The optional fields say what a training program would otherwise have to guess:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import jax
+import optax
 
 from jpeft import tree
 from jpeft.layout import flatten_axes  # noqa: F401  (re-exported: methods derive their axes with it)
 from jpeft.errors import SettingError
 
 Axes = tuple[str | None, ...]
+
+
+WrapOptimizer = Callable[[optax.GradientTransformation], optax.GradientTransformation]
+"""``optimizer -> optimizer``: what a method does to the program's optimizer (it sees the raw gradients)."""
+Penalty = Callable[[Any], Any]
+"""``adapter -> scalar`` added to the training loss."""
+Prepare = Callable[[Any, Callable[[Any, Any], Any], Iterable[Any]], "Method"]
+"""``(params, loss_fn(params, batch), batches) -> Method``: choose what to train from data."""
+Summary = Callable[[Any], "str | None"]
+"""``trained adapter -> line to print and record``."""
+
+
+class Rebase(NamedTuple):
+    """A method whose fresh adapter is taken out of the base weights (LoRA's PiSSA and OLoRA inits).
+
+    ``base(params, fresh_adapter) -> params``: the frozen parameters that go with the fresh
+    adapter (PiSSA's residual ``W - s * A0 @ B0``), so ``apply`` of the fresh adapter over them
+    is the original model. ``init`` is deterministic in the key and parameters, so a resumed
+    run, or a program loading the trained adapter, gets the same base again.
+
+    ``over_original(params, trained, fresh) -> (method, adapter)``: the trained adapter as
+    one that runs on the *original* ``params`` (for PiSSA, the plain LoRA of rank ``2r``):
+    what a program that loads a saved adapter onto the base model runs.
+    """
+
+    base: Callable[[Any, Any], Any]
+    over_original: Callable[[Any, Any, Any], tuple["Method", Any]]
+
+
+class Training(NamedTuple):
+    """What a method adds to a training run, one typed hook each; ``Training()`` adds nothing.
+
+    ``optimizer``
+        A :data:`WrapOptimizer`: the program's optimizer (clipping + AdamW) goes in, the one
+        the run uses comes out. ULMFiT chains its per-layer rate scales after it; AdaLoRA
+        wraps it to update its rank budget from the raw gradients, the parameters and the step
+        (its state rides in the optax state, so checkpoints carry it).
+    ``penalty``
+        A :data:`Penalty` added to the training loss (AdaLoRA's orthogonality penalty).
+    ``stages``
+        ``((first_step, method), ...)``: the method that trains from each 1-based optimizer step
+        on (this one trains until the first), for methods whose trainable set changes (ULMFiT's
+        gradual unfreezing). :func:`jpeft.lifecycle.enter_stage` moves from one to the next.
+    ``prepare``
+        A :data:`Prepare`, called once before ``init``; the run trains the method it returns
+        (PIR's importance-ranked entries).
+    ``rebase``
+        A :class:`Rebase` (PiSSA, OLoRA).
+    ``summary``
+        A :data:`Summary` of the trained adapter (AdaLoRA: the rank pattern it ended with).
+    """
+
+    optimizer: WrapOptimizer | None = None
+    penalty: Penalty | None = None
+    stages: tuple[tuple[int, "Method"], ...] = ()
+    prepare: Prepare | None = None
+    rebase: Rebase | None = None
+    summary: Summary | None = None
+
+    def hooks(self) -> list[str]:
+        """The names of the hooks this record sets.
+
+        Example:
+            >>> Training(penalty=lambda a: 0.0).hooks()
+            ['penalty']
+        """
+        return [name for name in self._fields if getattr(self, name) not in (None, ())]
 
 
 class Method(NamedTuple):
@@ -100,13 +134,8 @@ class Method(NamedTuple):
     fold: Callable[[Any], Any] | None = None
     merge_blocker: Callable[[Any], str | None] | None = None
     settings: Mapping[str, Any] = MappingProxyType({})
-    transform: Any = None
-    penalty: Callable[[Any], Any] | None = None
     label: str | None = None
-    stages: tuple = ()
-    prepare: Callable[..., Any] | None = None
-    rebase: Callable[[Any, Any], Any] | None = None
-    summary: Callable[[Any], str | None] | None = None
+    training: Training = Training()
 
     def saved_form(self, adapter: Any) -> Any:
         """The adapter as it is saved (``fold`` applied, if the method has one)."""
@@ -152,7 +181,7 @@ def refuse_rebased(method: Method, what: str) -> None:
         ...
         ValueError: here: a lora r=2 ... adapter goes with the base its init rebased ...
     """
-    if method.rebase is None:
+    if method.training.rebase is None:
         return
     raise ValueError(f"{what}: a {method.describe()} adapter goes with the base its init rebased (the residual "
                      "W - s*A0@B0 of PiSSA / OLoRA), not with the original parameters; convert it first to the plain "

@@ -229,7 +229,7 @@ def split_weight(kind: DeltaKind, path: str, shape: tuple[int, ...], layout: Lay
 def delta_method(kind: DeltaKind, rank: int, alpha: float, targets: tree.Targets, *, dtype=jnp.float32,
                  model: Any = None, **fields: Any) -> Method:
     """A :class:`jpeft.Method` for ``kind`` (see the module docstring); ``fields``: further
-    :class:`Method` fields (AdaLoRA's ``transform``, ``penalty``, ``summary``, ``settings``)."""
+    :class:`Method` fields (AdaLoRA's ``training`` and ``settings``)."""
     defaults = Settings(rank, alpha)
     check_settings(defaults, kind.title)
     rules = tree.as_rules(targets)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from jpeft import tree
-from jpeft.methods.base import Method, inherited_axes
+from jpeft.methods.base import Method, Rebase, Training, inherited_axes
 
 KEY = "modules_to_save"
 
@@ -50,17 +50,23 @@ def split(adapter: Any) -> tuple[Any, dict]:
 def with_modules_to_save(method: Method, targets: tree.Targets) -> Method:
     """``method`` plus whole trainable copies of the parameters ``targets`` selects (see the module docstring).
 
-    Raises (from ``init``):
-        ValueError: when a target matches no parameter, when the method adapts a selected
-            weight itself (LoRA on the head: train it whole or adapt it, not both), or when
-            the method changes its own state during training (stages, transforms), which the
-            copies would not follow.
+    The method's training hooks that concern its own adapter carry over: a ``rebase``
+    (PiSSA's residual base) rebases the weights the method adapts and leaves the copies
+    alone, a ``penalty`` and a ``summary`` read the method's own adapter.
+
+    Raises:
+        ValueError (here): when the method changes its optimizer, chooses its weights from
+            data, or trains by stages (AdaLoRA, PIR, ULMFiT): the copies would not follow.
+        ValueError (from ``init``): when a target matches no parameter, or the method adapts
+            a selected weight itself (LoRA on the head: train it whole or adapt it, not both).
     """
     rules = tree.as_rules(targets)
-    unsupported = [f for f in ("transform", "penalty", "prepare", "rebase") if getattr(method, f) is not None]
-    if unsupported or method.stages:
-        raise ValueError(f"{method.describe()} cannot train modules_to_save besides: it has "
-                         f"{', '.join(unsupported) or 'stages'}")
+    hooks = method.training
+    unsupported = [h for h in ("optimizer", "prepare", "stages") if h in hooks.hooks()]
+    if unsupported:
+        raise ValueError(f"{method.describe()} cannot train modules_to_save besides its own adapter: it has "
+                         f"a training {' and '.join(unsupported)} hook the copies would not follow; train the "
+                         "method without modules_to_save (null), or pick a method without that hook")
 
     def init_fn(key: jax.Array, params: Any) -> Any:
         inner = method.init(key, params)
@@ -98,7 +104,22 @@ def with_modules_to_save(method: Method, targets: tree.Targets) -> Method:
         folded = method.fold(inner)
         return {**folded, KEY: tree.unflatten(copies)} if copies else folded
 
+    def with_same_copies(adapter: Any, like: Any) -> Any:
+        _, copies = split(like)
+        return {**adapter, KEY: tree.unflatten(copies)} if copies else adapter
+
+    def rebase_base(params: Any, fresh: Any) -> Any:
+        return hooks.rebase.base(params, split(fresh)[0])
+
+    def over_original(params: Any, trained: Any, fresh: Any) -> tuple[Method, Any]:
+        plain, adapter = hooks.rebase.over_original(params, split(trained)[0], split(fresh)[0])
+        return with_modules_to_save(plain, targets), with_same_copies(adapter, trained)
+
+    training = Training(
+        penalty=None if hooks.penalty is None else (lambda adapter: hooks.penalty(split(adapter)[0])),
+        summary=None if hooks.summary is None else (lambda adapter: hooks.summary(split(adapter)[0])),
+        rebase=None if hooks.rebase is None else Rebase(rebase_base, over_original))
     return method._replace(
         init=init_fn, apply=apply_fn, merge=merge_fn, logical_axes=axes_fn,
-        fold=None if method.fold is None else fold_fn,
+        fold=None if method.fold is None else fold_fn, training=training,
         label=f"{method.describe()} + saved modules")

@@ -52,8 +52,9 @@ from jpeft.errors import SettingError
 from jpeft.layout import Layout, layouts_for
 from jpeft.methods import lora_init, registry, rows
 from jpeft.methods.dora import DoraWeight, init_magnitude
-from jpeft.methods.lora_weight import LoraWeight  # noqa: F401  (re-exported: jpeft.LoraWeight)
-from jpeft.methods.base import Method, flatten_axes
+from jpeft.methods.base import Method, Rebase, Training, flatten_axes
+from jpeft.methods.lora_weight import LoraWeight  # noqa: F401  (LoraWeight re-exported: jpeft.LoraWeight)
+from jpeft.quant.array import is_quantized
 
 RANK_AXIS = "lora_rank"
 _SETTINGS = ("rank", "alpha", "dropout", "use_rslora", "init")
@@ -130,7 +131,8 @@ def lora(
             (A ~ N(0, 1/r), as PEFT's "gaussian"), or one that takes the factors out of the
             weight (:mod:`jpeft.methods.lora_init`): ``"pissa"``, ``"pissa_niter_K"``,
             ``"olora"``. With those the frozen base changes too: train against
-            ``method.rebase(params, adapter)`` (the fresh adapter's residual base).
+            ``method.training.rebase.base(params, adapter)`` (the fresh adapter's residual base;
+            :func:`jpeft.lifecycle.start` does it).
         use_dora: DoRA (:mod:`jpeft.methods.dora`): a trainable magnitude per output
             feature besides ``A`` and ``B``; kernels only.
         ensure_weight_tying: an adapted embedding table that is also the (tied) output
@@ -275,8 +277,14 @@ def lora(
     rebases = lora_init.changes_base(init) or any(lora_init.changes_base(r.settings.get("init", "")) for r in rules)
     name = "dora" if use_dora else "lora"
     label = f"{name} r={rank}" + (" rslora" if use_rslora else "") + (f" {init}" if lora_init.changes_base(init) else "")
-    return Method(name, init_fn, apply_fn, merge_fn, logical_axes, merge_blocker=merge_blocker,
-                  label=label, rebase=rebase_fn if rebases else None)
+    method = Method(name, init_fn, apply_fn, merge_fn, logical_axes, merge_blocker=merge_blocker, label=label)
+    if not rebases:
+        return method
+
+    def over_original(params: Any, trained: Any, fresh: Any) -> tuple[Method, Any]:
+        return as_plain_lora(method, params, trained, fresh, model=model)
+
+    return method._replace(training=Training(rebase=Rebase(rebase_fn, over_original)))
 
 
 def _base_factors(path: str, weight, s: _Settings, layout: Layout, key, dtype):
@@ -285,8 +293,6 @@ def _base_factors(path: str, weight, s: _Settings, layout: Layout, key, dtype):
     A 4-bit (or int8) base gives its factors from its dequantized values, as PEFT's PiSSA on a
     bitsandbytes layer does; :func:`lora_init.residual` then quantizes the residual again.
     """
-    from jpeft.quant.array import is_quantized
-
     if is_quantized(weight):
         weight = (jax.ShapeDtypeStruct(weight.shape, weight.dtype)
                   if isinstance(weight.codes, jax.ShapeDtypeStruct) else weight.materialize())

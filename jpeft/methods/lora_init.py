@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 
 from jpeft.methods.lora_weight import LoraWeight
+from jpeft.quant.array import is_quantized
+from jpeft.quant.quantize import quantize_array
 
 BASE_CHANGING = re.compile(r"pissa|pissa_niter_[1-9][0-9]*|olora")
 """The ``init`` values whose adapter is taken out of the base weight."""
@@ -104,11 +106,7 @@ def residual(weight: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax
     size and axis: the point of PiSSA on a 4-bit base, whose residual has lost the top
     singular values and so quantizes with less error than ``W`` did.
     """
-    from jpeft.quant.array import is_quantized
-
     if is_quantized(weight):
-        from jpeft.quant.quantize import quantize_array
-
         return quantize_array(residual(weight.materialize(), a, b, scale), weight.format,
                               block_size=weight.block_size, axis=weight.axis, double_quant=weight.double_quant)
 

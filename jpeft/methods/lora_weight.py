@@ -1,13 +1,14 @@
-"""The LoRA-wrapped weight: a base weight plus its low-rank update, run by :mod:`jpeft.ops` without merging.
+"""The leaf LoRA puts in place of an adapted weight: the frozen base plus its two factors.
 
-Its own module so that DoRA and the LoRA initialisations can use it while :mod:`jpeft.methods.lora`
-(the builder) uses them.
+jpeft's ops (:mod:`jpeft.ops`) run it as ``x @ W + s * ((x @ A) @ B)`` without forming
+``W + s * A @ B``; :mod:`jpeft.methods.lora` builds it, DoRA (:mod:`jpeft.methods.dora`) and
+the PiSSA / OLoRA inits (:mod:`jpeft.methods.lora_init`) build on it.
 
 Example:
     >>> import jax.numpy as jnp
-    >>> w = LoraWeight(base=jnp.ones((4, 3)), a=jnp.ones((4, 2)), b=jnp.zeros((2, 3)), scale=2.0)
-    >>> w.delta().shape, bool((w.materialize() == 1).all())
-    ((4, 3), True)
+    >>> w = LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)), scale=2.0)
+    >>> w.materialize().tolist() == jnp.ones((4, 3)).tolist()
+    True
 """
 
 from __future__ import annotations

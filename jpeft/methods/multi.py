@@ -30,6 +30,7 @@ from typing import Any
 import jax
 
 from jpeft.methods.base import Method, refuse_rebased
+from jpeft.methods.combine import combine_adapters
 
 
 @jax.tree_util.register_pytree_node_class
@@ -98,8 +99,6 @@ class AdapterBank:
         ``options`` are :func:`jpeft.methods.combine.combine_adapters`'s (``svd_rank``,
         ``density``, ``majority_sign_method``, ``key``, ``model``, ...).
         """
-        from jpeft.methods.combine import combine_adapters
-
         method, adapter = combine_adapters(params, {n: self[n] for n in adapters}, weights, combination_type,
                                            **options)
         return self.replace(name, adapter, method)

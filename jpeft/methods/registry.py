@@ -30,8 +30,8 @@ Example:
 
 from __future__ import annotations
 
-import collections.abc
 import difflib
+import functools
 import importlib
 import inspect
 import math
@@ -42,6 +42,7 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
+import pydantic
 
 from jpeft.errors import SettingError
 from jpeft.methods.base import Method
@@ -106,9 +107,7 @@ def get(name: str) -> Registered:
 
 def settings(name: str) -> dict[str, inspect.Parameter]:
     """The builder's settings (its parameters, without :data:`CONTEXT`), by name."""
-    params = inspect.signature(get(name).builder).parameters
-    return {n: p for n, p in params.items()
-            if n not in CONTEXT and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return arguments(get(name).builder)
 
 
 def defaults(name: str) -> dict[str, Any]:
@@ -121,6 +120,8 @@ def defaults(name: str) -> dict[str, Any]:
 
 def _type_name(hint) -> str:
     origin = typing.get_origin(hint)
+    if origin is typing.Annotated:
+        return _type_name(typing.get_args(hint)[0])
     if origin is typing.Literal:
         return "one of " + ", ".join(map(repr, typing.get_args(hint)))
     if origin in (types.UnionType, typing.Union):
@@ -130,44 +131,80 @@ def _type_name(hint) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def _coerce(value: Any, hint: Any) -> tuple[bool, Any]:
-    """``(fits, value)``: whether ``value`` fits ``hint``, and the value (ints become floats for floats)."""
+class Says(NamedTuple):
+    """``Annotated`` metadata: how a message says a broken constraint (``Says("must be in [0, 1)")``)."""
+
+    problem: str
+
+
+def _says(hint: Any) -> str | None:
+    """The :class:`Says` of ``hint`` or of an ``Annotated`` member of its union, if any."""
+    if typing.get_origin(hint) is typing.Annotated:
+        return next((m.problem for m in hint.__metadata__ if isinstance(m, Says)), None)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        return next((said for arg in typing.get_args(hint) if (said := _says(arg))), None)
+    return None
+
+
+_CONSTRAINTS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<"),
+                "less_than_equal": ("le", "<="), "multiple_of": ("multiple_of", "a multiple of")}
+"""pydantic's error types for ``annotated_types`` constraints, and how a message says them."""
+
+
+def _adapter(hint: Any) -> pydantic.TypeAdapter | None:
+    """A strict pydantic validator of ``hint`` (ints are not bools, strings not numbers, floats finite), or
+    ``None`` for an annotation pydantic cannot build one for (the builder checks those)."""
+    try:
+        return _cached_adapter(hint)
+    except TypeError:  # an unhashable annotation: built each time
+        return _cached_adapter.__wrapped__(hint)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_adapter(hint: Any) -> pydantic.TypeAdapter | None:
+    config = pydantic.ConfigDict(strict=True, allow_inf_nan=False, arbitrary_types_allowed=True)
+    try:
+        return pydantic.TypeAdapter(hint, config=config)
+    except (pydantic.PydanticSchemaGenerationError, pydantic.PydanticUserError, TypeError):
+        return None
+
+
+def _coerce(value: Any, hint: Any) -> tuple[bool, Any, str | None]:
+    """``(fits, value, constraint problem)``: whether ``value`` fits ``hint``, the value (ints become floats
+    for floats), and a broken ``Annotated`` constraint as a predicate (``"must be > 0"``) when that is why."""
     if hint is Any or hint is inspect.Parameter.empty:
-        return True, value
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (types.UnionType, typing.Union):
-        for arg in args:
-            fits, out = _coerce(value, arg)
-            if fits:
-                return True, out
-        return False, value
-    if origin is typing.Literal:
-        return value in args, value
-    if hint is type(None):
-        return value is None, value
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        if isinstance(value, str):  # YAML reads 1e-3 as a string
+        return True, value, None
+    adapter = _adapter(hint)
+    if adapter is None:
+        return True, value, None
+    try:
+        return True, adapter.validate_python(value), None
+    except pydantic.ValidationError as err:
+        errors = err.errors()
+    if isinstance(value, str):  # YAML reads 1e-3 as a string: a number where the hint takes one
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None:
             try:
-                value = float(value)
-            except ValueError:
-                return False, value
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        return ok, float(value) if ok else value
-    if origin in (list, tuple, collections.abc.Sequence):
-        if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            return False, value
-        inner = args[0] if args else Any
-        checked = [_coerce(v, inner) for v in value]
-        return all(ok for ok, _ in checked), [v for _, v in checked]
-    if origin is collections.abc.Callable or hint is collections.abc.Callable:
-        return callable(value), value
-    if isinstance(hint, type):
-        return isinstance(value, hint), value
-    return True, value  # an annotation this checker does not know: the builder checks it
+                return True, adapter.validate_python(number), None
+            except pydantic.ValidationError as err:
+                as_number = err.errors()
+                if any(e["type"] in _CONSTRAINTS or e["type"] == "finite_number" for e in as_number):
+                    errors = as_number  # a number, out of range: say that, not "a str"
+    said = _says(hint)
+    for e in errors:
+        if said is not None and (e["type"] in _CONSTRAINTS or e["type"] == "value_error"):
+            return False, value, said
+        if e["type"] in _CONSTRAINTS:
+            key, words = _CONSTRAINTS[e["type"]]
+            bound = e["ctx"][key]
+            bound = int(bound) if isinstance(bound, float) and bound.is_integer() else bound  # "> 0", not "> 0.0"
+            return False, value, f"must be {words} {bound}"
+        if e["type"] == "finite_number":
+            return False, value, "is not a finite number"
+    return False, value, None
 
 
 def _describe(value: Any) -> str:
@@ -183,10 +220,44 @@ def check_settings(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
         SettingsError: for an unknown setting (with a close match when there is one), a
             value of the wrong type, or a value outside a ``Literal``'s choices.
     """
-    builder = get(name).builder
-    params = settings(name)
+    return check_arguments(get(name).builder, given, what=name)
+
+
+def arguments(builder: Callable[..., Any], context: tuple[str, ...] = CONTEXT) -> dict[str, inspect.Parameter]:
+    """A builder's settings: its parameters without ``context`` and ``*args`` / ``**kwargs``."""
+    params = inspect.signature(builder).parameters
+    return {n: p for n, p in params.items()
+            if n not in context and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def check_arguments(builder: Callable[..., Any], given: Mapping[str, Any], *, what: str,
+                    context: tuple[str, ...] = CONTEXT) -> dict[str, Any]:
+    """Validates keyword arguments against any builder's signature (a method's, a task's); returns them coerced.
+
+    One pydantic validator per annotation (strict: a bool is not an int, a string not a number, except a
+    float written as YAML reads ``1e-3``; floats finite), with ``Annotated`` constraints
+    (``annotated_types.Gt`` ...) and ``Literal`` choices. ``what`` names the builder in messages;
+    ``context``: parameters that are not settings.
+
+    Example:
+        >>> from typing import Annotated, Literal
+        >>> from annotated_types import Gt
+        >>> def scaled(size: Annotated[int, Gt(0)] = 4, mode: Literal["in", "out"] = "in", scale: float = 1.0):
+        ...     ...
+        >>> check_arguments(scaled, {"size": 8, "scale": "1e-3"}, what="scaled")
+        {'size': 8, 'scale': 0.001}
+        >>> check_arguments(scaled, {"size": 0}, what="scaled")
+        Traceback (most recent call last):
+        ...
+        jpeft.methods.registry.SettingsError: 0 must be > 0
+
+    Raises:
+        SettingsError: as :func:`check_settings`.
+    """
+    name = what
+    params = arguments(builder, context)
     try:
-        hints = typing.get_type_hints(builder)
+        hints = typing.get_type_hints(builder, include_extras=True)  # with Annotated constraints
     except Exception:  # unresolvable annotations: leave the checks to the builder
         hints = {}
     out = {}
@@ -197,8 +268,12 @@ def check_settings(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
             raise SettingsError(f"unknown setting {key!r}{hint} ({name}'s settings: {', '.join(sorted(params))})",
                                 setting=None)
         hint = hints.get(key, inspect.Parameter.empty)
-        fits, coerced = _coerce(value, hint)
+        fits, coerced, problem = _coerce(value, hint)
         if not fits:
+            if problem is not None:
+                raise SettingsError(f"{value!r} {problem}", setting=key)
+            if value is None:
+                raise SettingsError(f"it needs a {_type_name(hint)}, not null", setting=key)
             if typing.get_origin(hint) is typing.Literal or (
                     typing.get_origin(hint) in (types.UnionType, typing.Union)
                     and all(typing.get_origin(a) is typing.Literal or a is type(None) for a in typing.get_args(hint))):

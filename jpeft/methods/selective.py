@@ -274,7 +274,7 @@ def selected_axes(adapter: Any, param_axes: Any) -> dict:
 def selection_method(name: str, pick: Callable[[Any], Mapping[str, Slot]], *, label: str, **fields) -> Method:
     """A :class:`Method` training the slots ``pick(params)`` chooses, in place (BitFit, chosen layers, ULMFiT stages).
 
-    ``fields``: further :class:`Method` fields (``transform``, ``stages``).
+    ``fields``: further :class:`Method` fields (ULMFiT's ``training``).
     """
 
     def init_fn(key: jax.Array, params: Any) -> dict:

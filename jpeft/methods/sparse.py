@@ -21,7 +21,7 @@ the backward pass still forms each candidate weight's dense gradient transiently
 computes it to gather the entries), so a step costs about what full fine-tuning of the
 candidates costs in FLOPs, not in memory for optimizer state.
 
-:func:`pir` is the registered method: its :attr:`jpeft.Method.prepare` scores and selects
+:func:`pir` is the registered method: its :attr:`jpeft.methods.base.Training.prepare` scores and selects
 (the training program calls it with the loss and training batches), and returns the
 :func:`sparse_delta` method to train.
 
@@ -29,7 +29,7 @@ Example:
     >>> import jax, jax.numpy as jnp, numpy as np, jpeft
     >>> params = {"w": {"kernel": jnp.arange(6.0).reshape(2, 3)}}
     >>> loss = lambda p, x: jnp.sum(x @ p["w"]["kernel"])
-    >>> method = jpeft.pir(budget=2, targets=r".*/kernel").prepare(params, loss, [jnp.ones((1, 2))])
+    >>> method = jpeft.pir(budget=2, targets=r".*/kernel").training.prepare(params, loss, [jnp.ones((1, 2))])
     >>> np.asarray(method.saved_form(method.init(None, params))["indices"]).tolist()   # |w * g|: the two largest w
     [4, 5]
     >>> method.merge(params, {"values": jnp.array([1.0, 2.0])})["w"]["kernel"].tolist()
@@ -49,7 +49,7 @@ import numpy as np
 from jpeft import ops, tree
 from jpeft.errors import SettingError
 from jpeft.methods import registry
-from jpeft.methods.base import Method
+from jpeft.methods.base import Method, Training
 from jpeft.methods.selective import Slot, choose
 
 SCORES = ("weight_gradient", "fisher")
@@ -193,7 +193,7 @@ def sparse_delta(indices: Any, targets: tree.Targets = r".*/kernel", *, name: st
         if "indices" in adapter:
             return adapter["indices"]
         if own is None:
-            raise ValueError(f"{name} has not chosen its entries yet: call method.prepare(params, loss_fn, batches) "
+            raise ValueError(f"{name} has not chosen its entries yet: call method.training.prepare(params, loss_fn, batches) "
                              "first, or apply the saved adapter (it carries its indices)")
         return own
 
@@ -302,7 +302,7 @@ def pir(
         unprepared.init(key, params)  # checks the targets
         return {"values": jnp.zeros((budget,), jnp.float32)}
 
-    return unprepared._replace(init=init_fn, prepare=prepare)
+    return unprepared._replace(init=init_fn, training=Training(prepare=prepare))
 
 
 registry.register("pir", pir)

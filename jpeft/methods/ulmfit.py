@@ -13,14 +13,14 @@ layer a weight is in, ``layers_{i}`` or a row of the ``layers`` stack):
 ``0..s``, up to ``groups`` of them. Each stage is a selective method
 (:mod:`jpeft.methods.selective`): a frozen group has no adapter leaf, so it costs no weight
 gradient and no optimizer state, and groups below the lowest trained one cost no backward
-pass at all. The stages are the method's :attr:`jpeft.Method.stages`; the trainer moves
+pass at all. The stages are the method's :attr:`jpeft.methods.base.Training.stages`; the trainer moves
 from one to the next (trained values and optimizer state carried over) and compiles once
 per stage.
 
 **Discriminative learning rates**: group ``g``'s updates are multiplied by ``factor ** -g``
 (ULMFiT's ``eta^(l-1) = eta^l / 2.6``), an optax transformation (:func:`jpeft.optim.scale_by_rules`)
-driven by rules on the same per-layer paths, chained after the optimizer (the method's
-``transform``).
+driven by rules on the same per-layer paths, chained after the optimizer (the method's training
+``optimizer`` hook).
 
 **Slanted triangular learning rates** are a schedule: :func:`jpeft.optim.slanted_triangular`,
 ``train.schedule: slanted_triangular`` in the training program.
@@ -31,7 +31,7 @@ Example:
     >>> model = llama.model(llama.LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=4,
     ...                                       num_heads=2, tie_word_embeddings=True, scan_layers=True))
     >>> method = jpeft.ulmfit(layers_per_group=2, unfreeze_every=10, model=model)
-    >>> [start for start, _ in method.stages]          # groups 1 and 2 (the embedding) join at steps 11, 21
+    >>> [start for start, _ in method.training.stages]          # groups 1 and 2 (the embedding) join at steps 11, 21
     [11, 21]
     >>> sorted({p.split("/")[0] for p in jpeft.tree.flatten(method.init(None, model.init(jax.random.key(0))))})
     ['layers_2', 'layers_3', 'norm']
@@ -44,10 +44,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import optax
+
 from jpeft import optim, tree
 from jpeft.errors import SettingError
 from jpeft.methods import registry
-from jpeft.methods.base import Method
+from jpeft.methods.base import Method, Training
 from jpeft.methods.selective import Slot, choose, layer_view, selection_method
 
 
@@ -133,7 +135,7 @@ def ulmfit(
 
     Returns:
         A :class:`jpeft.Method` training the top group, with the later stages in its
-        ``stages`` and the discriminative rates as its ``transform``.
+        ``training.stages`` and the discriminative rates as its ``training.optimizer``.
     """
     what = "ulmfit"
     for name, value in (("layers_per_group", layers_per_group), ("groups", groups), ("unfreeze_every", unfreeze_every)):
@@ -157,7 +159,10 @@ def ulmfit(
                            f"of {layers_per_group} of its {count} layers" + (" + the embedding)" if has_table else ")"),
                            what=what)
     _check_stages_fit(unfreeze_every, groups, total_step)
-    transform = optim.scale_by_rules(discriminative_rules(chosen_slots, count, layers_per_group, factor))
+    rates = optim.scale_by_rules(discriminative_rules(chosen_slots, count, layers_per_group, factor))
+
+    def with_rates(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+        return optax.chain(optimizer, rates)  # per-layer-group learning rates: updates scaled after the optimizer
 
     def stage(trained: int) -> Method:
         def pick(params: Any) -> dict[str, Slot]:
@@ -169,12 +174,12 @@ def ulmfit(
 
         label = (f"ulmfit ({groups} group(s) of {layers_per_group} layer(s), factor {factor:g}"
                  + (f", one more every {unfreeze_every} steps)" if unfreeze_every else ")"))
-        return selection_method("ulmfit", pick, label=label, transform=transform)
+        return selection_method("ulmfit", pick, label=label, training=Training(optimizer=with_rates))
 
     if unfreeze_every is None:
         return stage(groups)
     later = tuple((1 + s * unfreeze_every, stage(s + 1)) for s in range(1, groups))
-    return stage(1)._replace(stages=later)
+    return stage(1)._replace(training=Training(optimizer=with_rates, stages=later))
 
 
 registry.register("ulmfit", ulmfit)

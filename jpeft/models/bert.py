@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import ops
-from jpeft.io.names import CheckpointNames, NameRule, NameTable
+from jpeft.models.names import CheckpointNames, NameRule, NameTable
 from jpeft.models import blocks, hooks, registry, spec, stack
 from jpeft.models.model import Family, Model
 

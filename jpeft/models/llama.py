@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpeft import ops
-from jpeft.io.names import CheckpointNames
+from jpeft.models.names import CheckpointNames
 from jpeft.models import blocks, generation, hooks, kv_cache, llama_formats, registry, spec, stack
 from jpeft.models.model import Family, Model
 

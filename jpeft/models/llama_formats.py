@@ -2,7 +2,7 @@
 
 Kept apart from :mod:`jpeft.models.llama` (the model) because it is about files: which
 ``config.json`` keys become which config fields, which GGUF metadata keys, and how each
-format names every tensor (:class:`jpeft.io.names.NameTable`, data the shared loaders read).
+format names every tensor (:class:`jpeft.models.names.NameTable`, data the shared loaders read).
 
 Example:
     >>> fields_from_hf({"model_type": "qwen2", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8,
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jpeft.io.names import NameRule, NameTable
+from jpeft.models.names import NameRule, NameTable
 from jpeft.models import blocks
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")

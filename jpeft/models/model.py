@@ -40,6 +40,7 @@ import jax.numpy as jnp
 
 from jpeft import tree
 from jpeft.layout import Layout
+from jpeft.models import capabilities
 from jpeft.models import hooks as hooks_lib
 from jpeft.models import spec, stack
 
@@ -56,7 +57,7 @@ class Family(NamedTuple):
         init_cache: ``(config, batch, max_len, dtype) -> cache`` (decoders).
         keys_values_of_text: ``(params, config, ids) -> (key, value)``, each ``(L, n, width)``:
             the ``"prefix"`` value that acts as ``ids`` written before the input.
-        names: checkpoint name tables (a :class:`jpeft.io.names.CheckpointNames`) or None.
+        names: checkpoint name tables (a :class:`jpeft.models.names.CheckpointNames`) or None.
         num_layers: ``config -> int``.
         unstacked: ``config -> config`` with unrolled layers (what checkpoint files name).
         max_positions: ``config -> int``, the context length (or None).
@@ -143,6 +144,18 @@ class Model:
         if self.family.init_cache is None:
             raise NotImplementedError(f"the {self.name!r} family has no key/value cache (not a decoder)")
         return self.family.init_cache(self.config, batch, max_len, dtype)
+
+    @property
+    def capabilities(self) -> frozenset:
+        """The :mod:`jpeft.models.capabilities` this model offers: the family's optional parts decide."""
+        family, offered = self.family, {capabilities.WeightLayouts, capabilities.HookPoints}
+        if family.head is not None and family.init_cache is not None:
+            offered.add(capabilities.CausalLM)
+            if family.encode is not None:
+                offered.add(capabilities.EncoderDecoder)
+        if family.classify is not None:
+            offered.add(capabilities.Classifier)
+        return frozenset(offered)
 
     @property
     def is_encoder_decoder(self) -> bool:

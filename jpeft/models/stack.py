@@ -24,6 +24,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jpeft import tree
+
 STACK = "layers"
 _LAYER_RE = re.compile(r"layers_(\d+)")
 _PATH_RE = re.compile(r"((?:.*/)?)layers_(\d+)/(.*)")
@@ -179,8 +181,6 @@ def scan(fn, carry: Any, layers: Any, xs: Any = None) -> tuple[Any, Any]:
     """
     if not isinstance(layers, Segments):
         return jax.lax.scan(lambda c, inputs: fn(c, *inputs), carry, (layers, xs))
-    from jpeft import tree  # jpeft.tree imports nothing from jpeft.models
-
     ys = []
     for start, stop, own in layers.parts:
         if stop <= start:

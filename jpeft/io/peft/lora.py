@@ -45,7 +45,7 @@ _UNSUPPORTED = {
 
 
 def _export(method, params: Any, adapter: Any, model) -> tuple[dict, dict]:
-    if method.rebase is not None:
+    if method.training.rebase is not None:
         raise ValueError(f"{method.describe()}: this adapter goes with a rebased base (W - s*A0@B0), not the model's "
                          "own weights; convert it first with jpeft.methods.lora.as_plain_lora(method, params, "
                          "adapter, initial) and save that (a plain LoRA of rank 2r, as PEFT's conversion)")

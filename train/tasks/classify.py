@@ -6,7 +6,7 @@ input is the headline and the article (the tokenizer's ``[CLS] ... [SEP]``, cut 
 The model must have a classification head (``model.classify``, an encoder such as BERT);
 a base model without one gets a fresh head of five classes. The head is trained whole
 next to the method (``classify.modules_to_save``, PEFT's ``modules_to_save``) unless the
-method trains it itself (full fine-tuning). Accuracy and macro-F1 on the test split go
+method trains it itself (full fine-tuning). The section's keys are :func:`classify`'s arguments. Accuracy and macro-F1 on the test split go
 to ``summary.json``.
 
     python -m train --config configs/minilm_bbc_lora.yaml
@@ -16,21 +16,20 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-import jpeft
 from jpeft import tree
-from jpeft.checkpoint import save_adapter
+from jpeft.methods.base import Method
 from jpeft.methods.heads import with_modules_to_save
 from jpeft.models import spec
-from train import checkpointing, data, distributed, model, report, run_folder, trainer
-from train.config import ConfigError, RunConfig, describe, to_dict
+from jpeft.models.capabilities import Classifier, offers
+from train import data
+from train.errors import ConfigError
 
 
 class ClassifyBatch(NamedTuple):
@@ -66,30 +65,38 @@ def macro_f1(labels, predictions, num_classes: int) -> float:
     return float(np.mean(scores))
 
 
-class Task:
-    """Encoded articles, labels and fixed batches for one classification run."""
+class Classification:
+    """Encoded articles, labels and fixed batches of one classification run (a :class:`train.tasks.base.Task`)."""
 
-    def __init__(self, cfg: RunConfig, tokenizer):
-        dc = cfg.data
+    metrics = "classification"
+    scores_base = False
+
+    def __init__(self, run, loaded, *, modules_to_save: str | None):
+        dc, bs = run.data, run.train.batch_size
         articles, self.split = data.configured_split(dc)
+        self.run, self.loaded, self.modules_to_save = run, loaded, modules_to_save
         self.categories = sorted({a.category for a in articles})
+        tokenizer = loaded.tokenizer
         self.tokenizer, self.max_len, self.bucket = tokenizer, dc.max_article_tokens, dc.bucket_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        bs = cfg.train.batch_size
         self.train_articles = self.split.train[: dc.max_train_articles]
         if len(self.train_articles) < bs or len(self.split.val) < bs:
             raise ConfigError(f"train.batch_size={bs} is larger than the {len(self.train_articles)} training or "
                               f"{len(self.split.val)} validation articles; lower train.batch_size")
-        self.val_articles = self.split.val[: cfg.train.val_batches * bs]
-        self.test, self.test_count = self.split.test[: cfg.eval.test_articles], cfg.eval.test_articles
-        self.seed, self.batch_size = cfg.train.seed, bs
+        self.val_articles = self.split.val[: run.train.val_batches * bs]
+        self.test, self.test_count = self.split.test[: run.eval.test_articles], run.eval.test_articles
+        self.seed, self.batch_size = run.train.seed, bs
         self.train, self.val_batches = [], []
 
-    def tokenize(self) -> "Task":
+    def tokenize(self) -> "Classification":
         """Encode the training and validation articles (after the cheap checks have passed)."""
         self.train = self.encode(self.train_articles)
         self.val_batches = self.batches(self.encode(self.val_articles), self.batch_size, drop=True)
         return self
+
+    def describe(self) -> str:
+        return (f"data: {len(self.train)} train / {len(self.split.val)} val / {len(self.test)} test articles, "
+                f"{len(self.categories)} classes; at most {self.max_len} tokens")
 
     def encode(self, articles) -> list[tuple[list[int], int]]:
         texts = [f"{a.headline}\n{a.body[: 12 * self.max_len]}" for a in articles]
@@ -121,8 +128,65 @@ class Task:
                 yield self.batch([self.train[i] for i in order[b * self.batch_size: (b + 1) * self.batch_size]])
             offset = 0
 
+    def loss_sums(self, params, model_, batch: ClassifyBatch):
+        return class_sums(params, model_, batch)
 
-def check_split(task: Task) -> None:
+    def with_method(self, method: Method) -> Method:
+        """The method plus the head trained whole (``modules_to_save``) unless the method already trains it.
+
+        Raises:
+            ValueError: the method cannot train modules besides its own adapter (see
+                :func:`jpeft.methods.heads.with_modules_to_save`).
+        """
+        if self.modules_to_save is None:
+            return method
+        params = self.loaded.params
+        adapter = jax.eval_shape(lambda p: method.init(jax.random.key(0), p), params)
+        head = set(tree.flatten(tree.split(params, self.modules_to_save)[0]))
+        if head <= set(tree.flatten(adapter)):  # full fine-tuning (of the head): nothing to add
+            return method
+        return with_modules_to_save(method, self.modules_to_save)
+
+    def label(self, method: Method, adapter: Any) -> str:
+        head = set(tree.flatten(tree.split(self.loaded.params, self.modules_to_save or "classifier/.*")[0]))
+        return "frozen encoder + trained head" if set(tree.flatten(adapter)) <= head else method.describe()
+
+    def predict(self, params, articles, batch_size: int) -> tuple[list[int], list[int]]:
+        """``(labels, predicted labels)`` of ``articles``."""
+        model_ = self.loaded.model
+        examples = self.encode(articles)
+        run = jax.jit(lambda p, b: jnp.argmax(model_.classify(
+            p, model_.forward(p, b.tokens_BxT, attention_mask_BxT=b.attention_mask_BxT)[0], b.attention_mask_BxT),
+            axis=-1))
+        predictions = []
+        for batch in self.batches(examples, batch_size):
+            predictions.extend(int(x) for x in run(params, batch))
+        return [label for _, label in examples], predictions
+
+    def evaluate(self, label: str, params, run_dir: str, *, trainable: int, percent: float) -> dict:
+        labels, predictions = self.predict(params, self.test, self.run.eval.batch_size)
+        row = {"model": label, "trainable": trainable, "percent": percent,
+               "accuracy": float(np.mean(np.array(labels) == np.array(predictions))),
+               "macro_f1": macro_f1(labels, predictions, len(self.categories)), "test_articles": len(labels)}
+        with open(os.path.join(run_dir, "predictions.jsonl"), "w", encoding="utf-8") as f:
+            for article, p in zip(self.test, predictions):
+                f.write(json.dumps({"key": article.key, "label": article.category,
+                                    "prediction": self.categories[p]}) + "\n")
+        return row
+
+    def metadata(self) -> dict:
+        return {"task": "classify", "labels": self.categories}
+
+    def summary(self, rows: list[dict]) -> dict:
+        return {"classification": rows[-1]}
+
+    def table(self, rows: list[dict]) -> str:
+        row = rows[-1]
+        return (f"{row['model']}: accuracy {row['accuracy']:.4f}  macro-F1 {row['macro_f1']:.4f} "
+                f"({row['test_articles']} test articles; {row['trainable']:,} trainable parameters)")
+
+
+def check_split(task: "Classification") -> None:
     """A :class:`ConfigError` when the split cannot teach or measure a classifier (checked before the run
     folder is written): fewer than two categories among the training articles (the model would learn one
     answer and score a perfect 1.0), or no test articles (accuracy would be nan)."""
@@ -138,22 +202,24 @@ def check_split(task: Task) -> None:
                           "set eval.test_articles to at least 1 (and data.test_fraction above 0)")
 
 
-def with_head(loaded: model.Loaded, num_labels: int, cfg: RunConfig, key: jax.Array) -> model.Loaded:
+def with_head(loaded, num_labels: int, classifier_input: str, origin: str, key: jax.Array):
     """``loaded`` with a classification head of ``num_labels`` classes: the model's own, checked, or a fresh one.
+
+    ``origin``: where the model came from, for messages.
 
     Raises:
         ConfigError: the model has no classification head (a decoder-only language model), or
             its head (restored from the folder) has another number of classes than the task.
     """
     model_ = loaded.model
-    if model_.family.classify is None:
+    if not offers(model_, Classifier):
         raise ConfigError(f"task: classify needs an encoder with a classification head, but the {model_.name!r} "
-                          "model is a decoder-only language model; set model.source: minilm (or model.hf_folder: a BERT folder, "
-                          "e.g. all-MiniLM-L6-v2), or use task: headlines with this model")
-    settings = {"classifier_input": cfg.classify.classifier_input}
+                          "model is a decoder-only language model; set model.source: minilm (or model.hf_folder: a "
+                          "BERT folder, e.g. all-MiniLM-L6-v2), or use task: headlines with this model")
+    settings = {"classifier_input": classifier_input}
     have = getattr(model_.config, "num_labels", 0)
     if have and have != num_labels:
-        raise ConfigError(f"the model's classification head (restored from {cfg.model.hf_folder or cfg.model.source}) has {have} classes, "
+        raise ConfigError(f"the model's classification head (restored from {origin}) has {have} classes, "
                           f"but the BBC News task has {num_labels}; use the encoder without its head (a BertModel "
                           "folder), or a head of that many classes")
     if have:
@@ -166,7 +232,7 @@ def with_head(loaded: model.Loaded, num_labels: int, cfg: RunConfig, key: jax.Ar
     return loaded._replace(model=new_model, params=tree.unflatten({**tree.flatten(loaded.params), **head}))
 
 
-def check_inputs(tokenizer, model_, cfg: RunConfig) -> None:
+def check_inputs(tokenizer, model_, max_article_tokens: int) -> None:
     """A :class:`ConfigError` when the tokenizer makes ids the model's embedding table does not have, or the
     inputs are longer than the model's positions."""
     size, rows = len(tokenizer), getattr(model_.config, "vocab_size", None)
@@ -174,117 +240,26 @@ def check_inputs(tokenizer, model_, cfg: RunConfig) -> None:
         raise ConfigError(f"the tokenizer has {size} tokens but the model's embedding table has {rows} rows (ids "
                           f"{rows}..{size - 1} have no embedding); use the tokenizer of the model's own folder")
     longest = model_.max_positions
-    if longest is not None and cfg.data.max_article_tokens > longest:
-        raise ConfigError(f"bad value for 'data.max_article_tokens': {cfg.data.max_article_tokens} is more than the "
+    if longest is not None and max_article_tokens > longest:
+        raise ConfigError(f"bad value for 'data.max_article_tokens': {max_article_tokens} is more than the "
                           f"model's {longest} positions; lower it to at most {longest}")
 
 
-def make_method(cfg: RunConfig, loaded: model.Loaded, params):
-    """The configured method, plus the head trained whole unless the method already trains it."""
-    from train.run import make_method as build
+def classify(classifier_input: Literal["pooler", "cls", "mean"] = "pooler",
+             modules_to_save: str | None = "classifier/.*", *, run, loaded) -> Classification:
+    """BBC News category from the headline and article, with an encoder and its classification head.
 
-    method = build(cfg, loaded.model, loaded.tokenizer)
-    if cfg.classify.modules_to_save is None:
-        return method
-    adapter = jax.eval_shape(lambda p: method.init(jax.random.key(0), p), params)
-    head = set(tree.flatten(tree.split(params, cfg.classify.modules_to_save)[0]))
-    if head <= set(tree.flatten(adapter)):  # full fine-tuning (of the head): nothing to add
-        return method
-    try:
-        return with_modules_to_save(method, cfg.classify.modules_to_save)
-    except ValueError as err:
-        raise ConfigError(f"classify.modules_to_save: {err}; the classification head must train whole beside the "
-                          f"method, so use a method without those (lora, ia3, prompt_tuning...), or a model folder "
-                          "whose head is already trained with classify.modules_to_save: null") from None
-
-
-def evaluate(params, model_, task: Task, articles, batch_size: int) -> tuple[list[int], list[int]]:
-    """``(labels, predicted labels)`` of ``articles``."""
-    examples = task.encode(articles)
-    run = jax.jit(lambda p, b: jnp.argmax(model_.classify(p, model_.forward(p, b.tokens_BxT,
-                                                                            attention_mask_BxT=b.attention_mask_BxT)[0],
-                                                          b.attention_mask_BxT), axis=-1))
-    predictions = []
-    for batch in task.batches(examples, batch_size):
-        predictions.extend(int(x) for x in run(params, batch))
-    return [label for _, label in examples], predictions
-
-
-def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
-    """The classification job, start to finish (see the module docstring); returns its summary."""
-    from train.run import Timer, method_settings, resume_point
-
-    timer = Timer()
-    folder = run_folder.plan(run_dir=cfg.run_dir, out_dir=cfg.out_dir, name=cfg.name)
-    model.resolve(cfg.model)
-    with timer("load_model"):
-        loaded = model.load(cfg.model) if loaded is None else loaded
-    with timer("data"):
-        task = Task(cfg, loaded.tokenizer)
-        check_split(task)
-        loaded = with_head(loaded, len(task.categories), cfg, jax.random.key(cfg.train.seed + 1))
-        check_inputs(loaded.tokenizer, loaded.model, cfg)
-        task.tokenize()
-    params, model_ = loaded.params, loaded.model
-    print(f"data: {len(task.train)} train / {len(task.split.val)} val / {len(task.test)} test articles, "
-          f"{len(task.categories)} classes; at most {task.max_len} tokens")
-    method = make_method(cfg, loaded, params)
-    try:
-        adapter = method.init(jax.random.key(cfg.train.seed), params)
-    except ValueError as err:
-        raise ConfigError(f"the {cfg.method!r} settings do not fit the model: {err}") from None
-    frozen = trainer.frozen_part(params, adapter)
-    checkpoints, resumed, corrupt = resume_point(cfg, folder, method, adapter, params)
-
-    run_folder.create(folder, method=cfg.method, config_yaml=describe(cfg), main=distributed.is_main())
-    run_dir = folder.path
-    print(f"run folder: {run_dir}")
-    if checkpoints is None:
-        checkpoints = checkpointing.for_run(run_dir, cfg)
-    checkpoints.set_aside(corrupt)
-    log = report.MetricsLog(os.path.join(run_dir, "metrics.jsonl") if distributed.is_main() else os.devnull,
-                            resume_step=resumed.step if resumed is not None else None)
-    counts = jpeft.param_report(params, adapter)
-    print(counts)
-    log({"kind": "params", "trainable": counts.trainable, "total": counts.total, "percent": counts.percent})
-
-    with timer("train"):
-        adapter = trainer.train_loop(
-            cfg=cfg.train, method=method, model=model_, adapter=adapter, frozen=frozen,
-            batches=task.batches_from, val_batches=task.val_batches, log=log, progress=cfg.progress,
-            mesh=distributed.build_mesh(cfg.mesh), rules=cfg.sharding.rules, checkpoints=checkpoints,
-            resumed=resumed, sums=class_sums)
-
-    with timer("eval_test"):
-        tuned = jpeft.for_inference(method, frozen, trainer.on_device_of(adapter, params))
-        labels, predictions = evaluate(tuned, model_, task, task.test, cfg.eval.batch_size)
-        del tuned
-    head = set(tree.flatten(tree.split(params, cfg.classify.modules_to_save or "classifier/.*")[0]))
-    label = "frozen encoder + trained head" if set(tree.flatten(adapter)) <= head else method.describe()
-    row = {"model": label, "trainable": counts.trainable, "percent": counts.percent,
-           "accuracy": float(np.mean(np.array(labels) == np.array(predictions))),
-           "macro_f1": macro_f1(labels, predictions, len(task.categories)), "test_articles": len(labels)}
-    log({"kind": "classification", **row})
-    with open(os.path.join(run_dir, "predictions.jsonl"), "w", encoding="utf-8") as f:
-        for article, p in zip(task.test, predictions):
-            f.write(json.dumps({"key": article.key, "label": article.category,
-                                "prediction": task.categories[p]}) + "\n")
-
-    with timer("save"):
-        metadata = {**method_settings(cfg), "steps": cfg.train.steps, "model": to_dict(cfg.model),
-                    "task": "classify", "labels": task.categories}
-        save_adapter(os.path.join(run_dir, "adapter"), method.saved_form(adapter), metadata=metadata)
-
-    steps = [r for r in log.records if r["kind"] == "train"]
-    summary = {"kind": "summary", "run_dir": run_dir, "classification": row,
-               "timings_s": {**timer.phases, "median_step": float(np.median([r["seconds"] for r in steps[1:] or steps]))},
-               "elapsed_s": timer.elapsed}
-    log(summary)
-    if distributed.is_main():
-        with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-    print(f"\n{row['model']}: accuracy {row['accuracy']:.4f}  macro-F1 {row['macro_f1']:.4f} "
-          f"({row['test_articles']} test articles; {counts.trainable:,} trainable parameters)")
-    print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings_s"].items()))
-    print(f"elapsed: {timer.elapsed:.1f}s  (run folder {run_dir})")
-    return summary
+    Args:
+        classifier_input: what the head reads: the pooler's output, the ``[CLS]`` state, or the mean
+            over the tokens.
+        modules_to_save: a regex of the parameters trained whole besides the method (PEFT's
+            ``modules_to_save``; the head); ``None``: only the method's adapter trains.
+        run, loaded: the run config and the loaded model (filled by the runner).
+    """
+    origin = run.model.hf_folder or run.model.source
+    task = Classification(run, loaded, modules_to_save=modules_to_save)
+    check_split(task)
+    task.loaded = with_head(loaded, len(task.categories), classifier_input, origin,
+                            jax.random.key(run.train.seed + 1))
+    check_inputs(task.loaded.tokenizer, task.loaded.model, run.data.max_article_tokens)
+    return task.tokenize()

@@ -1,12 +1,11 @@
-"""Sequence-to-sequence jobs (``task: seq2seq``): source -> target on an encoder-decoder model (T5).
+"""``task: seq2seq``: source -> target on an encoder-decoder model (T5).
 
 The BBC article -> headline task as a seq2seq job: the source is an optional instruction
 (``data.source_prefix``, e.g. ``"summarize: "`` for FLAN-T5) plus the article truncated to
 ``data.max_article_tokens`` and the end token; the target is the headline and the end token.
 Training is teacher forcing: the decoder reads ``decoder_start_token_id`` then the target
 shifted right, and the loss is the cross-entropy of every target token (padding excluded).
-Evaluation generates from the source with the model's cache (:mod:`train.evaluate` and
-:func:`jpeft.models.generation.generate` unchanged) and scores ROUGE.
+Evaluation generates from the source with the model's cache (:class:`train.tasks.headlines.Generation`) and scores ROUGE.
 
 A ``Seq2SeqBatch`` names the source ``tokens_BxT`` / ``attention_mask_BxT`` as a causal
 batch names its input, so placement, token counts and the training loop take either.
@@ -26,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jpeft.models.capabilities import EncoderDecoder, offers
 from train import data
-from train.config import ConfigError
-
+from train.errors import ConfigError
+from train.tasks.headlines import Generation, check_tokenizer
 
 
 class Seq2SeqFormat:
@@ -113,53 +113,30 @@ def target_xent(params: Any, model: Any, batch: Seq2SeqBatch):
     return jnp.sum(losses_BxT * batch.loss_mask_BxT), jnp.sum(batch.loss_mask_BxT)
 
 
-def check_task(task: str, model: Any, tokenizer: Any) -> None:
-    """A :class:`ConfigError` when the job's ``task`` does not fit the model, or the tokenizer does not fit it.
+def seq2seq(*, run, loaded) -> Generation:
+    """An encoder-decoder (T5) reads the article (after ``data.source_prefix``) and writes the headline.
 
-    Example:
+    Raises:
+        ConfigError: the model is not an encoder-decoder, or the tokenizer does not fit its vocabulary.
+
+    Example (the refusal, before any data is read):
+        >>> from types import SimpleNamespace
         >>> from jpeft.models import llama
         >>> m = llama.model(llama.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
         ...                                   num_heads=2))
-        >>> check_task("seq2seq", m, None)
+        >>> seq2seq(run=None, loaded=SimpleNamespace(model=m, tokenizer=None))
         Traceback (most recent call last):
         ...
-        train.config.ConfigError: task: seq2seq needs an encoder-decoder model (T5), but the model is a 'llama' decoder; use task: headlines, or point model.hf_folder at a T5 folder
+        train.errors.ConfigError: task: seq2seq needs an encoder-decoder model (T5), but the model is a 'llama' decoder; use task: headlines, or point model.hf_folder at a T5 folder
     """
-    encoder_decoder = bool(getattr(model, "is_encoder_decoder", False))
-    if task == "seq2seq" and not encoder_decoder:
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if not offers(model, EncoderDecoder):
         raise ConfigError(f"task: seq2seq needs an encoder-decoder model (T5), but the model is a {model.name!r} "
                           "decoder; use task: headlines, or point model.hf_folder at a T5 folder")
-    if task == "headlines" and encoder_decoder:
-        raise ConfigError(f"the model is a {model.name!r} encoder-decoder, which reads a source and writes a target: "
-                          "set task: seq2seq (task: headlines is for decoder-only models)")
-    vocab = getattr(model.config, "vocab_size", None)
-    if hasattr(tokenizer, "__len__") and vocab is not None and len(tokenizer) > vocab:
-        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab} rows: "
-                          "ids past the table would be read as garbage. Use the model's own tokenizer (put its "
-                          "tokenizer files in model.hf_folder)")
-
-
-class Seq2SeqTask:
-    """Encoded examples and fixed batches of a seq2seq run (the interface of :class:`train.run.Task`)."""
-
-    def __init__(self, cfg, tokenizer, model):
-        dc = cfg.data
-        _, self.split = data.configured_split(dc)
-        self.fmt = Seq2SeqFormat(tokenizer, max_article_tokens=dc.max_article_tokens,
-                                 max_headline_tokens=dc.max_headline_tokens, source_prefix=dc.source_prefix)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.fmt.eos_id
-        train_articles = self.split.train[: dc.max_train_articles]
-        bs = cfg.train.batch_size
-        if len(train_articles) < bs or len(self.split.val) < bs:
-            raise ConfigError(f"train.batch_size={bs} is larger than the {len(train_articles)} training or "
-                              f"{len(self.split.val)} validation articles; lower train.batch_size")
-        self.train = self.fmt.encode(train_articles)
-        val = self.fmt.encode(self.split.val[: cfg.train.val_batches * bs])
-        shape = dict(pad_id=self.pad_id, decoder_start_id=getattr(model.config, "decoder_start_token_id", 0),
-                     bucket_size=dc.bucket_size, max_len=self.fmt.max_prompt_len,
-                     max_answer=dc.max_headline_tokens + 1)
-        self.val_batches = [seq2seq_batch(val[i:i + bs], **shape) for i in range(0, len(val) - bs + 1, bs)]
-        self.batches_from = lambda start: data.train_batches(
-            self.train, batch_size=bs, seed=cfg.train.seed, start=start, make=seq2seq_batch, **shape)
-        self.batches = self.batches_from(0)
-        self.test = self.split.test[: cfg.eval.test_articles]
+    check_tokenizer(tokenizer, model)
+    dc = run.data
+    fmt = Seq2SeqFormat(tokenizer, max_article_tokens=dc.max_article_tokens,
+                        max_headline_tokens=dc.max_headline_tokens, source_prefix=dc.source_prefix)
+    return Generation(run, loaded, fmt, loss_sums=target_xent, make_batch=seq2seq_batch,
+                      decoder_start_id=getattr(model.config, "decoder_start_token_id", 0),
+                      max_len=fmt.max_prompt_len)
