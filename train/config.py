@@ -32,7 +32,9 @@ from typing import Any
 
 import yaml
 
+from jpeft import attention
 from jpeft.methods import registry
+from jpeft.models import stack
 
 MODEL_SOURCES = ("smollm2", "minilm")  # minilm: all-MiniLM-L6-v2 (BERT), for task: classify
 SCHEDULES = ("cosine", "linear", "slanted_triangular")  # slanted_triangular: ULMFiT's, warmup_steps = its rise
@@ -92,6 +94,8 @@ class ModelConfig:
     scan_layers: bool = True
     quantize: str | None = _check(_one_of(*QUANT_FORMATS), default=None)  # nf4 + method lora = QLoRA
     quant_block_size: int = _check(_positive, default=64)  # weights per absmax scale (must divide the in-dim)
+    remat: str = _check(_one_of(*stack.REMAT_POLICIES), default="none")  # what each layer keeps for the backward pass
+    attention: str = _check(_one_of(*attention.IMPLEMENTATIONS), default="auto")  # auto: by backend and sequence length
 
 
 class MethodSection(dict):
@@ -159,6 +163,8 @@ class TrainConfig:
     val_batches: int = _check(_positive, default=4)
     seed: int = 0
     max_bad_steps: int = _check(_non_negative, default=0)  # steps with a non-finite loss skipped before stopping
+    loss_chunk: int | None = _check(_positive, default=None)  # answer rows projected onto the vocabulary at a time
+    offload_optimizer: bool = False  # optimizer state in host memory between steps (memory kinds)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ method by name.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable, Iterator
 
@@ -25,7 +26,7 @@ import optax
 from tqdm import tqdm
 
 import jpeft
-from jpeft import optim, sharding
+from jpeft import losses, offload, optim, sharding
 from train import placement
 from train.config import TrainConfig
 from train.data import TrainBatch
@@ -79,11 +80,12 @@ def schedule_settings(cfg: TrainConfig) -> dict:
                                                   "grad_clip")}
 
 
-def answer_xent(params, model, batch: TrainBatch) -> tuple[jax.Array, jax.Array]:
+def answer_xent(params, model, batch: TrainBatch, chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
     """``(sum of answer-token cross-entropies, number of answer tokens)``.
 
     Only the hidden states at answer positions are projected onto the
-    vocabulary: ``B x A`` rows instead of ``B x T``.
+    vocabulary: ``B x A`` rows instead of ``B x T``; ``chunk`` of them at a time when
+    given (:func:`jpeft.losses.xent_sums`).
     """
     hidden_BxTxD, _ = model.forward(params, batch.tokens_BxT, attention_mask_BxT=batch.attention_mask_BxT,
                                     return_hidden=True)
@@ -91,19 +93,25 @@ def answer_xent(params, model, batch: TrainBatch) -> tuple[jax.Array, jax.Array]
     positions_BxA = jnp.maximum(batch.answer_positions_BxA, 0)
     hidden_BxAxD = jnp.take_along_axis(hidden_BxTxD, positions_BxA[:, :, None], axis=1)
     targets_BxA = jnp.take_along_axis(batch.targets_BxT, positions_BxA, axis=1)
+    if chunk is not None:
+        return losses.xent_sums(lambda h_NxD: model.head(params, h_NxD), hidden_BxAxD.reshape(-1, hidden_BxAxD.shape[-1]),
+                                targets_BxA.reshape(-1), valid_BxA.reshape(-1), chunk=chunk)
     logits_BxAxV = model.head(params, hidden_BxAxD)
     losses_BxA = optax.softmax_cross_entropy_with_integer_labels(logits_BxAxV, targets_BxA)
     return jnp.sum(jnp.where(valid_BxA, losses_BxA, 0.0)), jnp.sum(valid_BxA).astype(jnp.float32)
 
 
-def xent_for(model) -> Callable:
+def xent_for(model, chunk: int | None = None) -> Callable:
     """``(params, model, batch) -> (loss sum, token count)`` for the model's kind of job.
 
-    A decoder's is :func:`answer_xent`; an encoder-decoder's (T5) :func:`train.seq2seq.target_xent`.
+    A decoder's is :func:`answer_xent` (``chunk`` answer rows projected at a time); an
+    encoder-decoder's (T5) :func:`train.seq2seq.target_xent`.
     """
     from train import seq2seq
 
-    return seq2seq.target_xent if getattr(model, "is_encoder_decoder", False) else answer_xent
+    if getattr(model, "is_encoder_decoder", False):
+        return seq2seq.target_xent
+    return answer_xent if chunk is None else functools.partial(answer_xent, chunk=chunk)
 
 
 def make_params_loss(model, sums: Callable | None = None) -> Callable:
@@ -146,7 +154,11 @@ def make_train_step(method, model, optimizer, shardings: dict | None = None, sum
     """
     loss_fn = make_loss_fn(method, model, sums)
 
+    opt_on_host = shardings is not None and offload.on_host(shardings["opt_state"])
+
     def step(adapter, opt_state, frozen, batch, rng):
+        if opt_on_host:  # kept in host memory between steps (Placement(offload_optimizer=True))
+            opt_state = offload.to_device(opt_state, shardings["opt_state"])
         loss, grads = jax.value_and_grad(loss_fn)(adapter, frozen, batch, rng)
         updates, new_opt_state = optimizer.update(grads, opt_state, adapter)
         new_adapter = optax.apply_updates(adapter, updates)
@@ -173,13 +185,15 @@ class Placement:
     ``batch`` feeds each process only its rows of a global batch.
     """
 
-    def __init__(self, mesh, rules, method, model, frozen, adapter, optimizer):
+    def __init__(self, mesh, rules, method, model, frozen, adapter, optimizer, offload_optimizer: bool = False):
         self.mesh, self.rules = mesh, placement.load_rules(rules)
         axes = model.param_axes()
         self.frozen = sharding.shardings_for(frozen, axes, mesh, self.rules)
         self.adapter = sharding.adapter_shardings(method, adapter, axes, mesh, self.rules)
         abstract_opt = jax.eval_shape(optimizer.init, adapter)
         self.opt_state = sharding.optimizer_shardings(optimizer, abstract_opt, self.adapter, mesh)
+        if offload_optimizer:
+            self.opt_state = offload.to_host(self.opt_state)
         self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def put(self, tree, shardings):
@@ -286,6 +300,7 @@ def train_loop(
 
     main = distributed.is_main()
     optimizer, schedule = make_optimizer(cfg, method)
+    sums = xent_for(model, cfg.loss_chunk) if sums is None else sums
     if method.stages and jax.process_count() > 1:
         raise ValueError(f"{method.name} changes its trainable weights by stages, which runs in one process only")
     if mesh is None:
@@ -295,7 +310,7 @@ def train_loop(
     if resumed is not None:
         adapter = resumed.adapter
         frozen = frozen_part(frozen, adapter)  # a later stage's adapter replaces more of the base
-    place = Placement(mesh, rules, current, model, frozen, adapter, optimizer)
+    place = Placement(mesh, rules, current, model, frozen, adapter, optimizer, cfg.offload_optimizer)
     frozen = place.put(frozen, place.frozen)
     first, key = 1, jax.random.key(cfg.seed)
     if resumed is None:
@@ -332,7 +347,8 @@ def train_loop(
         if stage is not current:  # a new stage: more (or other) weights train; compiled once for it
             adapter, frozen = enter_stage(current, stage, frozen, adapter, jax.random.key(cfg.seed))
             opt_state = optim.carry_over(opt_state, optimizer.init(adapter))
-            current, place = stage, Placement(mesh, rules, stage, model, frozen, adapter, optimizer)
+            current, place = stage, Placement(mesh, rules, stage, model, frozen, adapter, optimizer,
+                                              cfg.offload_optimizer)
             frozen, adapter = place.put(frozen, place.frozen), place.put(adapter, place.adapter)
             opt_state = place.put(opt_state, place.opt_state)
             step_fn, eval_loss = None, make_eval_loss(current, model, sums)

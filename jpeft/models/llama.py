@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import ops
+from jpeft import attention, ops
 from jpeft.io.names import CheckpointNames
 from jpeft.models import blocks, generation, hooks, kv_cache, llama_formats, registry, spec, stack
 from jpeft.models.model import Family, Model
@@ -83,7 +83,11 @@ class LlamaConfig:
         whose position is less than ``sliding_window`` behind it); ``None`` = full.
       model_type: ``"llama"``, ``"mistral"`` or ``"qwen2"``; only used by :meth:`to_hf`.
       scan_layers: stack layers and run them with ``jax.lax.scan``.
-      remat: rematerialize each layer in the backward pass (``jax.checkpoint``).
+      remat: what each layer keeps for the backward pass: ``"none"`` (or ``False``), ``"layer_input"``
+        (or ``True``: the layer runs again), ``"dots"``, ``"offload"`` (see
+        :func:`jpeft.models.stack.remat_layer`).
+      attention: the attention implementation (:data:`jpeft.attention.IMPLEMENTATIONS`;
+        ``"auto"`` picks by backend and length).
       dtype: compute dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``).
       param_dtype: dtype name of parameters made by :func:`init_params`.
 
@@ -110,7 +114,8 @@ class LlamaConfig:
     sliding_window: int | None = None
     model_type: str = "llama"
     scan_layers: bool = False
-    remat: bool = False
+    remat: bool | str = False
+    attention: str = "auto"
     dtype: Any = "float32"
     param_dtype: Any = "float32"
 
@@ -161,6 +166,8 @@ class LlamaConfig:
             raise ValueError(f"model_type must be one of {SUPPORTED_MODEL_TYPES}, got {self.model_type!r}.")
         if self.rope_scaling:
             blocks.check_rope_scaling(dict(self.rope_scaling))
+        stack.check_remat(self.remat)
+        attention.check_implementation(self.attention)
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -260,7 +267,8 @@ def _attention(p: dict, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, layer_cach
     if layer_cache is not None:
         new_cache = kv_cache.write(layer_cache, index, k_BxTxKxH, v_BxTxKxH)
         keys_BxSxKxH, values_BxSxKxH = (new_cache[n].astype(x_BxTxD.dtype) for n in ("k", "v"))
-    out_BxTxNxH = blocks.dot_product_attention(q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, allowed_BxTxS)
+    out_BxTxNxH = blocks.dot_product_attention(q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, allowed_BxTxS,
+                                               implementation=c.attention)
     out_BxTxD = ops.linear(out_BxTxNxH.reshape(b, t, c.num_heads * c.head_dim), p["o_proj"]["kernel"],
                            p["o_proj"].get("bias"))
     return out_BxTxD, new_cache
@@ -292,8 +300,7 @@ def _run_layers(params, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, cache, use
     index = None if cache is None else cache["index"]
     layer_fn = functools.partial(_decoder_layer, c=c, rope=rope, allowed_BxTxS=allowed_BxTxS, index=index,
                                  use_prefix=use_prefix)
-    if c.remat:
-        layer_fn = jax.checkpoint(layer_fn)
+    layer_fn = stack.remat_layer(layer_fn, c.remat)
     if c.scan_layers:  # params["layers"] may be a stack.Segments (a method that trains some layers' slices)
         layer_caches = None if cache is None else cache["layers"]
         x_BxTxD, new = stack.scan(lambda x, p, layer_cache: layer_fn(p, x_BxTxD=x, layer_cache=layer_cache),
