@@ -80,11 +80,11 @@ def resolve(implementation: str, num_keys: int, backend: str | None = None) -> s
 
 
 def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS, *, implementation: str = "auto",
-           scale: float | None = None, block: int = DEFAULT_BLOCK, structure: MaskStructure | None = None):
+           scale: float | None = None, block: int | None = None, structure: MaskStructure | None = None):
     """Grouped-query attention ``(B, T, N, H)`` by the chosen implementation (see the module docstring).
 
     ``allowed_BxTxS``: True where query t may attend to key s. ``scale`` defaults to
-    ``H**-0.5``. ``block``: keys per block of the blockwise form. ``structure``: the mask as
+    ``H**-0.5``. ``block``: keys per block of the blockwise form (default :data:`DEFAULT_BLOCK`). ``structure``: the mask as
     causal + padding, for ``"splash"``.
     """
     scale = q_BxTxNxH.shape[-1] ** -0.5 if scale is None else scale
@@ -100,7 +100,7 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS, *, implementation: st
         from jpeft import splash  # optional: Pallas TPU kernels
 
         return splash.attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, structure, scale)
-    return blockwise(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS, scale, block)
+    return blockwise(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS, scale, block or DEFAULT_BLOCK)
 
 
 def dense(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS, scale: float) -> jax.Array:

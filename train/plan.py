@@ -137,8 +137,13 @@ def published_shapes() -> dict[str, dict]:
     return yaml.safe_load(SHAPES_FILE.read_text())
 
 
-def model_of_shape(shape: str | dict, cfg) -> Any:
-    """A scanned Llama-family model of a published shape (or a dict of config fields), with the run's options."""
+def model_of_shape(shape: str | dict, cfg, param_dtype: str | None = None) -> Any:
+    """A scanned Llama-family model of a published shape (or a dict of config fields), with the run's options.
+
+    ``param_dtype``: the stored weights' dtype (default: the compute dtype, ``model.dtype``).
+    ``attention: auto`` becomes what ``auto`` means on TPU (the host compiling it is not one).
+    """
+    from jpeft import attention
     from jpeft.models import llama
 
     shapes = published_shapes()
@@ -147,8 +152,9 @@ def model_of_shape(shape: str | dict, cfg) -> Any:
             raise PlanError(f"unknown model shape {shape!r}; known: {', '.join(shapes)}")
         shape = shapes[shape]
     dtype = cfg.model.dtype
-    return llama.model(llama.LlamaConfig(**shape, scan_layers=True, dtype=dtype, param_dtype=dtype,
-                                         remat=cfg.model.remat, attention=cfg.model.attention))
+    implementation = attention.resolve(cfg.model.attention, num_keys=0, backend="tpu")
+    return llama.model(llama.LlamaConfig(**shape, scan_layers=True, dtype=dtype, param_dtype=param_dtype or dtype,
+                                         remat=cfg.model.remat, attention=implementation))
 
 
 def abstract_batch(batch: int, seq: int, answer: int | None = None):
@@ -164,11 +170,12 @@ def abstract_batch(batch: int, seq: int, answer: int | None = None):
 def abstract_parts(cfg, model):
     """``(method, frozen, adapter, optimizer)``: the run's method and optimizer, parameters as shapes only."""
     from jpeft import quant
+    from jpeft.quant.quantize import layer_kernels
     from train import run, trainer
 
     params = model.abstract_params()
     if cfg.model.quantize:
-        params = jax.eval_shape(lambda p: quant.quantize(p, quant.layer_kernels(model.layouts()),
+        params = jax.eval_shape(lambda p: quant.quantize(p, layer_kernels(model.layouts()),
                                                          format=cfg.model.quantize,
                                                          block_size=cfg.model.quant_block_size, model=model), params)
     method = run.make_method(cfg, model)
@@ -253,12 +260,13 @@ def _needed_bytes(message: str) -> int:
 
 def plan_step(*, cfg=None, shape: str | dict = "llama-3.2-1b", topology: str = "v5e-4", mesh: str = "fsdp=-1",
               batch: int = 8, seq: int = 2048, answer: int | None = None, label: str | None = None,
-              cost_layers: bool = True) -> Plan:
+              cost_layers: bool = True, param_dtype: str | None = None) -> Plan:
     """Compile the trainer's step for a TPU slice and read the compiler's analyses (see the module docstring).
 
     ``cfg``: a :class:`train.config.RunConfig` (method, model options, optimizer; default: the
     default run config, LoRA). ``answer``: loss positions per row (default: every token).
-    ``cost_layers``: also compile the 1- and 2-layer steps for FLOPs and time (:func:`step_cost`).
+    ``param_dtype``: the weights' dtype when it differs from the compute dtype (float32 weights,
+    bfloat16 compute). ``cost_layers``: also compile the 1- and 2-layer steps for FLOPs and time (:func:`step_cost`).
     """
     from train import config as config_lib
     from train import trainer
@@ -269,7 +277,7 @@ def plan_step(*, cfg=None, shape: str | dict = "llama-3.2-1b", topology: str = "
     from jpeft import sharding
 
     mesh_ = sharding.make_mesh(sizes, devices=devices)
-    model = model_of_shape(shape, cfg)
+    model = model_of_shape(shape, cfg, param_dtype)
     method, frozen, adapter, optimizer = abstract_parts(cfg, model)
     place = trainer.Placement(mesh_, cfg.sharding.rules, method, model, frozen, adapter, optimizer,
                               cfg.train.offload_optimizer)
