@@ -8,7 +8,8 @@ projections, AdamW, bfloat16 compute; each layer keeps only its input for the ba
 (``model.remat=layer_input``), blockwise attention (what ``attention: auto`` is on TPU), the
 loss projected 1024 rows at a time (``train.loss_chunk=1024``). Peak = arguments + outputs not
 aliased to donated arguments + temporaries. The MFU is an estimate: compiled FLOPs over XLA's
-estimated step time (``optimal_seconds``) times the chip's peak bf16 FLOP/s.
+estimated step time (``optimal_seconds``) times the chip's peak bf16 FLOP/s; it is computed for the
+8B LoRA step only (three more compiles: :func:`train.plan.step_cost`), the other rows show memory.
 
 Run: ``python benchmarks/tpu_plan.py`` (needs ``pip install 'jpeft[tpu]'``; several minutes of compiling).
 """
@@ -42,11 +43,12 @@ def main() -> None:
                                       topology="v5e-8", param_dtype="float32", label="8B full, Adam on host"),
         "8b_full_v5e_8": dict(cfg=cfg("method=full"), shape="llama-3.1-8b", topology="v5e-8", param_dtype="float32",
                               label="8B full, Adam in HBM"),
-        "8b_lora_v5e_8": dict(cfg=cfg(*LORA), shape="llama-3.1-8b", topology="v5e-8", label="8B LoRA (bf16 base)"),
+        "8b_lora_v5e_8": dict(cfg=cfg(*LORA), shape="llama-3.1-8b", topology="v5e-8", label="8B LoRA (bf16 base)",
+                              cost_layers=True),
     }
     plans = {}
     for name, kwargs in runs.items():
-        plans[name] = plan.plan_step(batch=8, seq=2048, **kwargs)
+        plans[name] = plan.plan_step(batch=8, seq=2048, **{"cost_layers": False, **kwargs})
         print(plans[name].row(), flush=True)
     gib = lambda p: f"{p.peak / plan.GIB:.2f}"
     print(f"plan_8b_qlora_v5e_4_peak_gib={gib(plans['8b_qlora_v5e_4'])}")

@@ -14,7 +14,8 @@ uniform average of all keys (finite, never NaN). They differ in what they keep:
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (GPU only);
 * ``"splash"``: the Pallas splash-attention kernel that ships with JAX
   (``jax.experimental.pallas.ops.tpu``), TPU only; it needs the mask's structure
-  (causal with an offset, padding) and falls back to ``"blockwise"`` without one.
+  (causal with an offset, padding) and lengths in 128-wide tiles, and falls back to
+  ``"blockwise"`` otherwise (:mod:`jpeft.splash`).
 
 ``"auto"`` picks by backend: cuDNN on GPU, blockwise on TPU, and on CPU the dense form up
 to :data:`BLOCKWISE_FROM` keys (its compiled step is the one measured so far), blockwise
@@ -97,9 +98,10 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS, *, implementation: st
                                            implementation="cudnn")
         return out.astype(q_BxTxNxH.dtype)
     if kind == "splash" and structure is not None:
-        from jpeft import splash  # optional: Pallas TPU kernels
+        from jpeft import splash  # Pallas TPU kernels, imported only where used
 
-        return splash.attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, structure, scale)
+        if splash.supported(q_BxTxNxH.shape[1], k_BxSxKxH.shape[1]):
+            return splash.attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, structure, scale)
     return blockwise(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS, scale, block or DEFAULT_BLOCK)
 
 

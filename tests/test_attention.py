@@ -79,3 +79,26 @@ def test_auto_keeps_the_dense_form_on_cpu_for_short_inputs():
     with pytest.raises(ValueError, match="blockwise"):
         llama.LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
                           attention="flash")
+
+
+def test_splash_kernel_equals_dense_at_real_positions():
+    """The TPU kernel, run by Pallas's interpreter on CPU: prefix rows in front (offset), padding, GQA."""
+    from jpeft import splash
+
+    b, t, off, n, kh, h = 2, 128, 128, 4, 2, 128
+    keys = jax.random.split(jax.random.key(3), 4)
+    q = jax.random.normal(keys[0], (b, t, n, h))
+    k, v = jax.random.normal(keys[1], (b, off + t, kh, h)), jax.random.normal(keys[2], (b, off + t, kh, h))
+    valid = jnp.ones((b, off + t), bool).at[1, off:off + 5].set(False)  # row 1: 5 left-padded tokens
+    allowed = (jnp.arange(off + t)[None, :] <= jnp.arange(t)[:, None] + off)[None] & valid[:, None, :]
+    real = valid[:, off:, None, None]
+    weights = jax.random.normal(keys[3], q.shape) * real  # padded positions carry no loss
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * weights)
+
+    dense = lambda q, k, v: attention.dense(q, k, v, allowed, h**-0.5)
+    kernel = lambda q, k, v: splash.attend(q, k, v, attention.MaskStructure(off, valid), h**-0.5, interpret=True)
+    np.testing.assert_allclose(jnp.where(real, kernel(q, k, v), 0), jnp.where(real, dense(q, k, v), 0), atol=1e-5)
+    for g, w in zip(jax.grad(loss(kernel), argnums=(0, 1, 2))(q, k, v), jax.grad(loss(dense), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(g, w, atol=1e-5)

@@ -74,3 +74,11 @@ def test_unknown_names_are_clear():
     with pytest.raises(plan.PlanError, match="llama-3.1-8b"):
         plan.model_of_shape("llama-9", config.from_dict({}))
     assert jax.default_backend() == "cpu"  # the plan needs no TPU
+
+
+def test_splash_attention_compiles_for_tpu_on_a_sharded_mesh(cfg):
+    """The Pallas kernel, not partitioned by XLA, runs per shard (shard_map over rows and key/value heads)."""
+    splash = config.apply_overrides(cfg, ["model.attention=splash"])
+    p = plan.plan_step(cfg=splash, shape=TINY, topology="v5e-4", mesh="fsdp=2,tensor=2", batch=4, seq=256,
+                       cost_layers=False)
+    assert p.compiled and p.fits

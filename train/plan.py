@@ -233,13 +233,15 @@ class Plan:
 
     def row(self) -> str:
         mesh = "x".join(f"{k}{v}" for k, v in self.mesh.items() if v > 1) or "1"
+        cost = (f"{self.flops / 1e12:8.1f} {self.seconds:7.3f} {self.mfu:6.2f}" if self.seconds
+                else f"{'-':>8s} {'-':>7s} {'-':>6s}")
         if not self.compiled:
             need = f"needs {self.needed / GIB:.2f} GiB" if self.needed else self.error[:80]
             return f"{self.label:34s} {mesh:14s} {self.remat:11s} {'-':>7s} {'-':>7s} {'-':>7s} {'-':>6s} " \
                    f"{self.peak / GIB:7.2f} {'no':>4s}  {need}"
         return (f"{self.label:34s} {mesh:14s} {self.remat:11s} {self.arguments / GIB:7.2f} {self.temporaries / GIB:7.2f} "
                 f"{(self.outputs - self.aliased) / GIB:7.2f} {self.host / GIB:6.2f} {self.peak / GIB:7.2f} "
-                f"{'yes' if self.fits else 'no':>4s}  {self.flops / 1e12:8.1f} {self.seconds:7.3f} {self.mfu:6.2f}")
+                f"{'yes' if self.fits else 'no':>4s}  {cost}")
 
 
 HEADER = (f"{'step':34s} {'mesh':14s} {'remat':11s} {'args':>7s} {'temp':>7s} {'out':>7s} {'host':>6s} "
@@ -295,7 +297,8 @@ def plan_step(*, cfg=None, shape: str | dict = "llama-3.2-1b", topology: str = "
                                "batch": shard_bytes(batch_, shardings["batch"]),
                                "rng": shard_bytes(rng, shardings["rng"])}
     try:
-        compiled = step.lower(adapter, opt_state, frozen, batch_, rng).compile()
+        with jax.set_mesh(mesh_):  # kernels that are not partitioned by XLA (splash) shard_map over it
+            compiled = step.lower(adapter, opt_state, frozen, batch_, rng).compile()
     except Exception as err:  # the TPU compiler refuses a step that does not fit (RESOURCE_EXHAUSTED)
         message = str(err)
         if "exceeds" not in message and "RESOURCE_EXHAUSTED" not in message:
@@ -339,7 +342,8 @@ def step_cost(cfg, model, mesh, batch) -> tuple[float, float]:
                                        trainer.xent_for(small, cfg.train.loss_chunk))
         opt_state = jax.eval_shape(optimizer.init, adapter)
         rng = jax.eval_shape(lambda: jax.random.key(0))
-        costs.append(_cost(step.lower(adapter, opt_state, frozen, batch, rng).compile()))
+        with jax.set_mesh(mesh):
+            costs.append(_cost(step.lower(adapter, opt_state, frozen, batch, rng).compile()))
     (f1, s1), (f2, s2) = costs
     n = model.num_layers
     return f1 + (n - 1) * (f2 - f1), s1 + (n - 1) * (s2 - s1)
