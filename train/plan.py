@@ -33,6 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from jax.experimental import topologies
+
+from jpeft import attention, quant, sharding
+from jpeft.models import llama, stack
+from jpeft.quant.quantize import layer_kernels
+from train import config as config_lib
+from train import run, trainer
+from train.data import TrainBatch
 
 GIB = 2**30
 SHAPES_FILE = Path(__file__).resolve().parent.parent / "configs" / "shapes" / "published.yaml"
@@ -41,7 +49,6 @@ SHAPES_FILE = Path(__file__).resolve().parent.parent / "configs" / "shapes" / "p
 @dataclasses.dataclass(frozen=True)
 class Chip:
     """A TPU generation: how libtpu names its topologies, its HBM as the compiler counts it, peak bf16 FLOP/s."""
-
     prefix: str
     hbm_bytes: int
     peak_flops: float
@@ -85,8 +92,6 @@ def tpu_devices(topology: str) -> tuple[list, Chip]:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    from jax.experimental import topologies
-
     try:
         import libtpu  # noqa: F401
     except ImportError:
@@ -118,8 +123,6 @@ def parse_mesh(text: str, num_devices: int) -> dict[str, int]:
         >>> parse_mesh("fsdp=2,tensor=-1", 8)
         {'data': 1, 'fsdp': 2, 'tensor': 4}
     """
-    from jpeft import sharding
-
     sizes = {"data": 1, "fsdp": 1, "tensor": 1}
     for item in filter(None, text.split(",")):
         name, sep, value = item.partition("=")
@@ -143,9 +146,6 @@ def model_of_shape(shape: str | dict, cfg, param_dtype: str | None = None) -> An
     ``param_dtype``: the stored weights' dtype (default: the compute dtype, ``model.dtype``).
     ``attention: auto`` becomes what ``auto`` means on TPU (the host compiling it is not one).
     """
-    from jpeft import attention
-    from jpeft.models import llama
-
     shapes = published_shapes()
     if isinstance(shape, str):
         if shape not in shapes:
@@ -159,8 +159,6 @@ def model_of_shape(shape: str | dict, cfg, param_dtype: str | None = None) -> An
 
 def abstract_batch(batch: int, seq: int, answer: int | None = None):
     """A :class:`train.data.TrainBatch` of ``jax.ShapeDtypeStruct``: ``answer`` loss positions per row (default all)."""
-    from train.data import TrainBatch
-
     a = seq if answer is None else answer
     ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     return TrainBatch(ints(batch, seq), ints(batch, seq), ints(batch, seq),
@@ -169,10 +167,6 @@ def abstract_batch(batch: int, seq: int, answer: int | None = None):
 
 def abstract_parts(cfg, model):
     """``(method, frozen, adapter, optimizer)``: the run's method and optimizer, parameters as shapes only."""
-    from jpeft import quant
-    from jpeft.quant.quantize import layer_kernels
-    from train import run, trainer
-
     params = model.abstract_params()
     if cfg.model.quantize:
         params = jax.eval_shape(lambda p: quant.quantize(p, layer_kernels(model.layouts()),
@@ -198,7 +192,6 @@ def shard_bytes(tree: Any, shardings: Any) -> int:
 @dataclasses.dataclass
 class Plan:
     """One compiled step's per-chip figures (bytes, FLOPs, seconds) and what it was compiled for."""
-
     label: str
     chips: int
     mesh: dict
@@ -270,13 +263,9 @@ def plan_step(*, cfg=None, shape: str | dict = "llama-3.2-1b", topology: str = "
     ``param_dtype``: the weights' dtype when it differs from the compute dtype (float32 weights,
     bfloat16 compute). ``cost_layers``: also compile the 1- and 2-layer steps for FLOPs and time (:func:`step_cost`).
     """
-    from train import config as config_lib
-    from train import trainer
-
     cfg = config_lib.from_dict({}) if cfg is None else cfg
     devices, chip = tpu_devices(topology)
     sizes = parse_mesh(mesh, len(devices))
-    from jpeft import sharding
 
     mesh_ = sharding.make_mesh(sizes, devices=devices)
     model = model_of_shape(shape, cfg, param_dtype)
@@ -330,8 +319,6 @@ def step_cost(cfg, model, mesh, batch) -> tuple[float, float]:
     linearly: ``cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1))``; every layer of a stack
     is the same computation.
     """
-    from train import trainer
-
     costs = []
     for layers in (1, 2):
         small = model.replace(num_layers=layers, scan_layers=False)
@@ -350,15 +337,12 @@ def step_cost(cfg, model, mesh, batch) -> tuple[float, float]:
 
 
 def stack_name(remat) -> str:
-    from jpeft.models import stack
 
     return stack.check_remat(remat)
 
 
 def sweep(cfg, *, shape, topology, batch, seq, answer=None) -> list[Plan]:
     """Every mesh shape (fsdp x tensor over the slice) x remat policy; the caller picks the best that fits."""
-    from train import config as config_lib
-
     devices, _ = tpu_devices(topology)
     n = len(devices)
     meshes = [f"fsdp={n // t},tensor={t}" for t in (1, 2, 4) if n % t == 0 and n // t >= 1]
@@ -379,7 +363,6 @@ def best(plans: list[Plan]) -> Plan | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from train import config as config_lib
 
     parser = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="llama-3.1-8b", help=f"a published shape ({SHAPES_FILE.name})")
