@@ -35,11 +35,17 @@ class HostMemoryError(ValueError):
 
 
 def host_memory_available(device: Any) -> bool:
-    """Whether ``device`` (concrete or abstract) lists a ``pinned_host`` memory."""
+    """Whether ``device`` has a ``pinned_host`` memory (TPU and GPU always; otherwise as the device lists).
+
+    A compile-only TPU device (from ``jax.experimental.topologies``) of another host lists no
+    memories, so TPU and GPU devices are taken at their runtime's word.
+    """
+    if getattr(device, "platform", None) in ("tpu", "gpu", "cuda", "rocm"):
+        return True
     try:
         return HOST in {memory.kind for memory in device.addressable_memories()}
-    except Exception:  # abstract TPU devices of a topology expose no memories: the TPU runtime has them
-        return getattr(device, "platform", None) in ("tpu", "gpu", "cuda", "rocm")
+    except Exception:  # a device that cannot list its memories has no memory kinds to offer
+        return False
 
 
 def _shardings(tree: Any) -> list[Sharding]:
