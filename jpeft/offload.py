@@ -76,3 +76,45 @@ def to_device(tree: Any, shardings: Any) -> Any:
     """Inside a jitted function: ``tree``'s arrays copied from host memory to the device (same layout)."""
     device = jax.tree.map(lambda s: s.with_memory_kind(DEVICE), shardings, is_leaf=lambda x: isinstance(x, Sharding))
     return jax.device_put(tree, device)
+
+
+def _with_kind(shardings: Any, kind: str) -> Any:
+    return jax.tree.map(lambda s: s.with_memory_kind(kind), shardings, is_leaf=lambda x: isinstance(x, Sharding))
+
+
+def update_in_host_memory(optimizer, grads: Any, opt_state: Any, params: Any, state_shardings: Any,
+                          param_shardings: Any) -> tuple[Any, Any]:
+    """Inside a jitted step: ``(new params on the device, new optimizer state in host memory)``.
+
+    The update runs on the host (``compute_on("device_host")``) where the state lives: the
+    gradients and parameters are copied to host memory, the state never enters device memory,
+    and only the new parameters come back.
+    """
+    from jax.experimental.compute_on import compute_on
+
+    host_params = _with_kind(param_shardings, HOST)
+    grads, params = jax.device_put(grads, host_params), jax.device_put(params, host_params)
+    opt_state = jax.device_put(opt_state, _with_kind(state_shardings, HOST))
+
+    @compute_on("device_host")
+    @jax.jit
+    def update(grads, opt_state, params):
+        import optax
+
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    new_params, new_state = update(grads, opt_state, params)
+    return jax.device_put(new_params, _with_kind(param_shardings, DEVICE)), new_state
+
+
+def keep_in_host_memory(keep: jax.Array, new: Any, old: Any, shardings: Any) -> Any:
+    """Inside a jitted step: ``new`` where ``keep`` else ``old``, both in host memory, computed there."""
+    from jax.experimental.compute_on import compute_on
+
+    host = _with_kind(shardings, HOST)
+    keep = jax.device_put(keep, jax.sharding.NamedSharding(next(iter(_shardings(shardings))).mesh,
+                                                            jax.sharding.PartitionSpec(), memory_kind=HOST))
+    new, old = jax.device_put(new, host), jax.device_put(old, host)
+    return compute_on("device_host")(jax.jit(lambda k, n, o: jax.tree.map(lambda a, b: jax.numpy.where(k, a, b), n, o)))(
+        keep, new, old)

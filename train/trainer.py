@@ -69,7 +69,7 @@ def make_optimizer(cfg: TrainConfig, method=None) -> tuple[optax.GradientTransfo
     optimizer for all of them.
     """
     schedule = make_schedule(cfg)
-    optimizer = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+    optimizer = optax.chain(optim.clip_by_global_norm(cfg.grad_clip),  # optax's, computable in host memory too
                             optax.adamw(schedule, weight_decay=cfg.weight_decay))
     return optim.with_transform(optimizer, None if method is None else method.transform), schedule
 
@@ -157,17 +157,23 @@ def make_train_step(method, model, optimizer, shardings: dict | None = None, sum
     opt_on_host = shardings is not None and offload.on_host(shardings["opt_state"])
 
     def step(adapter, opt_state, frozen, batch, rng):
-        if opt_on_host:  # kept in host memory between steps (Placement(offload_optimizer=True))
-            opt_state = offload.to_device(opt_state, shardings["opt_state"])
         loss, grads = jax.value_and_grad(loss_fn)(adapter, frozen, batch, rng)
-        updates, new_opt_state = optimizer.update(grads, opt_state, adapter)
-        new_adapter = optax.apply_updates(adapter, updates)
+        if opt_on_host:  # the state stays in host memory and is updated there (Placement(offload_optimizer=True))
+            new_adapter, new_opt_state = offload.update_in_host_memory(optimizer, grads, opt_state, adapter,
+                                                                       shardings["opt_state"], shardings["adapter"])
+        else:
+            updates, new_opt_state = optimizer.update(grads, opt_state, adapter)
+            new_adapter = optax.apply_updates(adapter, updates)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         for leaf in jax.tree.leaves(new_adapter):  # elementwise: a norm of huge finite values overflows
             finite = finite & jnp.all(jnp.isfinite(leaf))
         keep = lambda new, old: jnp.where(finite, new, old)
-        adapter, opt_state = jax.tree.map(keep, (new_adapter, new_opt_state), (adapter, opt_state))
+        adapter = jax.tree.map(keep, new_adapter, adapter)
+        if opt_on_host:
+            opt_state = offload.keep_in_host_memory(finite, new_opt_state, opt_state, shardings["opt_state"])
+        else:
+            opt_state = jax.tree.map(keep, new_opt_state, opt_state)
         return adapter, opt_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
     if shardings is None:
