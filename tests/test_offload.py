@@ -61,3 +61,11 @@ def test_a_device_without_host_memory_is_a_clear_error():
     sharding_ = type("OneDevice", (), {"device_set": {NoHost()}})()
     with pytest.raises(offload.HostMemoryError, match="offload_optimizer: false"):
         offload.to_host(sharding_)
+
+
+def test_clip_equals_optax():
+    grads = {"a": jnp.array([[3.0, -4.0]]), "b": jnp.array([12.0])}
+    for max_norm in (1.0, 100.0):
+        want, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+        got, _ = jpeft.optim.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+        jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-7), got, want)
