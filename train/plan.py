@@ -313,20 +313,22 @@ def _cost(compiled) -> tuple[float, float]:
 def step_cost(cfg, model, mesh, batch) -> tuple[float, float]:
     """``(FLOPs, XLA's estimated seconds)`` per chip of the whole step, from the same step with 1 and 2 layers.
 
-    XLA's cost analysis does not multiply a loop body by its trip count (a scanned layer
-    stack counts one layer, and the time estimate of a loop is not usable), so the cost is
-    read from the step compiled with one and with two unrolled layers, and extended
-    linearly: ``cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1))``; every layer of a stack
-    is the same computation.
+    XLA's cost analysis does not multiply a loop body by its trip count, and its time
+    estimate of a program with a loop is not usable (negative), so the cost is read from
+    loop-free forms of the step: one and two unrolled layers, extended linearly
+    (``cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1))``: every layer of a stack is the same
+    computation), with the dense attention and the loss unchunked (the blockwise attention and
+    the chunked loss are loops over the same products; their recomputation in the backward
+    pass is not counted).
     """
     costs = []
     for layers in (1, 2):
-        small = model.replace(num_layers=layers, scan_layers=False)
+        small = model.replace(num_layers=layers, scan_layers=False, attention="xla")
         method, frozen, adapter, optimizer = abstract_parts(cfg, small)
         place = trainer.Placement(mesh, cfg.sharding.rules, method, small, frozen, adapter, optimizer,
                                   cfg.train.offload_optimizer)
         step = trainer.make_train_step(method, small, optimizer, place.step_shardings(batch),
-                                       trainer.xent_for(small, cfg.train.loss_chunk))
+                                       trainer.xent_for(small))
         opt_state = jax.eval_shape(optimizer.init, adapter)
         rng = jax.eval_shape(lambda: jax.random.key(0))
         with jax.set_mesh(mesh):
