@@ -85,8 +85,8 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS, *, implementation: st
     """Grouped-query attention ``(B, T, N, H)`` by the chosen implementation (see the module docstring).
 
     ``allowed_BxTxS``: True where query t may attend to key s. ``scale`` defaults to
-    ``H**-0.5``. ``block``: keys per block of the blockwise form (default :data:`DEFAULT_BLOCK`). ``structure``: the mask as
-    causal + padding, for ``"splash"``.
+    ``H**-0.5``. ``block``: keys per block of the blockwise form (default :data:`DEFAULT_BLOCK`).
+    ``structure``: the mask as causal + padding, for ``"splash"``.
     """
     scale = q_BxTxNxH.shape[-1] ** -0.5 if scale is None else scale
     kind = resolve(implementation, k_BxSxKxH.shape[1])

@@ -116,5 +116,5 @@ def keep_in_host_memory(keep: jax.Array, new: Any, old: Any, shardings: Any) -> 
     keep = jax.device_put(keep, jax.sharding.NamedSharding(next(iter(_shardings(shardings))).mesh,
                                                             jax.sharding.PartitionSpec(), memory_kind=HOST))
     new, old = jax.device_put(new, host), jax.device_put(old, host)
-    return compute_on("device_host")(jax.jit(lambda k, n, o: jax.tree.map(lambda a, b: jax.numpy.where(k, a, b), n, o)))(
-        keep, new, old)
+    choose = jax.jit(lambda k, n, o: jax.tree.map(lambda a, b: jax.numpy.where(k, a, b), n, o))
+    return compute_on("device_host")(choose)(keep, new, old)

@@ -232,7 +232,8 @@ class Plan:
             need = f"needs {self.needed / GIB:.2f} GiB" if self.needed else self.error[:80]
             return f"{self.label:34s} {mesh:14s} {self.remat:11s} {'-':>7s} {'-':>7s} {'-':>7s} {'-':>6s} " \
                    f"{self.peak / GIB:7.2f} {'no':>4s}  {need}"
-        return (f"{self.label:34s} {mesh:14s} {self.remat:11s} {self.arguments / GIB:7.2f} {self.temporaries / GIB:7.2f} "
+        return (f"{self.label:34s} {mesh:14s} {self.remat:11s} {self.arguments / GIB:7.2f} "
+                f"{self.temporaries / GIB:7.2f} "
                 f"{(self.outputs - self.aliased) / GIB:7.2f} {self.host / GIB:6.2f} {self.peak / GIB:7.2f} "
                 f"{'yes' if self.fits else 'no':>4s}  {cost}")
 
