@@ -129,3 +129,27 @@ def carry_over(old_state: Any, new_state: Any) -> Any:
         return before if fits else leaf
 
     return jax.tree_util.tree_map_with_path(pick, new_state)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """``optax.clip_by_global_norm`` for real-valued gradients, computable in host memory too.
+
+    optax squares ``x.real`` and ``x.imag``; the zeros that ``x.imag`` makes for a real array
+    live in device memory, so its update cannot run where the optimizer state is offloaded
+    (:func:`jpeft.offload.update_in_host_memory`). Same result: gradients whose global norm
+    exceeds ``max_norm`` are scaled down to it.
+
+    Example:
+        >>> clip = clip_by_global_norm(1.0)
+        >>> [round(x, 4) for x in clip.update({"g": jnp.array([3.0, 4.0])}, clip.init(None))[0]["g"].tolist()]
+        [0.6, 0.8]
+    """
+
+    def update(updates, state, params=None):
+        del params
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(updates)))
+        within = norm < max_norm
+        clipped = jax.tree.map(lambda t: jnp.where(within, t, (t / norm.astype(t.dtype)) * max_norm), updates)
+        return clipped, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

@@ -104,4 +104,6 @@ def load(cfg: ModelConfig) -> Loaded:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as err:
             raise ModelSourceError(f"model.hf_folder={path!r}: its tokenizer cannot be loaded ({err})") from None
-    return Loaded(model_.replace(dtype=dtype.name), params, tokenizer)
+    options = {k: getattr(cfg, k) for k, default in (("remat", "none"), ("attention", "auto"))
+               if getattr(cfg, k) != default}
+    return Loaded(model_.replace(dtype=dtype.name, **options), params, tokenizer)

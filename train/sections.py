@@ -20,7 +20,9 @@ from typing import Annotated, Literal
 from annotated_types import Ge, Gt, Lt
 from pydantic import AfterValidator
 
+from jpeft import attention
 from jpeft.methods.registry import Says
+from jpeft.models import stack
 
 Positive = Annotated[int, Gt(0)]
 NonNegative = Annotated[int, Ge(0)]
@@ -39,6 +41,8 @@ ModelSource = Literal["smollm2", "minilm"]
 # slanted_triangular: ULMFiT's, warmup_steps = its rise
 Schedule = Literal["cosine", "linear", "slanted_triangular"]
 QuantFormat = Literal["nf4", "int4", "int8"]  # model.quantize: the frozen base on load (QLoRA)
+RematPolicy = Literal[stack.REMAT_POLICIES]  # what each layer keeps for the backward pass
+AttentionImplementation = Literal[attention.IMPLEMENTATIONS]  # auto: by backend and sequence length
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,8 @@ class ModelConfig:
     scan_layers: bool = True
     quantize: QuantFormat | None = None  # nf4 + method lora = QLoRA
     quant_block_size: Positive = 64  # weights per absmax scale (must divide the in-dim)
+    remat: RematPolicy = "none"  # what each layer keeps for the backward pass
+    attention: AttentionImplementation = "auto"  # auto: by backend and sequence length
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,8 @@ class TrainConfig:
     val_batches: Positive = 4
     seed: int = 0
     max_bad_steps: NonNegative = 0  # steps with a non-finite loss skipped before stopping
+    loss_chunk: Positive | None = None  # answer rows projected onto the vocabulary at a time
+    offload_optimizer: bool = False  # optimizer state in host memory between steps (memory kinds)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from jpeft import lifecycle, optim, sharding
+from jpeft import lifecycle, offload, optim, sharding
 from train import placement
 from train.sections import TrainConfig
 from train.data import TrainBatch
@@ -65,7 +65,7 @@ def make_optimizer(cfg: TrainConfig, method=None) -> tuple[optax.GradientTransfo
     the parameters and the step. A method with stages keeps one optimizer for all of them.
     """
     schedule = make_schedule(cfg)
-    optimizer = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+    optimizer = optax.chain(optim.clip_by_global_norm(cfg.grad_clip),  # optax's, computable in host memory too
                             optax.adamw(schedule, weight_decay=cfg.weight_decay))
     return (optimizer if method is None else lifecycle.optimizer(method, optimizer)), schedule
 
@@ -106,16 +106,26 @@ def make_train_step(method, model, optimizer, shardings: dict | None = None, *, 
     """
     loss_fn = make_loss_fn(method, model, sums)
 
+    opt_on_host = shardings is not None and offload.on_host(shardings["opt_state"])
+
     def step(adapter, opt_state, frozen, batch, rng):
         loss, grads = jax.value_and_grad(loss_fn)(adapter, frozen, batch, rng)
-        updates, new_opt_state = optimizer.update(grads, opt_state, adapter)
-        new_adapter = optax.apply_updates(adapter, updates)
+        if opt_on_host:  # the state stays in host memory and is updated there (Placement(offload_optimizer=True))
+            new_adapter, new_opt_state = offload.update_in_host_memory(optimizer, grads, opt_state, adapter,
+                                                                       shardings["opt_state"], shardings["adapter"])
+        else:
+            updates, new_opt_state = optimizer.update(grads, opt_state, adapter)
+            new_adapter = optax.apply_updates(adapter, updates)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         for leaf in jax.tree.leaves(new_adapter):  # elementwise: a norm of huge finite values overflows
             finite = finite & jnp.all(jnp.isfinite(leaf))
         keep = lambda new, old: jnp.where(finite, new, old)
-        adapter, opt_state = jax.tree.map(keep, (new_adapter, new_opt_state), (adapter, opt_state))
+        adapter = jax.tree.map(keep, new_adapter, adapter)
+        if opt_on_host:
+            opt_state = offload.keep_in_host_memory(finite, new_opt_state, opt_state, shardings["opt_state"])
+        else:
+            opt_state = jax.tree.map(keep, new_opt_state, opt_state)
         return adapter, opt_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
     if shardings is None:
@@ -133,13 +143,15 @@ class Placement:
     ``batch`` feeds each process only its rows of a global batch.
     """
 
-    def __init__(self, mesh, rules, method, model, frozen, adapter, optimizer):
+    def __init__(self, mesh, rules, method, model, frozen, adapter, optimizer, offload_optimizer: bool = False):
         self.mesh, self.rules = mesh, placement.load_rules(rules)
         axes = model.param_axes()
         self.frozen = sharding.shardings_for(frozen, axes, mesh, self.rules)
         self.adapter = sharding.adapter_shardings(method, adapter, axes, mesh, self.rules)
         abstract_opt = jax.eval_shape(optimizer.init, adapter)
         self.opt_state = sharding.optimizer_shardings(optimizer, abstract_opt, self.adapter, mesh)
+        if offload_optimizer:
+            self.opt_state = offload.to_host(self.opt_state)
         self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     def put(self, tree, shardings):
@@ -222,7 +234,7 @@ def train_loop(
     if resumed is not None:
         adapter = resumed.adapter
         frozen = lifecycle.frozen_part(frozen, adapter)  # a later stage's adapter replaces more of the base
-    place = Placement(mesh, rules, current, model, frozen, adapter, optimizer)
+    place = Placement(mesh, rules, current, model, frozen, adapter, optimizer, cfg.offload_optimizer)
     frozen = place.put(frozen, place.frozen)
     first, key = 1, jax.random.key(cfg.seed)
     if resumed is None:
@@ -259,7 +271,8 @@ def train_loop(
         if stage is not current:  # a new stage: more (or other) weights train; compiled once for it
             adapter, frozen = lifecycle.enter_stage(current, stage, frozen, adapter, jax.random.key(cfg.seed))
             opt_state = optim.carry_over(opt_state, optimizer.init(adapter))
-            current, place = stage, Placement(mesh, rules, stage, model, frozen, adapter, optimizer)
+            current, place = stage, Placement(mesh, rules, stage, model, frozen, adapter, optimizer,
+                                              cfg.offload_optimizer)
             frozen, adapter = place.put(frozen, place.frozen), place.put(adapter, place.adapter)
             opt_state = place.put(opt_state, place.opt_state)
             step_fn, eval_loss = None, make_eval_loss(current, model, sums)

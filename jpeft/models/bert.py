@@ -285,8 +285,7 @@ def _layer(p: dict, x_BxTxD, *, c: BertConfig, allowed_BxTxS, use_prefix: bool):
 
 def _run_layers(params: dict, c: BertConfig, x_BxTxD, allowed_BxTxS, use_prefix: bool):
     layer_fn = functools.partial(_layer, c=c, allowed_BxTxS=allowed_BxTxS, use_prefix=use_prefix)
-    if c.remat:
-        layer_fn = jax.checkpoint(layer_fn)
+    layer_fn = stack.remat_layer(layer_fn, c.remat)
     if c.scan_layers:
         x_BxTxD, _ = stack.scan(lambda x, p, _: (layer_fn(p, x), None), x_BxTxD, params["layers"])
         return x_BxTxD

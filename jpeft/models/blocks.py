@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import ops
+from jpeft import attention, ops
 
 ROPE_KEYS = {
     "linear": ("factor",),
@@ -103,29 +103,23 @@ def apply_rope(x_BxTxNxH: jax.Array, cos_BxTxH: jax.Array, sin_BxTxH: jax.Array)
     return out.astype(x_BxTxNxH.dtype)
 
 
-def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS, scale: float | None = None) -> jax.Array:
+def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS, scale: float | None = None,
+                          implementation: str = "auto", structure: attention.MaskStructure | None = None) -> jax.Array:
     """Grouped-query attention; scores and softmax in float32. Returns ``(B, T, N, H)``.
 
     ``allowed_BxTxS`` is True where query t may attend to key s. A query with no allowed
     key gets a uniform (finite) average instead of NaN. ``scale`` defaults to ``H**-0.5``.
+    ``implementation``: one of :data:`jpeft.attention.IMPLEMENTATIONS` (``"auto"`` keeps the
+    dense form on CPU for short inputs); ``structure``: the mask as causal + padding, for kernels
+    that need it (:class:`jpeft.attention.MaskStructure`).
 
     Example:
         >>> q = jnp.ones((1, 2, 4, 8)); kv = jnp.ones((1, 3, 2, 8))
         >>> dot_product_attention(q, kv, kv, jnp.ones((1, 2, 3), bool)).shape
         (1, 2, 4, 8)
     """
-    b, t, n, h = q_BxTxNxH.shape
-    k = k_BxSxKxH.shape[2]
-    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
-    scale = h**-0.5 if scale is None else scale
-    scores_BxKxGxTxS = jnp.einsum(
-        "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
-    ) * scale
-    allowed_Bx1x1xTxS = allowed_BxTxS[:, None, None]
-    scores_BxKxGxTxS = jnp.where(allowed_Bx1x1xTxS, scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
-    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
-    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, v_BxSxKxH)
-    return out_BxTxKxGxH.reshape(b, t, n, h)
+    return attention.attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS, implementation=implementation,
+                            scale=scale, structure=structure)
 
 
 def with_rows(rows_NxKH: jax.Array, new_BxTxKxH: jax.Array) -> jax.Array:

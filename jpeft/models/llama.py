@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import ops
+from jpeft import attention, ops
 from jpeft.models.names import CheckpointNames
 from jpeft.models import blocks, generation, hooks, kv_cache, llama_formats, registry, spec, stack
 from jpeft.models.model import Family, Model
@@ -83,7 +83,11 @@ class LlamaConfig:
         whose position is less than ``sliding_window`` behind it); ``None`` = full.
       model_type: ``"llama"``, ``"mistral"`` or ``"qwen2"``; only used by :meth:`to_hf`.
       scan_layers: stack layers and run them with ``jax.lax.scan``.
-      remat: rematerialize each layer in the backward pass (``jax.checkpoint``).
+      remat: what each layer keeps for the backward pass: ``"none"`` (or ``False``), ``"layer_input"``
+        (or ``True``: the layer runs again), ``"dots"``, ``"offload"`` (see
+        :func:`jpeft.models.stack.remat_layer`).
+      attention: the attention implementation (:data:`jpeft.attention.IMPLEMENTATIONS`;
+        ``"auto"`` picks by backend and length).
       dtype: compute dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``).
       param_dtype: dtype name of parameters made by :func:`init_params`.
 
@@ -110,7 +114,8 @@ class LlamaConfig:
     sliding_window: int | None = None
     model_type: str = "llama"
     scan_layers: bool = False
-    remat: bool = False
+    remat: bool | str = False
+    attention: str = "auto"
     dtype: Any = "float32"
     param_dtype: Any = "float32"
 
@@ -161,6 +166,8 @@ class LlamaConfig:
             raise ValueError(f"model_type must be one of {SUPPORTED_MODEL_TYPES}, got {self.model_type!r}.")
         if self.rope_scaling:
             blocks.check_rope_scaling(dict(self.rope_scaling))
+        stack.check_remat(self.remat)
+        attention.check_implementation(self.attention)
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -242,11 +249,13 @@ def hook_points(c: LlamaConfig) -> dict[str, hooks.HookPoint]:
 # ----------------------------------------------------------------------------- layers
 
 
-def _attention(p: dict, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, layer_cache, index, prefix=None):
+def _attention(p: dict, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, layer_cache, index, prefix=None,
+               structure=None):
     """Self-attention; writes this step's keys/values into ``layer_cache`` if given.
 
     ``prefix`` (prefix tuning's key/value rows of this layer) goes in front of this step's
-    keys/values, and into the cache with them.
+    keys/values, and into the cache with them. ``structure``: the mask as causal + padding
+    (:class:`jpeft.attention.MaskStructure`) for kernels that need it; None with a cache.
     """
     b, t, _ = x_BxTxD.shape
     project = lambda name: ops.linear(x_BxTxD, p[name]["kernel"], p[name].get("bias"))
@@ -260,7 +269,8 @@ def _attention(p: dict, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, layer_cach
     if layer_cache is not None:
         new_cache = kv_cache.write(layer_cache, index, k_BxTxKxH, v_BxTxKxH)
         keys_BxSxKxH, values_BxSxKxH = (new_cache[n].astype(x_BxTxD.dtype) for n in ("k", "v"))
-    out_BxTxNxH = blocks.dot_product_attention(q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, allowed_BxTxS)
+    out_BxTxNxH = blocks.dot_product_attention(q_BxTxNxH, keys_BxSxKxH, values_BxSxKxH, allowed_BxTxS,
+                                               implementation=c.attention, structure=structure)
     out_BxTxD = ops.linear(out_BxTxNxH.reshape(b, t, c.num_heads * c.head_dim), p["o_proj"]["kernel"],
                            p["o_proj"].get("bias"))
     return out_BxTxD, new_cache
@@ -273,10 +283,12 @@ def _mlp(p: dict, x_BxTxD: jax.Array) -> jax.Array:
     return ops.linear(gate_BxTxF * up_BxTxF, p["down_proj"]["kernel"])
 
 
-def _decoder_layer(p: dict, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, layer_cache, index, use_prefix):
+def _decoder_layer(p: dict, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, layer_cache, index, use_prefix,
+                   structure=None):
     h_BxTxD = blocks.rms_norm(x_BxTxD, p["input_layernorm"]["scale"], c.rms_norm_eps)
     prefix = hooks.get(p, "prefix") if use_prefix else None
-    attn_BxTxD, new_cache = _attention(p["self_attn"], c, h_BxTxD, rope, allowed_BxTxS, layer_cache, index, prefix)
+    attn_BxTxD, new_cache = _attention(p["self_attn"], c, h_BxTxD, rope, allowed_BxTxS, layer_cache, index, prefix,
+                                       structure)
     if hooks.get(p, "attn_output") is not None:  # e.g. a bottleneck adapter (Houlsby placement)
         attn_BxTxD = hooks.get(p, "attn_output")(attn_BxTxD)
     x_BxTxD = x_BxTxD + attn_BxTxD
@@ -287,13 +299,12 @@ def _decoder_layer(p: dict, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, layer_
     return x_BxTxD + mlp_BxTxD, new_cache
 
 
-def _run_layers(params, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, cache, use_prefix):
+def _run_layers(params, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, cache, use_prefix, structure=None):
     """All decoder layers (unrolled or scanned). Returns (x, new per-layer caches)."""
     index = None if cache is None else cache["index"]
     layer_fn = functools.partial(_decoder_layer, c=c, rope=rope, allowed_BxTxS=allowed_BxTxS, index=index,
-                                 use_prefix=use_prefix)
-    if c.remat:
-        layer_fn = jax.checkpoint(layer_fn)
+                                 use_prefix=use_prefix, structure=structure)
+    layer_fn = stack.remat_layer(layer_fn, c.remat)
     if c.scan_layers:  # params["layers"] may be a stack.Segments (a method that trains some layers' slices)
         layer_caches = None if cache is None else cache["layers"]
         x_BxTxD, new = stack.scan(lambda x, p, layer_cache: layer_fn(p, x_BxTxD=x, layer_cache=layer_cache),
@@ -388,7 +399,11 @@ def forward(params: dict, config: LlamaConfig, tokens_BxT: jax.Array | None = No
     # A prefix has keys and values but no queries: drop its rows.
     allowed_BxTxS, positions_BxT = allowed_BxTxS[:, n_prefix:], positions_BxT[:, n_prefix:]
     rope = blocks.rope_tables(rope_inverse_frequencies(config), positions_BxT)
-    x_BxTxD, layer_caches = _run_layers(params, config, x_BxTxD, rope, allowed_BxTxS, cache, n_prefix > 0)
+    structure = None  # causal + padding, when that is all the mask is (kernels that cannot read a dense mask)
+    if cache is None and config.sliding_window is None:
+        structure = attention.MaskStructure(n_prefix, mask_BxT)
+    x_BxTxD, layer_caches = _run_layers(params, config, x_BxTxD, rope, allowed_BxTxS, cache, n_prefix > 0,
+                                        structure)
     hidden_BxTxD = blocks.rms_norm(x_BxTxD[:, n_prompt:], params["norm"]["scale"], config.rms_norm_eps)
     new_cache = None if cache is None else {**meta, **layer_caches}
     if return_hidden:

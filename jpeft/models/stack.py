@@ -199,3 +199,43 @@ def scan(fn, carry: Any, layers: Any, xs: Any = None) -> tuple[Any, Any]:
         carry, y = jax.lax.scan(body, carry, (jnp.arange(stop - start), own, part_xs))
         ys.append(y)
     return carry, jax.tree.map(lambda *parts: jnp.concatenate(parts), *ys)
+
+
+# ----------------------------------------------------------------------------- remat policies
+
+REMAT_POLICIES = ("none", "layer_input", "dots", "offload")
+
+
+def remat_layer(fn, policy: bool | str | None):
+    """``fn`` (one layer) rematerialized in the backward pass by a named policy.
+
+    * ``"none"`` (or ``False``/``None``): every intermediate is kept for the backward pass;
+    * ``"layer_input"`` (or ``True``): only each layer's input is kept, the layer runs again;
+    * ``"dots"``: the matmul outputs (without batch dimensions) are kept, the rest recomputed;
+    * ``"offload"``: those matmul outputs go to host memory (``pinned_host``) and come back
+      for the backward pass (backends with memory kinds: TPU, GPU; CPU has them too).
+
+    Example:
+        >>> f = remat_layer(lambda x: jnp.sin(x) @ x, "dots")
+        >>> jax.grad(lambda x: f(x).sum())(jnp.ones((2, 2))).shape
+        (2, 2)
+    """
+    name = check_remat(policy)
+    if name == "none":
+        return fn
+    if name == "layer_input":
+        return jax.checkpoint(fn)
+    if name == "dots":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"))
+
+
+def check_remat(policy: bool | str | None) -> str:
+    """The policy's name (``True`` -> ``"layer_input"``, ``False``/``None`` -> ``"none"``), or a ValueError."""
+    if policy is None or policy is False:
+        return "none"
+    if policy is True:
+        return "layer_input"
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat must be one of {REMAT_POLICIES} (or True/False), got {policy!r}")
+    return policy

@@ -370,8 +370,7 @@ def _decoder_layer(p, x_BxTxD, layer_cache, cross_kv, *, c, bias, allowed, cross
 
 def _run(part: dict, c: T5Config, n: int, layer_fn, x, xs=None):
     """Every layer of a stack, unrolled or scanned; ``xs`` per-layer inputs (a tree keyed like the layers)."""
-    if c.remat:
-        layer_fn = jax.checkpoint(layer_fn)
+    layer_fn = stack.remat_layer(layer_fn, c.remat)
     if c.scan_layers:
         def body(x, p, inputs):
             return layer_fn(p, x, *inputs) if inputs is not None else (layer_fn(p, x), None)

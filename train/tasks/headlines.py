@@ -11,6 +11,7 @@ job for an encoder-decoder.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -20,17 +21,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jpeft import losses
 from jpeft.methods.base import Method
 from jpeft.models.capabilities import CausalLM, EncoderDecoder, offers
 from train import data, evaluate
 from train.errors import ConfigError
 
 
-def answer_xent(params, model, batch: data.TrainBatch) -> tuple[jax.Array, jax.Array]:
+def answer_xent(params, model, batch: data.TrainBatch, chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
     """``(sum of answer-token cross-entropies, number of answer tokens)``.
 
     Only the hidden states at answer positions are projected onto the
-    vocabulary: ``B x A`` rows instead of ``B x T``.
+    vocabulary: ``B x A`` rows instead of ``B x T``; ``chunk`` of them at a time when
+    given (:func:`jpeft.losses.xent_sums`: no ``rows x vocabulary`` logits kept for the backward pass).
     """
     hidden_BxTxD, _ = model.forward(params, batch.tokens_BxT, attention_mask_BxT=batch.attention_mask_BxT,
                                     return_hidden=True)
@@ -38,6 +41,10 @@ def answer_xent(params, model, batch: data.TrainBatch) -> tuple[jax.Array, jax.A
     positions_BxA = jnp.maximum(batch.answer_positions_BxA, 0)
     hidden_BxAxD = jnp.take_along_axis(hidden_BxTxD, positions_BxA[:, :, None], axis=1)
     targets_BxA = jnp.take_along_axis(batch.targets_BxT, positions_BxA, axis=1)
+    if chunk is not None:
+        hidden_NxD = hidden_BxAxD.reshape(-1, hidden_BxAxD.shape[-1])
+        return losses.xent_sums(lambda h_NxD: model.head(params, h_NxD), hidden_NxD, targets_BxA.reshape(-1),
+                                valid_BxA.reshape(-1), chunk=chunk)
     logits_BxAxV = model.head(params, hidden_BxAxD)
     losses_BxA = optax.softmax_cross_entropy_with_integer_labels(logits_BxAxV, targets_BxA)
     return jnp.sum(jnp.where(valid_BxA, losses_BxA, 0.0)), jnp.sum(valid_BxA).astype(jnp.float32)
@@ -149,4 +156,6 @@ def headlines(*, run, loaded) -> Generation:
     dc = run.data
     fmt = data.PromptFormat(tokenizer, max_article_tokens=dc.max_article_tokens,
                             max_headline_tokens=dc.max_headline_tokens)
-    return Generation(run, loaded, fmt, loss_sums=answer_xent, max_len=fmt.max_len - 1)
+    chunk = run.train.loss_chunk
+    sums = answer_xent if chunk is None else functools.partial(answer_xent, chunk=chunk)
+    return Generation(run, loaded, fmt, loss_sums=sums, max_len=fmt.max_len - 1)

@@ -1,0 +1,62 @@
+"""The train step planned for TPU slices: 8B and 70B QLoRA, 8B full fine-tuning with Adam's state on host, 8B LoRA.
+
+Every figure is XLA's TPU compiler's (libtpu from PyPI, no TPU present), per chip, for the
+step ``python -m train`` runs (:func:`train.trainer.make_train_step`), built by
+:mod:`train.plan` from published shapes (``configs/shapes/published.yaml``) with no weights
+read. Global batch 8 x 2048 tokens, every token a loss position; LoRA r=16 on all seven
+projections, AdamW, bfloat16 compute; each layer keeps only its input for the backward pass
+(``model.remat=layer_input``), blockwise attention (what ``attention: auto`` is on TPU), the
+loss projected 1024 rows at a time (``train.loss_chunk=1024``). Peak = arguments + outputs not
+aliased to donated arguments + temporaries. The MFU is an estimate: compiled FLOPs over XLA's
+estimated step time (``optimal_seconds``) times the chip's peak bf16 FLOP/s; it is computed for the
+8B LoRA step only (three more compiles: :func:`train.plan.step_cost`), the other rows show memory.
+
+Run: ``python benchmarks/tpu_plan.py`` (needs ``pip install 'jpeft[tpu]'``; several minutes of compiling).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from train import config, plan  # noqa: E402
+
+LORA = ["lora.rank=16", "lora.alpha=32", "lora.targets=.*/(q|k|v|o|gate|up|down)_proj/kernel"]
+STEP = ["model.dtype=bfloat16", "model.remat=layer_input", "train.loss_chunk=1024"]
+
+
+def cfg(*overrides: str):
+    return config.apply_overrides(config.from_dict({}), [*STEP, *overrides])
+
+
+def main() -> None:
+    print(plan.UNITS)
+    print(plan.HEADER)
+    runs = {
+        "8b_qlora_v5e_4": dict(cfg=cfg(*LORA, "model.quantize=nf4"), shape="llama-3.1-8b", topology="v5e-4",
+                               label="8B QLoRA (nf4+dq)"),
+        "70b_qlora_v5e_8": dict(cfg=cfg(*LORA, "model.quantize=nf4"), shape="llama-3.1-70b", topology="v5e-8",
+                                label="70B QLoRA (nf4+dq)"),
+        "8b_full_v5e_8_offload": dict(cfg=cfg("method=full", "train.offload_optimizer=true"), shape="llama-3.1-8b",
+                                      topology="v5e-8", param_dtype="float32", label="8B full, Adam on host"),
+        "8b_full_v5e_8": dict(cfg=cfg("method=full"), shape="llama-3.1-8b", topology="v5e-8", param_dtype="float32",
+                              label="8B full, Adam in HBM"),
+        "8b_lora_v5e_8": dict(cfg=cfg(*LORA), shape="llama-3.1-8b", topology="v5e-8", label="8B LoRA (bf16 base)",
+                              cost_layers=True),
+    }
+    plans = {}
+    for name, kwargs in runs.items():
+        plans[name] = plan.plan_step(batch=8, seq=2048, **{"cost_layers": False, **kwargs})
+        print(plans[name].row(), flush=True)
+    gib = lambda p: f"{p.peak / plan.GIB:.2f}"
+    print(f"plan_8b_qlora_v5e_4_peak_gib={gib(plans['8b_qlora_v5e_4'])}")
+    print(f"plan_70b_qlora_v5e_8_peak_gib={gib(plans['70b_qlora_v5e_8'])}")
+    print(f"plan_8b_full_v5e_8_offload_peak_gib={gib(plans['8b_full_v5e_8_offload'])} "
+          f"(without offload: {gib(plans['8b_full_v5e_8'])}, fits: {plans['8b_full_v5e_8'].fits})")
+    print(f"plan_8b_lora_v5e_8_est_mfu={plans['8b_lora_v5e_8'].mfu:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The optimizer state in host memory (pinned_host) between steps: the same training as on the device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jpeft
+from jpeft import offload, sharding
+from jpeft.models import llama
+from train import trainer
+from train.data import TrainBatch
+from train.tasks.headlines import answer_xent
+
+CONFIG = llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
+                           num_kv_heads=2, scan_layers=True)
+MODEL = llama.model(CONFIG)
+PARAMS = MODEL.init(jax.random.key(0), stddev=0.3)
+TOKENS = jnp.array([[5, 9, 2, 7, 1, 3], [4, 6, 11, 2, 8, 1]], jnp.int32)
+BATCH = TrainBatch(TOKENS, jnp.roll(TOKENS, -1, axis=1), jnp.ones_like(TOKENS), jnp.ones(TOKENS.shape, jnp.float32),
+                   jnp.tile(jnp.arange(5, dtype=jnp.int32), (2, 1)))
+
+needs_host = pytest.mark.skipif(not offload.host_memory_available(jax.devices()[0]),
+                                reason="this jaxlib's CPU client has no pinned_host memory")
+
+
+def train(offload_optimizer: bool, steps: int = 3):
+    method = jpeft.lora(rank=2, targets=r".*_proj/kernel")
+    optimizer = optax.adamw(1e-2)
+    adapter = method.init(jax.random.key(1), PARAMS)
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    place = trainer.Placement(mesh, "default", method, MODEL, PARAMS, adapter, optimizer, offload_optimizer)
+    frozen, adapter = place.put(PARAMS, place.frozen), place.put(adapter, place.adapter)
+    opt_state = jax.jit(optimizer.init, out_shardings=place.opt_state)(adapter)
+    step = trainer.make_train_step(method, MODEL, optimizer, place.step_shardings(BATCH), sums=answer_xent)
+    batch = place.put(BATCH, place.batch_shardings(BATCH))
+    for i in range(steps):
+        adapter, opt_state, stats = step(adapter, opt_state, frozen, batch, jax.random.key(i))
+    return adapter, opt_state
+
+
+@needs_host
+def test_offloaded_state_trains_the_same():
+    want, want_state = train(False)
+    got, got_state = train(True)
+    kinds = {leaf.sharding.memory_kind for leaf in jax.tree.leaves(got_state)}
+    assert kinds == {"pinned_host"}
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-8), got, want)
+
+
+def test_a_device_without_host_memory_is_a_clear_error():
+    class NoHost:
+        platform = "cpu"
+
+        def addressable_memories(self):
+            return []
+
+        def __str__(self):
+            return "cpu:0"
+
+    sharding_ = type("OneDevice", (), {"device_set": {NoHost()}})()
+    with pytest.raises(offload.HostMemoryError, match="offload_optimizer: false"):
+        offload.to_host(sharding_)
+
+
+def test_clip_equals_optax():
+    grads = {"a": jnp.array([[3.0, -4.0]]), "b": jnp.array([12.0])}
+    for max_norm in (1.0, 100.0):
+        want, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+        got, _ = jpeft.optim.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+        jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-7), got, want)
