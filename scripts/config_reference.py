@@ -57,13 +57,13 @@ def config_declarations() -> list[Section]:
     both are read); the methods' sections are the registered builders' signatures.
     """
     from jpeft.methods import registry
-    from train import config
+    from train import config, tasks
 
     top = Section("top level", _first_paragraph(config.RunConfig.__doc__), [])
     sections = [top]
     for name, hint, default, meaning in _fields_of(config.RunConfig):
-        if name in ("methods", *registry.names()):
-            continue  # the method sections come from the registry below
+        if name in ("sections", *registry.names(), *tasks.names()):
+            continue  # the method and task sections come from their registries below
         if _is_declaration(hint):
             sections.append(Section(name, _first_paragraph(hint.__doc__),
                                     [Setting(f"{name}.{n}", _type_name(h), _show(d), m, name)
@@ -71,7 +71,9 @@ def config_declarations() -> list[Section]:
         else:
             top.settings.append(Setting(name, _type_name(hint), _show(default), meaning, "top level"))
     for name in registry.names():
-        sections.append(_method_section(name, registry))
+        sections.append(_builder_section(name, registry.get(name), registry.settings(name), "method"))
+    for name in tasks.names():
+        sections.append(_builder_section(name, tasks.get(name), tasks.settings(name), "task"))
     return sections
 
 
@@ -104,10 +106,26 @@ def _fields_of(cls) -> list[tuple[str, Any, Any, str]]:
         check = f.metadata.get("check")
         choices = _choices_of(check)
         rule = ("one of " + ", ".join(f"`{c}`" for c in choices)) if choices else (
-            _rule_of(check) if check is not None else None)
+            _rule_of(check) if check is not None else _rule_of_hint(hints[f.name]))
         meaning = "; ".join(x for x in [meaning, rule] if x)
         out.append((f.name, hints[f.name], default, meaning))
     return out
+
+
+def _rule_of_hint(hint: Any) -> str:
+    """What an annotation requires, in words: ``Literal`` choices, ``Annotated`` constraints or their ``Says``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return "; ".join(r for r in (_rule_of_hint(a) for a in args if a is not type(None)) if r)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(f"`{c}`" for c in args)
+    if origin is typing.Annotated:
+        says = [m.problem for m in args[1:] if type(m).__name__ == "Says"]
+        if says:
+            return says[0]
+        rules = [_constraint(m) for m in args[1:]]
+        return "; ".join(r for r in [_rule_of_hint(args[0]), *rules] if r)
+    return ""
 
 
 def _constraint(item) -> str:
@@ -120,21 +138,22 @@ def _constraint(item) -> str:
     return ""
 
 
-def _method_section(name: str, registry) -> Section:
-    registered = registry.get(name)
+def _builder_section(name: str, registered, settings: dict, kind: str) -> Section:
+    """A method's or a task's section: its builder's keyword arguments (the registry validates against them)."""
     builder = registered.builder
     try:
-        hints = typing.get_type_hints(builder)
+        hints = typing.get_type_hints(builder, include_extras=True)
     except Exception:  # an annotation that cannot be resolved: shown as written
         hints = {}
     args = _args_of(inspect.getdoc(builder) or "")
-    settings = []
-    for key, param in registry.settings(name).items():
-        kind = hints.get(key, param.annotation)
-        settings.append(Setting(f"{name}.{key}", _type_name(kind), _show(param.default),
-                                args.get(key, ""), name))
-    doc = f"The `{name}` method's settings (used when `method: {name}`): {registered.summary}"
-    return Section(name, doc, settings)
+    out = []
+    for key, param in settings.items():
+        kind_ = hints.get(key, param.annotation)
+        meaning = "; ".join(x for x in [args.get(key, ""), _rule_of_hint(kind_)] if x)
+        out.append(Setting(f"{name}.{key}", _type_name(kind_), _show(param.default), meaning, name))
+    summary = getattr(registered, "summary", None) or _first_paragraph(inspect.getdoc(builder))
+    doc = f"The `{name}` {kind}'s settings (used when `{kind}: {name}`): {summary}"
+    return Section(name, doc, out)
 
 
 # ------------------------------------------------------------------- reading docs and comments
@@ -265,8 +284,8 @@ def render(sections: list[Section] | None = None) -> str:
         "",
         "Every key `python -m train` accepts, with its type, default and meaning. This page is generated "
         "when the docs are built, from the same declarations that validate a run config (the program's "
-        "sections and each registered method's builder signature), so it lists exactly what the validator "
-        "accepts. Keys are written as in YAML (`train: {steps: 40}`) or as overrides on the command line "
+        "sections and each registered method's and task's builder signature), so it lists exactly what the "
+        "validator accepts. Keys are written as in YAML (`train: {steps: 40}`) or as overrides on the command line "
         "(`train.steps=40`).",
         "",
     ]

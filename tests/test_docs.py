@@ -82,7 +82,7 @@ def test_built_api_reference_has_every_public_name(site):
 def _accepted_keys() -> set[str]:
     """Every key the run-config validator accepts, read from the validator's own defaults."""
     from jpeft.methods import registry
-    from train import config
+    from train import config, tasks
 
     defaults = config.to_dict(config.from_dict({}))
     keys = set()
@@ -93,6 +93,8 @@ def _accepted_keys() -> set[str]:
             keys.add(name)
     for method in registry.names():
         keys |= {f"{method}.{k}" for k in registry.settings(method)}
+    for task in tasks.names():
+        keys |= {f"{task}.{k}" for k in tasks.settings(task)}
     return keys
 
 
