@@ -84,8 +84,10 @@ def test_every_methods_table_row_has_a_valid_config(tmp_path):
                                           num_heads=4))
     labels = {}
     for name in methods_table.METHODS:
-        # AdaLoRA's schedule (tinit 8, tfinal 8) needs more than 3 steps: a 3-step run is refused, so no phases here
-        schedule = ["adalora.tinit=0", "adalora.tfinal=0"] if name == "adalora" else []
+        # AdaLoRA's schedule (tinit 8, tfinal 8) and ULMFiT's unfreezing (a group every 10 steps) need more than
+        # 3 steps: a 3-step run is refused (checked in their own tests), so no phases here and a group a step
+        schedule = {"adalora": ["adalora.tinit=0", "adalora.tfinal=0"],
+                    "ulmfit": ["ulmfit.unfreeze_every=1"]}.get(name, [])
         cfg = methods_table.method_config(name, ["train.steps=3", "train.warmup_steps=1", *schedule], str(tmp_path))
         assert cfg.train.steps == 3 and cfg.run_dir == str(tmp_path / name)
         method = run.make_method(cfg, model, tokenizer=lambda text: [1, 2, 3])  # every row's method builds
