@@ -55,7 +55,9 @@ def main() -> None:
     print(f"plan_70b_qlora_v5e_8_peak_gib={gib(plans['70b_qlora_v5e_8'])}")
     print(f"plan_8b_full_v5e_8_offload_peak_gib={gib(plans['8b_full_v5e_8_offload'])} "
           f"(without offload: {gib(plans['8b_full_v5e_8'])}, fits: {plans['8b_full_v5e_8'].fits})")
-    print(f"plan_8b_lora_v5e_8_est_mfu={plans['8b_lora_v5e_8'].mfu:.3f}")
+    lora = plans["8b_lora_v5e_8"]
+    note = "" if lora.seconds > 0 else f" (no estimate: XLA's optimal_seconds came out {lora.seconds:.3f})"
+    print(f"plan_8b_lora_v5e_8_est_mfu={lora.mfu:.3f}{note}")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 Adam's two moments are twice the trainable weights in float32: for full fine-tuning of an
 8B model, 64 GB that the step touches once, in the update. With :func:`to_host` the
-optimizer state's shardings name the ``pinned_host`` memory kind; the jitted step brings
-the state to the device (:func:`to_device`), updates it, and its output shardings send it
-back, so device memory holds it only while the update runs, one fusion at a time.
+optimizer state's shardings name the ``pinned_host`` memory kind, and the jitted step runs
+the update where the state is (:func:`update_in_host_memory`, ``compute_on("device_host")``):
+the gradients and weights are copied to host memory, the state never enters device memory,
+and only the new weights come back. Whether that lowers the step's peak device memory is
+the compiler's to say (``python -m train.plan`` shows it): the copies are temporaries too.
 
 Backends with memory kinds (TPU, GPU, and the CPU client of recent jaxlibs) list
 ``pinned_host`` among a device's memories; elsewhere :func:`to_host` raises a
@@ -70,12 +72,6 @@ def to_host(shardings: Any) -> Any:
 def on_host(shardings: Any) -> bool:
     """Whether any of ``shardings`` names host memory."""
     return any(s.memory_kind == HOST for s in _shardings(shardings))
-
-
-def to_device(tree: Any, shardings: Any) -> Any:
-    """Inside a jitted function: ``tree``'s arrays copied from host memory to the device (same layout)."""
-    device = jax.tree.map(lambda s: s.with_memory_kind(DEVICE), shardings, is_leaf=lambda x: isinstance(x, Sharding))
-    return jax.device_put(tree, device)
 
 
 def _with_kind(shardings: Any, kind: str) -> Any:

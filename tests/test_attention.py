@@ -81,6 +81,7 @@ def test_auto_keeps_the_dense_form_on_cpu_for_short_inputs():
                           attention="flash")
 
 
+@pytest.mark.slow  # Pallas's interpreter runs the kernel's grid step by step: about a minute on 2 cores
 def test_splash_kernel_equals_dense_at_real_positions():
     """The TPU kernel, run by Pallas's interpreter on CPU: prefix rows in front (offset), padding, GQA."""
     from jpeft import splash

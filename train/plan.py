@@ -224,7 +224,7 @@ class Plan:
     @property
     def mfu(self) -> float:
         """Compiled FLOPs per chip over (XLA's estimated seconds x the chip's peak FLOP/s): an estimate."""
-        return self.flops / (self.seconds * self.peak_flops) if self.seconds else float("nan")
+        return self.flops / (self.seconds * self.peak_flops) if self.seconds > 0 else float("nan")
 
     def row(self) -> str:
         mesh = "x".join(f"{k}{v}" for k, v in self.mesh.items() if v > 1) or "1"
