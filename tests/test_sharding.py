@@ -325,7 +325,7 @@ def test_bad_rule_tables_and_step_arguments(tmp_path):
         sharding.load_rules({"embed": 3})
     (tmp_path / "bad.yaml").write_text("embed: fsdp\n")
     with pytest.raises(sharding.ShardingError, match=r"no 'rules:' mapping"):
-        placement.load_rules(tmp_path / "bad.yaml")
+        placement.rules_from_setting(tmp_path / "bad.yaml")
     with pytest.raises(sharding.ShardingError, match=r"known tables: \['default', 'fsdp'"):
         sharding.load_rules("nope")
     with pytest.raises(sharding.ShardingError, match=r"no sharding for the step's argument\(s\) \['batch'\]"):

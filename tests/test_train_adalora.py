@@ -42,9 +42,9 @@ def test_total_step_is_context_not_a_setting():
 
 @pytest.fixture(scope="module")
 def loaded(mixing_hf_folder):
-    from train import model
+    from train import loading
 
-    return model.load(config_lib.ModelConfig(hf_folder=str(mixing_hf_folder)))
+    return loading.load(config_lib.ModelConfig(hf_folder=str(mixing_hf_folder)))
 
 
 @pytest.mark.slow  # a trainer run (about a minute on the shared 2-core machine)

@@ -52,9 +52,9 @@ def _config(tmp_path, folder, bbc_dir, method, settings, lr):
     ("lora", {"rank": 4, "targets": ".*/(q|v)_proj/kernel", "init": "pissa"}, "nf4"),  # the residual re-quantized
 ], ids=["dora", "pissa", "pissa_nf4"])
 def test_tiny_run_end_to_end(tmp_path, mixing_hf_folder, bbc_dir, method, settings, quantize):
-    from train import model, run
+    from train import loading, run
 
-    loaded = model.load(config_lib.ModelConfig(hf_folder=str(mixing_hf_folder), quantize=quantize))
+    loaded = loading.load(config_lib.ModelConfig(hf_folder=str(mixing_hf_folder), quantize=quantize))
     cfg = _config(tmp_path, mixing_hf_folder, bbc_dir, method, settings, lr=3e-3)
     cfg = config_lib.from_dict({**config_lib.to_dict(cfg), "model": {"hf_folder": str(mixing_hf_folder),
                                                                       "quantize": quantize}})

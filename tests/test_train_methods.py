@@ -26,9 +26,9 @@ NEW_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning", "ia3", "bottleneck"
 @pytest.fixture(scope="module")
 def loaded_models(mixing_hf_folder):
     """``{quantize: Loaded}``, each loaded once: the float tiny model and its NF4 copy."""
-    from train import model
+    from train import loading
 
-    return {q: model.load(config_lib.ModelConfig(hf_folder=str(mixing_hf_folder), quantize=q)) for q in (None, "nf4")}
+    return {q: loading.load(config_lib.ModelConfig(hf_folder=str(mixing_hf_folder), quantize=q)) for q in (None, "nf4")}
 
 
 SECTIONS = {

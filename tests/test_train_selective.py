@@ -18,9 +18,9 @@ METHODS = ("bitfit", "selective", "ulmfit", "pir")
 
 @pytest.fixture(scope="module")
 def loaded(mixing_hf_folder):
-    from train import model
+    from train import loading
 
-    return model.load(config_lib.ModelConfig(hf_folder=str(mixing_hf_folder)))
+    return loading.load(config_lib.ModelConfig(hf_folder=str(mixing_hf_folder)))
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +28,11 @@ def unsaved(tokenizer):
     """A tiny 2-layer Llama with SmolLM2's tokenizer, never written to files: for checks that stop before training."""
     from jpeft.models import llama
     from reference import numpy_params
-    from train import model
+    from train import loading
 
     tiny = llama.model(llama.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                          num_layers=2, num_heads=4, num_kv_heads=2, tie_word_embeddings=True))
-    return model.Loaded(tiny, numpy_params(tiny), tokenizer)
+    return loading.Loaded(tiny, numpy_params(tiny), tokenizer)
 
 
 SECTIONS = {"selective": {"top_layers": 1}, "ulmfit": {"groups": 2, "unfreeze_every": 4},

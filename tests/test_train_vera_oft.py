@@ -31,9 +31,9 @@ def test_shipped_configs_are_valid_and_in_the_methods_table():
 
 @pytest.fixture(scope="module")
 def loaded(mixing_hf_folder):
-    from train import model
+    from train import loading
 
-    return model.load(config_lib.ModelConfig(hf_folder=str(mixing_hf_folder)))
+    return loading.load(config_lib.ModelConfig(hf_folder=str(mixing_hf_folder)))
 
 
 @pytest.mark.slow  # the trainer path is LoRA's (a weight method through the registry); this checks it end to end

@@ -51,7 +51,7 @@ import numpy as np
 
 from jpeft import ops
 from jpeft.models.names import CheckpointNames, NameRule, NameTable
-from jpeft.models import blocks, hooks, registry, spec, stack
+from jpeft.models import blocks, families, hooks, spec, stack
 from jpeft.models.model import Family, Model
 
 MODEL_TYPES = ("bert",)
@@ -444,7 +444,7 @@ def _unstacked(config: BertConfig) -> BertConfig:
     return dataclasses.replace(config, scan_layers=False)
 
 
-FAMILY = registry.register(Family(
+FAMILY = families.register(Family(
     name="bert", specs=specs, forward=forward, hooks=hook_points,
     names=CheckpointNames(hf=HF_ENCODER_NAMES, hf_model_types=MODEL_TYPES, from_hf_config=BertConfig.from_hf,
                           to_hf_config=BertConfig.to_hf, hf_for_config=hf_names),

@@ -49,7 +49,7 @@ import numpy as np
 
 from jpeft import attention, ops
 from jpeft.models.names import CheckpointNames
-from jpeft.models import blocks, generation, hooks, kv_cache, llama_formats, registry, spec, stack
+from jpeft.models import blocks, families, generation, hooks, kv_cache, llama_formats, spec, stack
 from jpeft.models.model import Family, Model
 
 SUPPORTED_MODEL_TYPES = llama_formats.MODEL_TYPES
@@ -459,7 +459,7 @@ def _tied_tables(config: LlamaConfig) -> dict[str, str]:
     return {"embed_tokens/embedding": "lm_head/kernel"} if config.tie_word_embeddings else {}
 
 
-FAMILY = registry.register(Family(
+FAMILY = families.register(Family(
     name="llama", specs=specs, forward=forward, hooks=hook_points, head=lm_head, init_cache=init_cache,
     keys_values_of_text=keys_values_of_text,
     names=CheckpointNames(hf=llama_formats.HF_NAMES, hf_model_types=SUPPORTED_MODEL_TYPES,
