@@ -25,7 +25,11 @@ Run: ``python benchmarks/qlora_memory.py [--batch 4 --seq 128 --steps 3]``
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's jpeft and train (train is not installed)
 
 import jax
 import jax.numpy as jnp
