@@ -256,7 +256,7 @@ def test_train_step_takes_frozen_params_as_arguments():
 
     c = llama.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                           num_kv_heads=2, tie_word_embeddings=True, scan_layers=True)
-    params = llama.init_params(c, jax.random.key(0))
+    params = llama.model(c).init(jax.random.key(0))
     method = jpeft.lora(rank=2, alpha=4)
     adapter = method.init(jax.random.key(1), params)
     cfg = config_lib.from_dict({}).train

@@ -312,7 +312,7 @@ def forward(params: dict, config: BertConfig, tokens_BxT: jax.Array | None = Non
 
     Example:
         >>> c = BertConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2)
-        >>> p = init_params(c, jax.random.key(0))
+        >>> p = model(c).init(jax.random.key(0))
         >>> forward(p, c, jnp.zeros((2, 3), "int32"), attention_mask_BxT=jnp.array([[1, 1, 0]] * 2))[0].shape
         (2, 3, 8)
     """
@@ -456,8 +456,3 @@ FAMILY = families.register(Family(
 def model(config: BertConfig) -> Model:
     """The :class:`~jpeft.models.model.Model` value of this config."""
     return Model(FAMILY, config)
-
-
-def init_params(config: BertConfig, key: jax.Array, *, stddev: float = 0.02) -> dict:
-    """Random parameters (normal(0, stddev) matrices and tables, unit LayerNorm scales, zero biases)."""
-    return model(config).init(key, stddev=stddev)
