@@ -31,6 +31,9 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's jpeft and train (train is not installed)
 
 from train.records import write_record
 

@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from train import model, run, tasks  # noqa: E402
+from train import loading, run, tasks  # noqa: E402
 from train.config import apply_overrides, load_config  # noqa: E402
 from train.records import write_record  # noqa: E402
 
@@ -119,10 +119,10 @@ def main(argv=None) -> None:
 
     float_cfg = next((c for n, c in configs.items() if c.model.quantize is None), None)
     float_cfg = float_cfg or apply_overrides(configs[names[0]], ["model.quantize=null"])
-    loaded = {None: model.load(float_cfg.model)}
+    loaded = {None: loading.load(float_cfg.model)}
     for cfg in configs.values():
         if cfg.model.quantize not in loaded:
-            loaded[cfg.model.quantize] = model.load(cfg.model)
+            loaded[cfg.model.quantize] = loading.load(cfg.model)
 
     base_cfg = apply_overrides(float_cfg, [f"run_dir={os.path.join(out_dir, 'base')}"])
     os.makedirs(base_cfg.run_dir, exist_ok=True)

@@ -31,7 +31,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's jpeft and train (train is not installed)
 
 import jax
 import jax.numpy as jnp

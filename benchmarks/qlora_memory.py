@@ -25,7 +25,11 @@ Run: ``python benchmarks/qlora_memory.py [--batch 4 --seq 128 --steps 3]``
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's jpeft and train (train is not installed)
 
 import jax
 import jax.numpy as jnp
@@ -146,7 +150,7 @@ def peak_at_1b(batch: int, seq: int) -> float:
     method = jpeft.lora(rank=8, alpha=16, targets=LORA_TARGETS)
     optimizer = optax.adam(1e-4)
     step = make_step(config, method, optimizer)
-    float_params = jax.eval_shape(lambda k: llama.init_params(config, k), jax.random.key(0))
+    float_params = jax.eval_shape(lambda k: llama.model(config).init(k), jax.random.key(0))
     bases = {"LoRA, bf16 base": jax.eval_shape(lambda p: jax.tree.map(lambda x: x.astype(jnp.bfloat16), p),
                                                float_params),
              "QLoRA, nf4+dq base": jax.eval_shape(lambda p: quant.quantize(p, MATRICES, format="nf4",
@@ -177,7 +181,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     config = smollm2_135m(dtype="bfloat16", scan_layers=True)
-    params = llama.init_params(config, jax.random.key(0))
+    params = llama.model(config).init(jax.random.key(0))
     nf4_bits = weight_table(params)
     step_table(params, config, args.batch, args.seq, args.steps)
     ratio = peak_at_1b(batch=1, seq=128)

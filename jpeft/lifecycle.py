@@ -237,7 +237,7 @@ def load_adapter(folder: str | Path, model: Any, params: Any, *, tokenizer: Any 
     try:
         method = registry.build(name, settings, model=model, tokenizer=tokenizer, total_step=steps)
         like = saved_like(method, params, steps)
-    except (registry.SettingsError, ValueError) as err:
+    except (registry.SettingsMappingError, ValueError) as err:
         raise CheckpointError(f"its {name} settings {settings} do not fit this base model: {err}") from None
     rebase = method.training.rebase
     if rebase is not None:

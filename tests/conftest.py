@@ -53,7 +53,7 @@ def _tiny_folder(folder, tokenizer, scale: float = 1.0):
 
     c = llama.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_layers=2,
                           num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
-    params = llama.init_params(c, jax.random.key(0))
+    params = llama.model(c).init(jax.random.key(0))
     if scale != 1.0:
         params = jax.tree.map(lambda x: x * scale if x.ndim >= 2 else x, params)
     save_hf(folder, llama.model(c), params)

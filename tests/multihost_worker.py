@@ -51,9 +51,9 @@ def train(mesh_shape: dict, checkpoint_dir: pathlib.Path, devices=None) -> list[
     keeps this test clear of slow CPU compiles of random initializers.
     """
     mesh, rules = sharding.make_mesh(mesh_shape, devices=devices), sharding.load_rules("default")
-    axes, key, optimizer = llama.param_axes(CONFIG), jax.random.key(0), optax.adam(1e-2)
+    axes, key, optimizer = llama.model(CONFIG).param_axes(), jax.random.key(0), optax.adam(1e-2)
 
-    abstract_params = jax.eval_shape(llama.init_params, CONFIG, key)
+    abstract_params = jax.eval_shape(llama.model(CONFIG).init, key)
     params_sh = sharding.shardings_for(abstract_params, axes, mesh, rules)
     params = placement.from_host(host_values(abstract_params, seed=0), params_sh)
     abstract_adapter = jax.eval_shape(METHOD.init, key, abstract_params)

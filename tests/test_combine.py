@@ -148,13 +148,13 @@ def test_stacked_layers_combine_layer_by_layer(setup):
     """Pruning counts one layer's tensor at a time, as PEFT's per-module view does."""
     model, params, adapters, _ = setup
     stacked_model = model.replace(scan_layers=True)
-    stacked = jpeft.models.llama.stack_layers(params, 2)
-    pairs = [(jpeft.lora(**SETTINGS[n], model=stacked_model), jpeft.models.llama.stack_layers(adapters[n][1], 2))
+    stacked = jpeft.models.stack.stack_layers(params, 2)
+    pairs = [(jpeft.lora(**SETTINGS[n], model=stacked_model), jpeft.models.stack.stack_layers(adapters[n][1], 2))
              for n in "ab"]
     options = dict(density=0.5, majority_sign_method="frequency", model=None)  # as a case above: compiled once
     method, adapter = combine_adapters(stacked, pairs, [1.0, 0.6], "ties", **options)
     want_method, want_adapter = combine_adapters(params, [adapters["a"], adapters["b"]], [1.0, 0.6], "ties", **options)
-    got = jpeft.models.llama.unstack_layers(adapter, 2)
+    got = jpeft.models.stack.unstack_layers(adapter, 2)
     for path, leaf in jpeft.tree.flatten(want_adapter).items():
         np.testing.assert_allclose(jpeft.tree.flatten(got)[path], leaf, rtol=1e-6, atol=1e-7, err_msg=path)
 
@@ -214,8 +214,8 @@ def test_bad_input_is_one_clear_error(setup):
     ia3 = jpeft.ia3()
     with pytest.raises(ValueError, match="adapter 1 \\(ia3\\) is not a LoRA adapter"):
         combine_adapters(params, [adapters["a"], (ia3, ia3.init(None, params))], [1.0, 1.0], "cat")
-    small = jax.eval_shape(lambda: jpeft.models.llama.init_params(jpeft.models.llama.LlamaConfig(
-        vocab_size=40, hidden_size=16, intermediate_size=48, num_layers=2, num_heads=4), jax.random.key(0)))
+    small = jax.eval_shape(jpeft.models.llama.model(jpeft.models.llama.LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=48, num_layers=2, num_heads=4)).init, jax.random.key(0))
     with pytest.raises(ValueError, match="adapter 0 \\(lora\\) does not fit these parameters"):
         combine_adapters(small, ab, [1.0, 1.0], "cat")
 

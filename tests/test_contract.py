@@ -55,7 +55,7 @@ def _tokenizer(text: str, add_special_tokens: bool = False) -> dict:
 def tiny():
     """``(model, params, base logits)``: weights of std 0.2, so that every adapted weight shows in the logits."""
     model = llama.model(CONFIG)
-    params = jax.tree.map(lambda x: x * 10.0 if x.ndim >= 2 else x, llama.init_params(CONFIG, jax.random.key(0)))
+    params = jax.tree.map(lambda x: x * 10.0 if x.ndim >= 2 else x, llama.model(CONFIG).init(jax.random.key(0)))
     return model, params, _logits(model, params)
 
 

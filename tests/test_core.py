@@ -147,7 +147,7 @@ def _imports(path: pathlib.Path) -> set[str]:
 
 
 def test_methods_and_loaders_import_no_model_family_and_the_library_no_program():
-    families = {f"jpeft.models.{name}" for name in jpeft.models.registry.names()}
+    families = {f"jpeft.models.{name}" for name in jpeft.models.families.names()}
     for path in sorted((REPO / "jpeft").rglob("*.py")):
         imported = _imports(path)
         assert not any(i == "train" or i.startswith("train.") for i in imported), path
@@ -170,17 +170,17 @@ def test_registry_settings_come_from_the_builder_signature():
     assert {"lora", "full", "prompt_tuning", "prefix_tuning", "p_tuning", "ia3", "bottleneck"} <= set(
         registry.names())
     assert registry.defaults("lora")["rank"] == 8 and "model" not in registry.settings("lora")
-    with pytest.raises(registry.SettingsError, match=r"unknown setting 'rnak'; did you mean 'rank'"):
+    with pytest.raises(registry.SettingsMappingError, match=r"unknown setting 'rnak'; did you mean 'rank'"):
         registry.check_settings("lora", {"rnak": 2})
-    with pytest.raises(registry.SettingsError, match=r"2.5 is a float, it needs a int") as info:
+    with pytest.raises(registry.SettingsMappingError, match=r"2.5 is a float, it needs a int") as info:
         registry.check_settings("lora", {"rank": 2.5})
     assert info.value.setting == "rank"
-    with pytest.raises(registry.SettingsError, match=r"'svd' must be one of 'kaiming', 'gaussian', 'pissa'"):
+    with pytest.raises(registry.SettingsMappingError, match=r"'svd' must be one of 'kaiming', 'gaussian', 'pissa'"):
         registry.validate("lora", {"init": "svd"})  # a str (pissa_niter_<K> is a pattern): the builder checks it
-    with pytest.raises(registry.SettingsError, match=r"0 must be a positive integer") as info:
+    with pytest.raises(registry.SettingsMappingError, match=r"0 must be a positive integer") as info:
         registry.validate("lora", {"rank": 0})  # the builder's own check, before any model is loaded
     assert info.value.setting == "rank"
-    with pytest.raises(registry.SettingsError, match=r"unknown method 'lorra'; did you mean 'lora'"):
+    with pytest.raises(registry.SettingsMappingError, match=r"unknown method 'lorra'; did you mean 'lora'"):
         registry.get("lorra")
     assert registry.check_settings("lora", {"alpha": 16, "dropout": "1e-1"}) == {"alpha": 16.0, "dropout": 0.1}
 

@@ -24,7 +24,7 @@ def xent_loss(method):
 
 
 def test_lora_step_costs_at_most_072_of_full_finetuning():
-    params = jax.eval_shape(llama.init_params, CONFIG, KEY)
+    params = jax.eval_shape(llama.model(CONFIG).init, KEY)
     tokens = jax.ShapeDtypeStruct((4, 32), jnp.int32)
     lora, full = jpeft.lora(rank=8, targets=ALL_LINEAR), jpeft.full()
     lora_cost = grad_step_cost(xent_loss(lora), jax.eval_shape(lora.init, KEY, params), params, tokens)
@@ -38,7 +38,7 @@ def test_lora_step_costs_at_most_072_of_full_finetuning():
 
 def test_the_measurement_sees_a_merged_weight():
     """Forming W + s*A@B inside the step (what merge does) must cost more than LoRA's path."""
-    params = jax.eval_shape(llama.init_params, CONFIG, KEY)
+    params = jax.eval_shape(llama.model(CONFIG).init, KEY)
     tokens = jax.ShapeDtypeStruct((4, 32), jnp.int32)
     lora = jpeft.lora(rank=8, targets=ALL_LINEAR)
     adapter = jax.eval_shape(lora.init, KEY, params)

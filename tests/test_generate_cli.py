@@ -14,7 +14,7 @@ from jpeft.io.peft import save_peft
 from jpeft.models import generation, llama
 from train import data
 from train import generate as cli
-from train import model as train_model
+from train import loading
 from train.config import ModelConfig
 
 MAX_NEW = 6
@@ -31,7 +31,7 @@ def random_adapter(method, params, seed, std):
 def saved(mixing_hf_folder, tmp_path_factory):
     """The tiny model as the program loads it, a prompt-tuning adapter saved as ``python -m train`` saves one,
     and a LoRA adapter saved as a PEFT folder."""
-    loaded = train_model.load(ModelConfig(hf_folder=str(mixing_hf_folder)))
+    loaded = loading.load(ModelConfig(hf_folder=str(mixing_hf_folder)))
     model, params = loaded.model, loaded.params
     settings = {"num_virtual_tokens": 4, "init": "normal", "init_std": 0.5}
     prompt = jpeft.prompt_tuning(**settings, model=model)
@@ -50,7 +50,7 @@ def saved(mixing_hf_folder, tmp_path_factory):
 @pytest.fixture
 def loaded_once(saved, monkeypatch):
     """The program's model load answered with the fixture's model (the first test loads it for real)."""
-    monkeypatch.setattr(train_model, "load", lambda cfg: saved["loaded"])
+    monkeypatch.setattr(loading, "load", lambda cfg: saved["loaded"])
 
 
 def run(argv):
@@ -233,7 +233,7 @@ def test_an_encoder_only_model_is_refused(saved, monkeypatch, capsys):
 
     encoder = bert.model(bert.BertConfig(vocab_size=saved["loaded"].model.config.vocab_size, hidden_size=8,
                                          intermediate_size=8, num_layers=1, num_heads=2))
-    monkeypatch.setattr(train_model, "load", lambda cfg: saved["loaded"]._replace(
+    monkeypatch.setattr(loading, "load", lambda cfg: saved["loaded"]._replace(
         model=encoder, params=jax.eval_shape(encoder.init, jax.random.key(0))))
     code, out = run([f"model.hf_folder={saved['folder']}", "--prompt", "Hi"])
     err = capsys.readouterr().err
@@ -248,7 +248,7 @@ def test_prompt_tuning_rows_are_counted_at_their_real_length(saved, monkeypatch,
 
     loaded = saved["loaded"]
     short = llama.model(dataclasses.replace(loaded.model.config, max_position_embeddings=64))
-    monkeypatch.setattr(train_model, "load", lambda cfg: loaded._replace(model=short))
+    monkeypatch.setattr(loading, "load", lambda cfg: loaded._replace(model=short))
     text = "Write a headline for this article: markets rally as rail strike ends"
     ids = cli.encode(loaded.tokenizer, text, raw=True)
     virtual = loaded.model.virtual_tokens(saved["adapters"]["tone"][0].apply(loaded.params, saved["adapters"]["tone"][1]))

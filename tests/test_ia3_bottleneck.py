@@ -9,7 +9,7 @@ import pytest
 
 import jpeft
 from jpeft import ops
-from jpeft.models import llama
+from jpeft.models import llama, stack
 from reference import adam_steps, target_xent
 
 # attention_bias: k/v biases must be scaled by IA3 too.
@@ -17,7 +17,7 @@ CONFIG = llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, 
                            num_kv_heads=2, attention_bias=True)
 SCAN_CONFIG = dataclasses.replace(CONFIG, scan_layers=True)
 MODEL = llama.model(CONFIG)
-PARAMS = llama.init_params(CONFIG, jax.random.key(0), stddev=0.3)
+PARAMS = llama.model(CONFIG).init(jax.random.key(0), stddev=0.3)
 TOKENS = jnp.array([[5, 9, 2, 7, 1, 3], [0, 0, 4, 6, 11, 2]], jnp.int32)
 MASK = jnp.array([[1] * 6, [0, 0, 1, 1, 1, 1]], jnp.int32)
 forward = jax.jit(llama.forward)
@@ -61,8 +61,8 @@ def test_ia3_targets_keys_values_and_ffn_and_merge_matches():
     np.testing.assert_allclose(logits(merged), unmerged, atol=1e-5)
     assert np.abs(unmerged - logits(PARAMS)).max() > 1e-2
     # The same vectors stacked for scan_layers give the same model.
-    stacked = llama.stack_layers(adapter, CONFIG.num_layers)
-    scan_params = llama.stack_layers(PARAMS, CONFIG.num_layers)
+    stacked = stack.stack_layers(adapter, CONFIG.num_layers)
+    scan_params = stack.stack_layers(PARAMS, CONFIG.num_layers)
     assert method.init(jax.random.key(0), scan_params)["layers"]["mlp"]["down_proj"]["kernel"]["ia3_l"].shape == (2, 32)
     np.testing.assert_allclose(logits(method.apply(scan_params, stacked), SCAN_CONFIG), unmerged, atol=1e-5)
     np.testing.assert_allclose(logits(method.merge(scan_params, stacked), SCAN_CONFIG), unmerged, atol=1e-5)
@@ -124,7 +124,7 @@ def test_bottleneck_placements_and_stacked_layers():
     unrolled = logits(method.apply(PARAMS, adapter))
     assert np.abs(unrolled - logits(PARAMS)).max() > 1e-2
     # The same adapter on the same weights stacked for scan_layers gives the same model.
-    scan_params = llama.stack_layers(PARAMS, CONFIG.num_layers)
+    scan_params = stack.stack_layers(PARAMS, CONFIG.num_layers)
     stacked = method.apply(scan_params, adapter)
     np.testing.assert_allclose(logits(stacked, SCAN_CONFIG), unrolled, atol=1e-5)
     with pytest.raises(ValueError, match="cannot be merged"):
@@ -148,7 +148,7 @@ def test_errors_are_clear():
     ia3_adapter = ia3.init(jax.random.key(0), PARAMS)
     houlsby_adapter = houlsby.init(jax.random.key(0), PARAMS)
     small = llama.LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2)
-    small_params = llama.init_params(small, jax.random.key(0))
+    small_params = llama.model(small).init(jax.random.key(0))
     with pytest.raises(ValueError, match="another model"):
         ia3.apply(small_params, ia3_adapter)
     with pytest.raises(ValueError, match="another model"):

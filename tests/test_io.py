@@ -15,14 +15,14 @@ from safetensors.numpy import load_file, save_file
 from jpeft import assets
 from jpeft.io import CheckpointError, load_gguf, load_hf, save_hf
 from jpeft.models.llama_formats import unpermute_rope_rows
-from jpeft.models import llama
+from jpeft.models import generate, llama, stack
 
 TINY = llama.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4,
                          num_kv_heads=2)
 
 
 def _saved_tiny(folder, config=TINY, seed=0):
-    params = llama.init_params(config, jax.random.key(seed), stddev=0.3)
+    params = llama.model(config).init(jax.random.key(seed), stddev=0.3)
     save_hf(folder, llama.model(config), params)
     return params
 
@@ -85,7 +85,7 @@ def test_save_then_load_round_trips_including_scan_and_bfloat16(tmp_path):
     _, loaded = load_hf(tmp_path)
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
     model, stacked = load_hf(tmp_path, scan_layers=True)
-    jax.tree.map(np.testing.assert_array_equal, stacked, llama.stack_layers(params, 2))
+    jax.tree.map(np.testing.assert_array_equal, stacked, stack.stack_layers(params, 2))
     model16, half = load_hf(tmp_path, dtype=jnp.bfloat16)
     assert model16.config.param_dtype == "bfloat16"
     assert {x.dtype for x in jax.tree.leaves(half)} == {jnp.dtype(jnp.bfloat16)}
@@ -174,7 +174,7 @@ def test_unpermute_inverts_llama_cpp_permute():
 
 def test_gguf_round_trip_and_errors(tmp_path):
     config = dataclasses.replace(TINY, rope_theta=5000.0, rms_norm_eps=1e-5, max_position_embeddings=64)
-    params = llama.init_params(config, jax.random.key(0), stddev=0.3)
+    params = llama.model(config).init(jax.random.key(0), stddev=0.3)
     _write_gguf(tmp_path / "ok.gguf", config, params)
     loaded_model, loaded = load_gguf(tmp_path / "ok.gguf")
     assert loaded_model.config == config
@@ -219,7 +219,7 @@ def test_smollm2_weights_equal_transformers_dequantization(smollm2, smollm2_torc
     """Every tensor (q/k un-permuted, kernels transposed) equals transformers' own GGUF conversion."""
     config, params, _ = smollm2
     state = smollm2_torch.state_dict()
-    flat = llama.unstack_layers(params, config.num_layers)
+    flat = stack.unstack_layers(params, config.num_layers)
     for i in (0, config.num_layers - 1):
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             np.testing.assert_array_equal(flat[f"layers_{i}"]["self_attn"][proj]["kernel"],
@@ -249,7 +249,7 @@ def test_smollm2_answers_factual_questions_in_a_padded_batch(smollm2):
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="np", padding=True)
     assert batch["attention_mask"].min() == 0  # the batch really is left-padded
-    out = llama.generate(params, config, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
+    out = generate(llama.model(config), params, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention_mask"]),
                          max_new_tokens=20, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
     answers = tokenizer.batch_decode(np.asarray(out), skip_special_tokens=True)
     print(answers)

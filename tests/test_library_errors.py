@@ -69,7 +69,7 @@ def test_a_dtype_setting_must_name_a_float_dtype():
     for name in with_dtype:
         assert registry.check_settings(name, {"dtype": "bfloat16"}) == {"dtype": "bfloat16"}
         for bad in ("floatx", "int8", 3):
-            with pytest.raises(registry.SettingsError, match="is not a floating-point dtype") as info:
+            with pytest.raises(registry.SettingsMappingError, match="is not a floating-point dtype") as info:
                 registry.validate(name, {"dtype": bad})
             assert info.value.setting == "dtype"
 
@@ -78,6 +78,6 @@ def test_prompt_tuning_refuses_a_non_positive_init_std():
     from jpeft.methods import registry
 
     for bad in (0.0, -1.0):
-        with pytest.raises(registry.SettingsError, match="must be > 0") as info:
+        with pytest.raises(registry.SettingsMappingError, match="must be > 0") as info:
             registry.validate("prompt_tuning", {"init_std": bad})
         assert info.value.setting == "init_std"

@@ -11,7 +11,7 @@ import transformers
 
 import jpeft
 from jpeft.io import load_hf
-from jpeft.models import llama
+from jpeft.models import generate, llama, stack
 from reference import greedy_without_cache
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -111,7 +111,7 @@ def test_logits_match_transformers_with_left_padding(variant):
 
 def test_scan_layers_matches_unrolled(variant):
     config = dataclasses.replace(variant.config, scan_layers=True)
-    params = llama.stack_layers(variant.params, config.num_layers)
+    params = stack.stack_layers(variant.params, config.num_layers)
     out, _ = jax.jit(llama.forward)(params, config, variant.tokens, attention_mask_BxT=variant.mask)
     np.testing.assert_allclose(out, variant.logits, atol=1e-5, rtol=1e-5)
 
@@ -131,20 +131,20 @@ def test_bfloat16_compute_is_close_to_float32(variant):
 def test_cached_greedy_generation_equals_full_forward_argmax(scan_layers):
     config = llama.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2,
                                num_heads=4, num_kv_heads=2, sliding_window=6, scan_layers=scan_layers)
-    params = llama.init_params(config, jax.random.key(1), stddev=0.3)
+    params = llama.model(config).init(jax.random.key(1), stddev=0.3)
     tokens, mask = _left_pad(_sequences(config.vocab_size))
-    got = llama.generate(params, config, tokens, mask, max_new_tokens=8)
+    got = generate(llama.model(config), params, tokens, mask, max_new_tokens=8)
     want = greedy_without_cache(params, config, tokens, mask, steps=8)
     np.testing.assert_array_equal(got, want)
 
 
 def test_generation_stops_at_eos_and_pads():
     config = llama.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4)
-    params = llama.init_params(config, jax.random.key(2), stddev=0.3)
+    params = llama.model(config).init(jax.random.key(2), stddev=0.3)
     tokens, mask = _left_pad(_sequences(config.vocab_size))
-    greedy = np.asarray(llama.generate(params, config, tokens, mask, max_new_tokens=6))
+    greedy = np.asarray(generate(llama.model(config), params, tokens, mask, max_new_tokens=6))
     eos = int(greedy[0, 1])
-    stopped = np.asarray(llama.generate(params, config, tokens, mask, max_new_tokens=6, eos_id=eos, pad_id=-1))
+    stopped = np.asarray(generate(llama.model(config), params, tokens, mask, max_new_tokens=6, eos_id=eos, pad_id=-1))
     for row in range(2):
         hits = np.flatnonzero(greedy[row] == eos)
         end = hits[0] + 1 if hits.size else 6
@@ -154,21 +154,21 @@ def test_generation_stops_at_eos_and_pads():
 
 def test_sampling_respects_top_k_and_key():
     config = llama.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2)
-    params = llama.init_params(config, jax.random.key(0), stddev=0.5)
+    params = llama.model(config).init(jax.random.key(0), stddev=0.5)
     prompt = jnp.ones((4, 3), jnp.int32)
-    sample = lambda seed, **kw: llama.generate(params, config, prompt, max_new_tokens=5, temperature=1.0,
+    sample = lambda seed, **kw: generate(llama.model(config), params, prompt, max_new_tokens=5, temperature=1.0,
                                                key=jax.random.key(seed), **kw)
     np.testing.assert_array_equal(sample(0), sample(0))
     assert not np.array_equal(sample(0), sample(1))
     top1 = sample(2, top_k=1)
-    np.testing.assert_array_equal(top1, llama.generate(params, config, prompt, max_new_tokens=5))
+    np.testing.assert_array_equal(top1, generate(llama.model(config), params, prompt, max_new_tokens=5))
     with pytest.raises(ValueError, match="PRNG key"):
-        llama.generate(params, config, prompt, max_new_tokens=2, temperature=1.0)
+        generate(llama.model(config), params, prompt, max_new_tokens=2, temperature=1.0)
 
 
 def test_input_embeds_equal_token_ids():
     config = llama.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2)
-    params = llama.init_params(config, jax.random.key(0))
+    params = llama.model(config).init(jax.random.key(0))
     tokens = jnp.arange(10, dtype=jnp.int32).reshape(2, 5)
     embeds = llama.embed_tokens(params, config, tokens)
     forward = jax.jit(llama.forward, static_argnames="return_hidden")
@@ -184,8 +184,8 @@ def test_input_embeds_equal_token_ids():
 def test_param_axes_match_params_and_eval_shape(scan_layers):
     config = llama.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=3, num_heads=4,
                                num_kv_heads=2, attention_bias=True, scan_layers=scan_layers)
-    shapes = jax.eval_shape(llama.init_params, config, jax.random.key(0))
-    axes = llama.param_axes(config)
+    shapes = jax.eval_shape(llama.model(config).init, jax.random.key(0))
+    axes = llama.model(config).param_axes()
     is_axes = lambda x: isinstance(x, tuple)
     assert jax.tree.structure(shapes) == jax.tree.structure(axes, is_leaf=is_axes)
     flat_axes = dict(jax.tree_util.tree_flatten_with_path(axes, is_leaf=is_axes)[0])
@@ -202,7 +202,7 @@ def test_param_axes_match_params_and_eval_shape(scan_layers):
 def test_lora_wrapped_params_run_through_the_model(scan_layers):
     config = llama.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
                                num_kv_heads=2, scan_layers=scan_layers)
-    params = llama.init_params(config, jax.random.key(0))
+    params = llama.model(config).init(jax.random.key(0))
     method = jpeft.lora(rank=2, alpha=4, targets=r".*/(q|v)_proj/kernel")
     adapter = method.init(jax.random.key(1), params)
     adapter = jax.tree.map(lambda x: x + 0.1, adapter)  # make B non-zero

@@ -278,7 +278,7 @@ def test_bad_settings_are_clear_errors(kind, kwargs, message):
 def test_settings_errors_name_the_setting_through_the_registry():
     from jpeft.methods import registry
 
-    with pytest.raises(registry.SettingsError, match="must be -1") as info:
+    with pytest.raises(registry.SettingsMappingError, match="must be -1") as info:
         registry.validate("lokr", {"decompose_factor": -3})
     assert info.value.setting == "decompose_factor"
     assert registry.check_settings("loha", {"rank": 4, "alpha": 8}) == {"rank": 4, "alpha": 8.0}

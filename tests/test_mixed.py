@@ -16,7 +16,7 @@ from jpeft import quant
 from jpeft.errors import SettingError
 from jpeft.methods.ia3 import Ia3Rows
 from jpeft.methods.lora import LoraRows
-from jpeft.models import generation, llama
+from jpeft.models import generation, llama, stack
 
 CONFIG = llama.LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                            num_kv_heads=2, max_position_embeddings=64, tie_word_embeddings=True, scan_layers=True)
@@ -39,7 +39,7 @@ PARAMS = jax.tree.map(lambda x: x if x.ndim > 1 else jnp.ones_like(x),
                       random_like(jax.eval_shape(MODEL.init, jax.random.key(0)), 0))
 FLAT_CONFIG = dataclasses.replace(CONFIG, scan_layers=False)  # one layer per parameter subtree
 FLAT_MODEL = llama.model(FLAT_CONFIG)
-FLAT_PARAMS = llama.unstack_layers(PARAMS, CONFIG.num_layers)
+FLAT_PARAMS = stack.unstack_layers(PARAMS, CONFIG.num_layers)
 # Six left-padded rows.
 TOKENS = jnp.asarray(np.random.default_rng(5).integers(1, CONFIG.vocab_size, (6, 7)), jnp.int32)
 MASK = jnp.ones((6, 7), jnp.int32).at[1, :3].set(0).at[4, :1].set(0)
@@ -241,7 +241,7 @@ def test_bad_input_is_one_clear_error():
         llama.forward(mix.apply(PARAMS, ["r2", "r4"]), CONFIG, TOKENS)
     other = llama.LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=64, num_layers=2, num_heads=4,
                               num_kv_heads=2, tie_word_embeddings=True, scan_layers=True)
-    other_params = jax.eval_shape(lambda: llama.init_params(other, jax.random.key(0)))
+    other_params = jax.eval_shape(lambda: llama.model(other).init(jax.random.key(0)))
     with pytest.raises(ValueError, match="adapter 'r2' .* does not fit these parameters"):
         jpeft.MixedAdapters(other_params, {"r2": adapters["r2"]}, model=llama.model(other))
     prefix = jpeft.prefix_tuning(2, model=MODEL)

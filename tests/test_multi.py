@@ -13,7 +13,7 @@ from jpeft.models import llama
 
 CONFIG = llama.LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                            num_kv_heads=2)
-PARAMS = llama.init_params(CONFIG, jax.random.key(0), stddev=0.1)
+PARAMS = llama.model(CONFIG).init(jax.random.key(0), stddev=0.1)
 MODEL = llama.model(CONFIG)
 
 
@@ -107,7 +107,7 @@ def test_bank_bookkeeping_and_errors(bank):
         jpeft.AdapterBank({"x": bank["copy"][1]})
     other = llama.LlamaConfig(vocab_size=16, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4)
     with pytest.raises(ValueError, match="adapter 'const'"):
-        bank.check(llama.init_params(other, jax.random.key(0)))
+        bank.check(llama.model(other).init(jax.random.key(0)))
 
 
 def test_adapters_of_every_kind_live_in_one_bank():

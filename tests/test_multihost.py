@@ -36,7 +36,10 @@ def load_worker():
 
 def run_workers(workdir: pathlib.Path) -> list[list[float]]:
     """Starts the processes, waits at most TIMEOUT_S, and kills every one left on any failure."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    # The worker imports the training program, which is not installed: it runs from the repository root.
+    root = str(WORKER.parent.parent)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     port = free_loopback_port()
     logs = [open(workdir / f"worker_{i}.log", "w+") for i in range(NUM_PROCESSES)]
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(i), str(NUM_PROCESSES), str(port), str(workdir)],

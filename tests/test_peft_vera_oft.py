@@ -169,7 +169,7 @@ def test_options_jpeft_does_not_have_are_refused(base_folder, loaded, tmp_path):
             (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
             with pytest.raises(CheckpointError, match=message):
                 load_peft(folder, jmodel, params)
-    with pytest.raises(jpeft.registry.SettingsError, match="coft"):
+    with pytest.raises(jpeft.registry.SettingsMappingError, match="coft"):
         jpeft.registry.build("oft", {"coft": True})
 
 

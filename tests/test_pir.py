@@ -173,12 +173,12 @@ def test_saved_bytes_grow_with_the_budget(hf_pair, tmp_path):
 
 def test_pir_settings_are_checked(hf_pair):
     _, model, params = hf_pair
-    with pytest.raises(registry.SettingsError, match="must be a positive integer") as info:
+    with pytest.raises(registry.SettingsMappingError, match="must be a positive integer") as info:
         registry.validate("pir", {"budget": 0})
     assert info.value.setting == "budget"
-    with pytest.raises(registry.SettingsError, match="'taylor' must be one of 'weight_gradient', 'fisher'"):
+    with pytest.raises(registry.SettingsMappingError, match="'taylor' must be one of 'weight_gradient', 'fisher'"):
         registry.check_settings("pir", {"score": "taylor"})
-    with pytest.raises(registry.SettingsError, match="must be one of 'global', 'per_tensor'"):
+    with pytest.raises(registry.SettingsMappingError, match="must be one of 'global', 'per_tensor'"):
         registry.check_settings("pir", {"allocation": "layer"})
     with pytest.raises(jpeft.errors.SettingError, match=r"budget is more than the [\d,]+ entries the targets select"):
         jpeft.pir(budget=10**7, model=model).training.prepare(params, _xent(model), iter(BATCHES))

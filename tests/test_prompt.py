@@ -10,12 +10,12 @@ import pytest
 import jpeft
 from jpeft.methods import prefix as prefix_lib
 from jpeft.methods import prompt as prompt_lib
-from jpeft.models import llama
+from jpeft.models import generate, llama, stack
 from reference import adam_steps, greedy_without_cache, target_xent
 
 CONFIG = llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,
                            num_kv_heads=2, max_position_embeddings=64)
-PARAMS = llama.init_params(CONFIG, jax.random.key(0), stddev=0.3)
+PARAMS = llama.model(CONFIG).init(jax.random.key(0), stddev=0.3)
 MODEL = llama.model(CONFIG)
 N = 3  # virtual tokens
 # A left-padded batch: row 1 has 3 pads.
@@ -34,7 +34,7 @@ METHODS = {
 
 
 def scanned(params):
-    return llama.stack_layers(params, CONFIG.num_layers)
+    return stack.stack_layers(params, CONFIG.num_layers)
 
 
 SCAN_CONFIG = dataclasses.replace(CONFIG, scan_layers=True)
@@ -122,9 +122,9 @@ def test_cached_generation_equals_generation_without_cache(name, scan):
     adapter = method.init(jax.random.key(2), PARAMS)
     params, config = (scanned(PARAMS), SCAN_CONFIG) if scan else (PARAMS, CONFIG)
     applied = method.apply(params, adapter)
-    got = llama.generate(applied, config, TOKENS, MASK, max_new_tokens=6)
+    got = generate(llama.model(config), applied, TOKENS, MASK, max_new_tokens=6)
     np.testing.assert_array_equal(got, greedy_without_cache(applied, config, TOKENS, MASK, steps=6))
-    assert not np.array_equal(got, llama.generate(params, config, TOKENS, MASK, max_new_tokens=6))
+    assert not np.array_equal(got, generate(llama.model(config), params, TOKENS, MASK, max_new_tokens=6))
 
 
 @pytest.mark.parametrize("name", ["prompt", "p_tuning_mlp", "p_tuning_residual", "prefix", "prefix_projection"])
@@ -245,7 +245,7 @@ def test_parameter_counts_match_peft():
     hf_config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=4)
     config = llama.LlamaConfig.from_hf(hf_config.to_dict())
-    params = jax.eval_shape(llama.init_params, config, jax.random.key(0))
+    params = jax.eval_shape(llama.model(config).init, jax.random.key(0))
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
     MODEL = llama.model(config)  # noqa: N806 (the builders below read it)
     cases = [
@@ -274,14 +274,14 @@ def test_errors_are_clear():
         llama.forward(applied, CONFIG, long_tokens)
     jax.eval_shape(lambda p: llama.forward(p, CONFIG, long_tokens), PARAMS)  # without the prompt it fits
     with pytest.raises(ValueError, match="exceed the model's context"):
-        llama.generate(applied, CONFIG, jnp.ones((1, 50), jnp.int32), max_new_tokens=12)
+        generate(llama.model(CONFIG), applied, jnp.ones((1, 50), jnp.int32), max_new_tokens=12)
     with pytest.raises(ValueError, match="prepend_virtual"):
         llama.forward(applied, CONFIG, TOKENS, cache=llama.init_cache(CONFIG, 2, 20))
     with pytest.raises(ValueError, match="larger cache"):
         llama.forward(applied, CONFIG, TOKENS, cache=llama.init_cache(CONFIG, 2, 8), prepend_virtual=True)
     # Adapters for a model of another shape.
     small = llama.LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=3, num_heads=2)
-    small_params = llama.init_params(small, jax.random.key(0))
+    small_params = llama.model(small).init(jax.random.key(0))
     with pytest.raises(ValueError, match="another model"):
         prompt.apply(small_params, adapter)
     prefix = METHODS["prefix"]()

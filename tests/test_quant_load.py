@@ -8,7 +8,7 @@ import pytest
 import jpeft
 from jpeft import assets, quant, tree
 from jpeft.io import load_gguf, load_gguf_tokenizer, load_hf, save_hf
-from jpeft.models import llama
+from jpeft.models import generate, llama
 
 # Every matrix's input dim (64, 128) is a multiple of the block size 64.
 SMALL = llama.LlamaConfig(vocab_size=48, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -33,7 +33,7 @@ def _has_smollm2() -> bool:
 @pytest.fixture(scope="module")
 def small_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("small")
-    save_hf(folder, llama.model(SMALL), llama.init_params(SMALL, jax.random.key(0), stddev=0.3))
+    save_hf(folder, llama.model(SMALL), llama.model(SMALL).init(jax.random.key(0), stddev=0.3))
     return folder
 
 
@@ -95,7 +95,7 @@ def test_target_that_matches_nothing_is_an_error(small_folder):
                                                (True, "layers/mlp/down_proj/kernel")])
 def test_block_size_that_does_not_divide_names_the_weight(tmp_path, scan_layers, path):
     config = llama.LlamaConfig(vocab_size=40, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4)
-    save_hf(tmp_path, llama.model(config), llama.init_params(config, jax.random.key(0)))
+    save_hf(tmp_path, llama.model(config), llama.model(config).init(jax.random.key(0)))
     with pytest.raises(quant.QuantizationError, match=rf"cannot quantize '{path}' of shape .*length 96\) "
                                                       rf"is not a multiple of the block size 64"):
         load_hf(tmp_path, scan_layers=scan_layers, quantize="nf4")
@@ -114,7 +114,7 @@ def test_smollm2_nf4_still_knows_the_capital_of_france():
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            add_generation_prompt=True, tokenize=False)
     ids = tokenizer(prompt, return_tensors="np")["input_ids"]
-    out = llama.generate(params, config, jnp.asarray(ids), max_new_tokens=20, eos_id=tokenizer.eos_token_id,
+    out = generate(llama.model(config), params, jnp.asarray(ids), max_new_tokens=20, eos_id=tokenizer.eos_token_id,
                          pad_id=tokenizer.pad_token_id)
     answer = tokenizer.decode(np.asarray(out)[0], skip_special_tokens=True)
     print(answer)

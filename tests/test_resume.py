@@ -117,7 +117,7 @@ def lora_tree(hidden_size: int, rank: int = 4):
 
     c = llama.LlamaConfig(vocab_size=64, hidden_size=hidden_size, intermediate_size=64, num_layers=2, num_heads=4,
                           num_kv_heads=2, scan_layers=True)
-    params = llama.init_params(c, jax.random.key(0))
+    params = llama.model(c).init(jax.random.key(0))
     return jpeft.lora(rank=rank, targets=r".*/(q|v)_proj/kernel").init(jax.random.key(1), params)
 
 

@@ -155,14 +155,14 @@ def test_bitfit_trains_biases_or_the_norm_scales_of_models_without_them():
 
 def test_selection_errors_name_the_setting():
     _, params, scanned, stacked = _models()
-    with pytest.raises(registry.SettingsError, match="must be a positive integer") as info:
+    with pytest.raises(registry.SettingsMappingError, match="must be a positive integer") as info:
         registry.validate("selective", {"top_layers": 0})
     assert info.value.setting == "top_layers"
-    with pytest.raises(registry.SettingsError, match="cannot be given together with top_layers"):
+    with pytest.raises(registry.SettingsMappingError, match="cannot be given together with top_layers"):
         registry.validate("selective", {"top_layers": 1, "layers": [0]})
-    with pytest.raises(registry.SettingsError, match="'x' is a str, it needs a list or null"):
+    with pytest.raises(registry.SettingsMappingError, match="'x' is a str, it needs a list or null"):
         registry.check_settings("selective", {"layers": "x"})
-    with pytest.raises(registry.SettingsError, match="'all' must be one of 'auto', 'always', 'never'"):
+    with pytest.raises(registry.SettingsMappingError, match="'all' must be one of 'auto', 'always', 'never'"):
         registry.check_settings("bitfit", {"norms": "all"})
     with pytest.raises(jpeft.errors.SettingError, match=r"layers has index 3 outside the model's 3 layers"):
         jpeft.selective(layers=[3], model=scanned).init(None, stacked)

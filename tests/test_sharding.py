@@ -45,7 +45,7 @@ def host_values(abstract, seed, scale=0.1):
 
 def model_and_adapter(config, method):
     """(params, adapter, batch) as host arrays."""
-    abstract_params = jax.eval_shape(llama.init_params, config, jax.random.key(0))
+    abstract_params = jax.eval_shape(llama.model(config).init, jax.random.key(0))
     params = host_values(abstract_params, seed=0, scale=0.05)
     adapter = host_values(jax.eval_shape(method.init, jax.random.key(1), abstract_params), seed=1)
     tokens_BxT = np.random.default_rng(2).integers(0, config.vocab_size, (8, 17), dtype=np.int32)
@@ -91,7 +91,7 @@ def test_sharded_loss_and_grads_match_one_device(setup, layout):
     params, adapter, batch, ref_loss, ref_grads = setup
     shape, table, weight_ways = MESHES[layout]
     mesh, rules = sharding.make_mesh(shape), sharding.load_rules(table)
-    axes = llama.param_axes(CONFIG)
+    axes = llama.model(CONFIG).param_axes()
     params_sh = sharding.shardings_for(params, axes, mesh, rules)
     adapter_sh = sharding.adapter_shardings(METHOD, adapter, axes, mesh, rules)
     batch_sh = placement.batch_shardings(batch, mesh, rules)
@@ -114,10 +114,10 @@ def test_lora_specs_match_golden_file():
     golden = json.loads(GOLDEN.read_text())
     config = llama.LlamaConfig(**golden["model"])
     method = jpeft.lora(rank=4, targets=golden["targets"])
-    abstract_params = jax.eval_shape(llama.init_params, config, jax.random.key(0))
+    abstract_params = jax.eval_shape(llama.model(config).init, jax.random.key(0))
     abstract_adapter = jax.eval_shape(method.init, jax.random.key(0), abstract_params)
     mesh = sharding.make_mesh(golden["mesh"])
-    adapter_sh = sharding.adapter_shardings(method, abstract_adapter, llama.param_axes(config), mesh,
+    adapter_sh = sharding.adapter_shardings(method, abstract_adapter, llama.model(config).param_axes(), mesh,
                                             sharding.load_rules(golden["rules"]))
 
     def as_list(named, leaf):
@@ -132,13 +132,13 @@ def test_lora_specs_match_golden_file():
 def test_init_in_place_and_sharded_train_step_match_one_device(setup):
     _, _, batch, _, _ = setup
     mesh, rules = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), sharding.load_rules("default")
-    axes, key = llama.param_axes(CONFIG), jax.random.key(0)
+    axes, key = llama.model(CONFIG).param_axes(), jax.random.key(0)
     optimizer = optax.adamw(1e-2)
 
     # Shapes first, then every array is created where it belongs.
-    abstract_params = jax.eval_shape(llama.init_params, CONFIG, key)
+    abstract_params = jax.eval_shape(llama.model(CONFIG).init, key)
     params_sh = sharding.shardings_for(abstract_params, axes, mesh, rules)
-    params = jax.jit(llama.init_params, static_argnums=0, out_shardings=params_sh)(CONFIG, key)
+    params = jax.jit(llama.model(CONFIG).init, out_shardings=params_sh)(key)
     abstract_adapter = jax.eval_shape(METHOD.init, key, abstract_params)
     adapter_sh = sharding.adapter_shardings(METHOD, abstract_adapter, axes, mesh, rules)
     adapter = jax.jit(METHOD.init, out_shardings=adapter_sh)(key, params)
@@ -198,7 +198,7 @@ def test_quantized_sharded_forward_matches_unsharded(tmp_path):
     (ref_loss, ref_logits), ref_grads = jax.jit(grad_fn)(adapter, qparams, batch)
 
     mesh, rules = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2}), sharding.load_rules("default")
-    axes = llama.param_axes(config)
+    axes = llama.model(config).param_axes()
     qparams_sh = sharding.shardings_for(jax.eval_shape(quantize, params), axes, mesh, rules)
     q_proj_sh = qparams_sh["layers"]["self_attn"]["q_proj"]["kernel"]
     up_proj_sh = qparams_sh["layers"]["mlp"]["up_proj"]["kernel"]
@@ -251,7 +251,7 @@ def test_sliced_quantized_tied_head_on_a_vocab_sharded_mesh(monkeypatch, fmt):
     monkeypatch.setattr(array, "_chunked_attend",
                         lambda *args, f=array._chunked_attend: sliced_calls.append(args[2]) or f(*args))
     mesh, rules = sharding.make_mesh({"data": 1, "fsdp": 4, "tensor": 2}), sharding.load_rules("default")
-    axes = llama.param_axes(config)
+    axes = llama.model(config).param_axes()
     qparams_sh = sharding.shardings_for(jax.eval_shape(quantize, params), axes, mesh, rules)
     assert qparams_sh["embed_tokens"]["embedding"].codes.spec == PartitionSpec("tensor", "fsdp")
     adapter_sh = sharding.adapter_shardings(method, adapter, axes, mesh, rules)
@@ -271,7 +271,7 @@ def test_sliced_quantized_tied_head_on_a_vocab_sharded_mesh(monkeypatch, fmt):
 
 def abstract_model(**overrides):
     config = dataclasses.replace(CONFIG, **overrides)
-    return jax.eval_shape(llama.init_params, config, jax.random.key(0)), llama.param_axes(config)
+    return jax.eval_shape(llama.model(config).init, jax.random.key(0)), llama.model(config).param_axes()
 
 
 @pytest.mark.parametrize("shape,message", [
@@ -325,7 +325,7 @@ def test_bad_rule_tables_and_step_arguments(tmp_path):
         sharding.load_rules({"embed": 3})
     (tmp_path / "bad.yaml").write_text("embed: fsdp\n")
     with pytest.raises(sharding.ShardingError, match=r"no 'rules:' mapping"):
-        placement.load_rules(tmp_path / "bad.yaml")
+        placement.rules_from_setting(tmp_path / "bad.yaml")
     with pytest.raises(sharding.ShardingError, match=r"known tables: \['default', 'fsdp'"):
         sharding.load_rules("nope")
     with pytest.raises(sharding.ShardingError, match=r"no sharding for the step's argument\(s\) \['batch'\]"):

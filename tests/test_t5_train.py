@@ -89,15 +89,15 @@ def tiny_t5_folder(tmp_path_factory, tokenizer):
 @pytest.mark.parametrize("job", ["lora", "qlora", "prefix_tuning"])
 def test_the_shipped_t5_configs_are_valid_and_their_placeholder_folder_is_named(job):
     from train import config as config_lib
-    from train import model as model_lib
+    from train import loading
 
     cfg = config_lib.load_config(str(REPO / "configs" / f"t5_bbc_{job}.yaml"))
     assert (cfg.task, cfg.method) == ("seq2seq", "prefix_tuning" if job == "prefix_tuning" else "lora")
     if job != "prefix_tuning":  # the lab's setting
         assert (cfg.lora.rank, cfg.lora.targets) == (32, ".*/(q|v)_proj/kernel")
     assert cfg.model.quantize == ("nf4" if job == "qlora" else None)
-    with pytest.raises(model_lib.ModelSourceError, match="/path/to/flan-t5-base"):
-        model_lib.resolve(cfg.model)
+    with pytest.raises(loading.ModelSourceError, match="/path/to/flan-t5-base"):
+        loading.resolve(cfg.model)
 
 
 def _refused(tmp_path, capsys, folder, *overrides):

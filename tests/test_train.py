@@ -203,7 +203,7 @@ def _tiny_run_config(tmp_path, folder, bbc_dir, method, **train):
 def test_tiny_run_end_to_end(tmp_path, tiny_hf_folder, bbc_dir, method, lr):
     import jpeft
     from jpeft.checkpoint import restore_adapter
-    from train import model, run
+    from train import loading, run
 
     cfg = _tiny_run_config(tmp_path, tiny_hf_folder, bbc_dir, method, lr=lr)
     summary = run.run(cfg)
@@ -217,7 +217,7 @@ def test_tiny_run_end_to_end(tmp_path, tiny_hf_folder, bbc_dir, method, lr):
     assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert {"config.yaml", "summary.json", "predictions_tuned.jsonl"} <= set(os.listdir(run_dir))
 
-    loaded = model.load(cfg.model)
+    loaded = loading.load(cfg.model)
     method_obj = run.make_method(cfg, loaded.model)
     like = jax.eval_shape(method_obj.init, jax.random.key(0), loaded.params)
     adapter, meta = restore_adapter(run_dir / "adapter", like=like)
@@ -233,11 +233,11 @@ def test_tiny_run_end_to_end(tmp_path, tiny_hf_folder, bbc_dir, method, lr):
 
 def test_bfloat16_model_computes_in_bfloat16_and_trains_a_float32_adapter(tmp_path, tiny_hf_folder, bbc_dir):
     from jpeft.checkpoint import restore_adapter
-    from train import model, run
+    from train import loading, run
 
     cfg = config_lib.apply_overrides(_tiny_run_config(tmp_path, tiny_hf_folder, bbc_dir, "lora", lr=3e-2),
                                   ["model.dtype=bfloat16", "eval.test_articles=0"])
-    loaded = model.load(cfg.model)
+    loaded = loading.load(cfg.model)
     assert loaded.config.compute_dtype == jax.numpy.bfloat16
     assert {x.dtype for x in jax.tree.leaves(loaded.params)} == {jax.numpy.dtype("bfloat16")}
     summary = run.run(cfg, loaded=loaded)
@@ -256,7 +256,7 @@ def test_train_step_takes_frozen_params_as_arguments():
 
     c = llama.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                           num_kv_heads=2, tie_word_embeddings=True, scan_layers=True)
-    params = llama.init_params(c, jax.random.key(0))
+    params = llama.model(c).init(jax.random.key(0))
     method = jpeft.lora(rank=2, alpha=4)
     adapter = method.init(jax.random.key(1), params)
     cfg = config_lib.from_dict({}).train

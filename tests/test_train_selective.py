@@ -1,4 +1,6 @@
-"""The selective family through the training program: BitFit, top layers, ULMFiT (stages, resume), PIR."""
+"""The selective family's own behaviour in the training program: ULMFiT's stages (unfreezing on schedule,
+resuming across a stage), and settings that do not fit the model. Their shipped configs and tiny runs are
+with every other method's in tests/test_train_methods.py."""
 
 import json
 import shutil
@@ -12,15 +14,13 @@ import jpeft
 from jpeft.checkpoint import CheckpointError
 from train import config as config_lib
 
-REPO = Path(__file__).resolve().parents[1]
-METHODS = ("bitfit", "selective", "ulmfit", "pir")
 
 
 @pytest.fixture(scope="module")
 def loaded(mixing_hf_folder):
-    from train import model
+    from train import loading
 
-    return model.load(config_lib.ModelConfig(hf_folder=str(mixing_hf_folder)))
+    return loading.load(config_lib.ModelConfig(hf_folder=str(mixing_hf_folder)))
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +28,11 @@ def unsaved(tokenizer):
     """A tiny 2-layer Llama with SmolLM2's tokenizer, never written to files: for checks that stop before training."""
     from jpeft.models import llama
     from reference import numpy_params
-    from train import model
+    from train import loading
 
     tiny = llama.model(llama.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                          num_layers=2, num_heads=4, num_kv_heads=2, tie_word_embeddings=True))
-    return model.Loaded(tiny, numpy_params(tiny), tokenizer)
+    return loading.Loaded(tiny, numpy_params(tiny), tokenizer)
 
 
 SECTIONS = {"selective": {"top_layers": 1}, "ulmfit": {"groups": 2, "unfreeze_every": 4},
@@ -55,52 +55,6 @@ def _config(tmp_path, folder, bbc_dir, method, run="run", **train):
 
 def _records(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_shipped_configs_are_valid_and_in_the_methods_table():
-    import sys
-
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import methods_table
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
-    for name in METHODS:
-        cfg = config_lib.load_config(str(REPO / "configs" / f"smollm2_bbc_{name}.yaml"))
-        assert (cfg.name, cfg.method) == (f"smollm2_bbc_{name}", name)
-        assert name in methods_table.METHODS
-    ulmfit = config_lib.load_config(str(REPO / "configs" / "smollm2_bbc_ulmfit.yaml"))
-    assert ulmfit.train.schedule == "slanted_triangular"
-
-
-@pytest.mark.parametrize("method, lr, rouge", [
-    pytest.param("bitfit", 1e-1, False, marks=pytest.mark.slow),  # the same trainer path as ulmfit's stages
-    pytest.param("selective", 3e-3, True, marks=pytest.mark.slow),
-    pytest.param("pir", 3e-2, False, marks=pytest.mark.slow),  # prepare: scores from the training batches
-])
-def test_tiny_run_end_to_end(tmp_path, mixing_hf_folder, bbc_dir, loaded, method, lr, rouge):
-    from train import run
-
-    cfg = _config(tmp_path, mixing_hf_folder, bbc_dir, method, lr=lr)
-    if rouge:
-        cfg = config_lib.apply_overrides(cfg, ["eval.test_articles=4", "eval.batch_size=4", "eval.max_new_tokens=4",
-                                               "eval.base_model=false"])
-    summary = run.run(cfg, loaded=loaded)
-    records = _records(summary["run_dir"])
-    losses = [r["loss"] for r in records if r["kind"] == "train"]
-    assert len(losses) == 8 and losses[-1] < losses[0] - 0.05, losses
-    adapter, meta = run.restore(str(Path(summary["run_dir"]) / "adapter"), cfg, loaded)
-    assert meta["method"] == method
-    trainable = next(r for r in records if r["kind"] == "params")["trainable"]
-    if method == "pir":
-        assert set(adapter) == {"values", "indices"} and trainable == 5000
-        assert np.all(np.diff(np.asarray(adapter["indices"])) > 0)
-    else:
-        want = {"bitfit": 64 * (2 * 2 + 1), "selective": sum(x.size for x in jax.tree.leaves(
-            loaded.params["layers"])) // 2}[method]
-        assert trainable == want == sum(x.size for x in jax.tree.leaves(adapter))
-    if rouge:
-        assert np.isfinite(summary["rouge"][-1]["rouge1"])
 
 
 def _count_traces(monkeypatch) -> list:

@@ -179,7 +179,7 @@ def test_ulmfit_settings_are_checked():
             ({"layers_per_group": 0}, "layers_per_group", "must be a positive integer"),
             ({"unfreeze_every": 0}, "unfreeze_every", "must be a positive integer or null"),
             ({"factor": 0}, "factor", "must be > 0")):
-        with pytest.raises(registry.SettingsError, match=message) as info:
+        with pytest.raises(registry.SettingsMappingError, match=message) as info:
             registry.validate("ulmfit", settings)
         assert info.value.setting == setting
     with pytest.raises(jpeft.errors.SettingError, match=r"groups is more than the 3 groups this model has \(2 groups "
@@ -195,7 +195,7 @@ def test_unfreezing_past_the_last_step_is_refused():
     """Groups that would join after the run's last step would never train: the builder refuses, naming the fix."""
     model = llama.model(CONFIG)  # 3 layers + the embedding: 4 groups, the last joins at 1 + 3 * unfreeze_every
     assert len(jpeft.ulmfit(unfreeze_every=3, model=model, total_step=10).training.stages) == 3  # joins at 4, 7, 10: fits
-    with pytest.raises(registry.SettingsError, match=r"leaves 1 of the 4 groups untrained: the last one would join "
+    with pytest.raises(registry.SettingsMappingError, match=r"leaves 1 of the 4 groups untrained: the last one would join "
                                                      r"at step 13, after the run's last step 10; lower it to at most 3"
                        ) as info:
         registry.build("ulmfit", {"unfreeze_every": 4}, model=model, total_step=10)

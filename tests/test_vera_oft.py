@@ -306,7 +306,7 @@ def test_mismatches_are_clear_errors():
 
 _STACKED_EXACT_OFT = """
 import jax, jax.numpy as jnp, numpy as np, jpeft
-from jpeft.models import llama
+from jpeft.models import llama, stack
 sizes = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
 model, stacked_model = llama.model(llama.LlamaConfig(**sizes)), llama.model(llama.LlamaConfig(**sizes, scan_layers=True))
 params = model.init(jax.random.key(0))
@@ -317,7 +317,7 @@ adapter = jax.tree.map(lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape),
                        jax.eval_shape(method.init, jax.random.key(0), params))
 tokens = jnp.arange(12, dtype=jnp.int32).reshape(2, 6)
 unrolled = jax.jit(lambda p, a: model.forward(method.apply(p, a), tokens)[0])(params, adapter)
-stacked_params, stacked_adapter = (llama.stack_layers(t, sizes["num_layers"]) for t in (params, adapter))
+stacked_params, stacked_adapter = (stack.stack_layers(t, sizes["num_layers"]) for t in (params, adapter))
 run = lambda p, a: stacked_model.forward(stacked_method.apply(p, a), tokens)[0]
 outs = [jax.jit(run)(stacked_params, stacked_adapter), run(stacked_params, stacked_adapter)]   # jitted, eager
 print(max(float(np.abs(np.asarray(o) - np.asarray(unrolled)).max()) for o in outs))

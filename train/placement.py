@@ -7,7 +7,7 @@ only its rows of a global batch, and the train step is jitted with shardings per
 argument name.
 
 Example:
-    >>> load_rules("fsdp")["embed"]
+    >>> rules_from_setting("fsdp")["embed"]
     'fsdp'
 """
 
@@ -28,8 +28,9 @@ from jpeft import sharding, tree
 from jpeft.sharding import Rules
 
 
-def load_rules(source: str | os.PathLike | Mapping[str, Any] = "default") -> dict:
-    """A rule table: a library table name (``default``, ``fsdp``), a YAML file's ``rules:`` mapping, or a mapping.
+def rules_from_setting(source: str | os.PathLike | Mapping[str, Any] = "default") -> dict:
+    """The rule table a ``sharding.rules`` setting names: a library table (``default``,
+    ``fsdp``), a YAML file's ``rules:`` mapping, or a mapping.
 
     Raises:
         jpeft.sharding.ShardingError: for a name that is neither a table nor a file, or a bad table.

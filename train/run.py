@@ -22,7 +22,7 @@ import jpeft
 from jpeft import lifecycle
 from jpeft.checkpoint import restore_adapter, save_adapter
 from jpeft.methods import registry
-from train import checkpointing, distributed, model, report, run_folder, tasks, trainer
+from train import checkpointing, distributed, loading, metrics_log, run_folder, tasks, trainer
 from train.config import ConfigError, RunConfig, describe, to_dict
 
 
@@ -36,7 +36,7 @@ def make_method(cfg: RunConfig, model=None, tokenizer=None) -> jpeft.Method:
     try:
         return registry.build(cfg.method, dict(cfg.method_settings), model=model, tokenizer=tokenizer,
                               total_step=cfg.train.steps)
-    except registry.SettingsError as err:
+    except registry.SettingsMappingError as err:
         key = f"{cfg.method}.{err.setting}" if err.setting else cfg.method
         raise ConfigError(f"bad value for {key!r}: {err}" if err.setting else
                           f"the {key!r} settings do not fit: {err}") from None
@@ -53,7 +53,7 @@ def method_label(cfg: RunConfig, method: jpeft.Method) -> str:
     return method.describe() + quant
 
 
-def restore(directory: str, cfg: RunConfig, loaded: model.Loaded):
+def restore(directory: str, cfg: RunConfig, loaded: loading.Loaded):
     """``(adapter, metadata)`` saved by a ``cfg.method`` run on ``loaded``'s model.
 
     An adapter saved by another method is a :class:`jpeft.checkpoint.CheckpointError`
@@ -82,7 +82,7 @@ class Timer:
         return time.perf_counter() - self.start
 
 
-def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
+def run(cfg: RunConfig, *, loaded: loading.Loaded | None = None) -> dict:
     """Run the job ``cfg`` describes and return its summary (also written to the run folder).
 
     ``loaded``: the model ``cfg.model`` names, already loaded (to share it between runs).
@@ -93,9 +93,9 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
     """
     timer = Timer()
     folder = run_folder.plan(run_dir=cfg.run_dir, out_dir=cfg.out_dir, name=cfg.name)
-    model.resolve(cfg.model)  # a missing model file fails before anything is loaded
+    loading.resolve(cfg.model)  # a missing model file fails before anything is loaded
     with timer("load_model"):
-        loaded = model.load(cfg.model) if loaded is None else loaded
+        loaded = loading.load(cfg.model) if loaded is None else loaded
     with timer("data"):
         task = tasks.build(cfg.task, dict(cfg.task_settings), run=cfg, loaded=loaded)
     params, model_ = task.loaded.params, task.loaded.model
@@ -124,7 +124,7 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
         checkpoints = checkpointing.for_run(run_dir, cfg)
     checkpoints.set_aside(corrupt)
     metrics_path = os.path.join(run_dir, "metrics.jsonl") if distributed.is_main() else os.devnull
-    log = report.MetricsLog(metrics_path, resume_step=resumed.step if resumed is not None else None)
+    log = metrics_log.MetricsLog(metrics_path, resume_step=resumed.step if resumed is not None else None)
     counts = jpeft.param_report(params, begun.adapter)
     print(counts)
     log({"kind": "params", "trainable": counts.trainable, "total": counts.total, "percent": counts.percent,
@@ -167,7 +167,7 @@ def run(cfg: RunConfig, *, loaded: model.Loaded | None = None) -> dict:
         last = lifecycle.stage_at(method, cfg.train.steps)
         save_adapter(os.path.join(run_dir, "adapter"), last.saved_form(adapter), metadata=metadata)  # all processes
         if distributed.is_main():
-            report.plot_loss(log.records, os.path.join(run_dir, "loss.png"), title=f"{cfg.name} ({cfg.method})")
+            metrics_log.plot_loss(log.records, os.path.join(run_dir, "loss.png"), title=f"{cfg.name} ({cfg.method})")
 
     return finish(run_dir, task, rows, log, timer)
 
@@ -207,7 +207,7 @@ def resume_point(cfg: RunConfig, folder: run_folder.RunFolder, method: jpeft.Met
     return checkpoints, resumed, corrupt
 
 
-def finish(run_dir: str, task: tasks.Task, rows: list[dict], log: report.MetricsLog, timer: Timer) -> dict:
+def finish(run_dir: str, task: tasks.Task, rows: list[dict], log: metrics_log.MetricsLog, timer: Timer) -> dict:
     """Write ``summary.json``, print the task's table and the timing breakdown."""
     steps = [r for r in log.records if r["kind"] == "train"]
     step_s = {

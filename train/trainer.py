@@ -144,7 +144,7 @@ class Placement:
     """
 
     def __init__(self, mesh, rules, method, model, frozen, adapter, optimizer, offload_optimizer: bool = False):
-        self.mesh, self.rules = mesh, placement.load_rules(rules)
+        self.mesh, self.rules = mesh, placement.rules_from_setting(rules)
         axes = model.param_axes()
         self.frozen = sharding.shardings_for(frozen, axes, mesh, self.rules)
         self.adapter = sharding.adapter_shardings(method, adapter, axes, mesh, self.rules)

@@ -1,7 +1,7 @@
 """Load GGUF files (llama.cpp format) into jpeft parameters.
 
 The file is memory-mapped by ``gguf.GGUFReader``; its ``general.architecture`` picks
-the model family (:mod:`jpeft.models.registry`), whose GGUF name table maps every tensor
+the model family (:mod:`jpeft.models.families`), whose GGUF name table maps every tensor
 to a parameter path. Tensors are dequantized (Q4_1, Q8_0, F16, ...) to float32 one at a
 time and converted to jpeft's layout:
 
@@ -34,7 +34,7 @@ from jpeft.errors import CheckpointError
 from jpeft.io.assembler import ParamAssembler
 from jpeft.io.hf import as_leaf_fn
 from jpeft.models.model import Model
-from jpeft.models.registry import family_for_gguf
+from jpeft.models.families import family_for_gguf
 
 
 def open_reader(path: str | Path) -> gguf.GGUFReader:

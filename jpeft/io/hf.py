@@ -2,7 +2,7 @@
 
 A folder holds ``config.json`` and either ``model.safetensors`` or a sharded
 ``model.safetensors.index.json`` (plus its shards). The ``model_type`` in
-``config.json`` picks the model family (:mod:`jpeft.models.registry`); the family's
+``config.json`` picks the model family (:mod:`jpeft.models.families`); the family's
 name table maps every tensor to a parameter path and layout (Linear weights
 ``(out, in)`` -> Flax kernels ``(in, out)``). Tensors are read one at a time and checked
 against the shapes the config implies; anything missing, unexpected or mis-shaped
@@ -46,7 +46,7 @@ from jpeft.models import names as names_lib
 from jpeft.io.assembler import ParamAssembler
 import jpeft.models.stack as stack
 from jpeft.models.model import Model
-from jpeft.models.registry import family_for_hf
+from jpeft.models.families import family_for_hf
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -25,7 +25,7 @@ Example:
     >>> registry.check_settings("lora", {"rnak": 4})
     Traceback (most recent call last):
     ...
-    jpeft.methods.registry.SettingsError: unknown setting 'rnak'; did you mean 'rank'? (lora's settings: alpha, dropout, dtype, ensure_weight_tying, init, rank, targets, use_dora, use_rslora)
+    jpeft.methods.registry.SettingsMappingError: unknown setting 'rnak'; did you mean 'rank'? (lora's settings: alpha, dropout, dtype, ensure_weight_tying, init, rank, targets, use_dora, use_rslora)
 """
 
 from __future__ import annotations
@@ -55,8 +55,10 @@ depends on it (AdaLoRA's rank budget): a context item rather than a setting, so 
 disagree with the run's own step count."""
 
 
-class SettingsError(ValueError):
-    """A settings mapping that does not fit a method's builder.
+class SettingsMappingError(ValueError):
+    """A settings mapping that does not fit a registered builder: an unknown name or key, a
+    value of the wrong type or outside its choices, or a value the builder rejects (its
+    :class:`jpeft.errors.SettingError`, re-worded for a program that names the key itself).
 
     Attributes:
         setting: the offending setting's name (``None`` for problems of the whole mapping).
@@ -96,12 +98,12 @@ def names() -> list[str]:
 
 
 def get(name: str) -> Registered:
-    """The registration of ``name``; an unknown name is a :class:`SettingsError` listing the known ones."""
+    """The registration of ``name``; an unknown name is a :class:`SettingsMappingError` listing the known ones."""
     methods = _all()
     if name not in methods:
         close = difflib.get_close_matches(str(name), list(methods), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise SettingsError(f"unknown method {name!r}{hint} (registered: {', '.join(sorted(methods))})")
+        raise SettingsMappingError(f"unknown method {name!r}{hint} (registered: {', '.join(sorted(methods))})")
     return methods[name]
 
 
@@ -217,7 +219,7 @@ def check_settings(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
     """Validates settings against ``name``'s builder signature; returns them (floats coerced).
 
     Raises:
-        SettingsError: for an unknown setting (with a close match when there is one), a
+        SettingsMappingError: for an unknown setting (with a close match when there is one), a
             value of the wrong type, or a value outside a ``Literal``'s choices.
     """
     return check_arguments(get(name).builder, given, what=name)
@@ -249,10 +251,10 @@ def check_arguments(builder: Callable[..., Any], given: Mapping[str, Any], *, wh
         >>> check_arguments(scaled, {"size": 0}, what="scaled")
         Traceback (most recent call last):
         ...
-        jpeft.methods.registry.SettingsError: 0 must be > 0
+        jpeft.methods.registry.SettingsMappingError: 0 must be > 0
 
     Raises:
-        SettingsError: as :func:`check_settings`.
+        SettingsMappingError: as :func:`check_settings`.
     """
     name = what
     params = arguments(builder, context)
@@ -265,22 +267,22 @@ def check_arguments(builder: Callable[..., Any], given: Mapping[str, Any], *, wh
         if key not in params:
             close = difflib.get_close_matches(str(key), list(params), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise SettingsError(f"unknown setting {key!r}{hint} ({name}'s settings: {', '.join(sorted(params))})",
+            raise SettingsMappingError(f"unknown setting {key!r}{hint} ({name}'s settings: {', '.join(sorted(params))})",
                                 setting=None)
         hint = hints.get(key, inspect.Parameter.empty)
         fits, coerced, problem = _coerce(value, hint)
         if not fits:
             if problem is not None:
-                raise SettingsError(f"{value!r} {problem}", setting=key)
+                raise SettingsMappingError(f"{value!r} {problem}", setting=key)
             if value is None:
-                raise SettingsError(f"it needs a {_type_name(hint)}, not null", setting=key)
+                raise SettingsMappingError(f"it needs a {_type_name(hint)}, not null", setting=key)
             if typing.get_origin(hint) is typing.Literal or (
                     typing.get_origin(hint) in (types.UnionType, typing.Union)
                     and all(typing.get_origin(a) is typing.Literal or a is type(None) for a in typing.get_args(hint))):
-                raise SettingsError(f"{value!r} must be {_type_name(hint)}", setting=key)
-            raise SettingsError(f"{_describe(value)}, it needs a {_type_name(hint)}", setting=key)
+                raise SettingsMappingError(f"{value!r} must be {_type_name(hint)}", setting=key)
+            raise SettingsMappingError(f"{_describe(value)}, it needs a {_type_name(hint)}", setting=key)
         if _is_dtype(params[key].default) and not _is_float_dtype(coerced):
-            raise SettingsError(f"{coerced!r} is not a floating-point dtype; give a name such as 'float32' or "
+            raise SettingsMappingError(f"{coerced!r} is not a floating-point dtype; give a name such as 'float32' or "
                                 "'bfloat16'", setting=key)
         out[key] = coerced
     return out
@@ -318,7 +320,7 @@ def validate(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
     try:
         get(name).builder(**checked)
     except SettingError as err:
-        raise SettingsError(f"{err.value!r} {err.problem}", setting=err.setting) from None
+        raise SettingsMappingError(f"{err.value!r} {err.problem}", setting=err.setting) from None
     except (ValueError, TypeError):
         pass  # needs the model or tokenizer: checked again by build()
     return checked
@@ -328,7 +330,7 @@ def build(name: str, given: Mapping[str, Any], **context: Any) -> Method:
     """The method ``name`` built from ``given`` settings plus whatever ``context`` its builder asks for.
 
     Raises:
-        SettingsError: from :func:`check_settings`, or the builder's own
+        SettingsMappingError: from :func:`check_settings`, or the builder's own
             :class:`jpeft.errors.SettingError` / ``ValueError`` about a value.
     """
     checked = check_settings(name, given)
@@ -338,6 +340,6 @@ def build(name: str, given: Mapping[str, Any], **context: Any) -> Method:
     try:
         return builder(**checked, **extra)
     except SettingError as err:
-        raise SettingsError(f"{err.value!r} {err.problem}", setting=err.setting) from None
+        raise SettingsMappingError(f"{err.value!r} {err.problem}", setting=err.setting) from None
     except (ValueError, TypeError) as err:
-        raise SettingsError(str(err)) from None
+        raise SettingsMappingError(str(err)) from None

@@ -9,14 +9,14 @@ attention), :mod:`~jpeft.models.kv_cache` and :mod:`~jpeft.models.generation`.
 
 Example:
     >>> from jpeft import models
-    >>> models.registry.names()
+    >>> models.families.names()
     ['bert', 'llama', 't5']
 """
 
-from jpeft.models import bert, llama, registry, t5
+from jpeft.models import bert, families, llama, t5
 from jpeft.models.generation import generate
 from jpeft.models.hooks import HookPoint
 from jpeft.models.model import Family, Model
 from jpeft.models.spec import ParamSpec
 
-__all__ = ["Family", "HookPoint", "Model", "ParamSpec", "bert", "generate", "llama", "registry", "t5"]
+__all__ = ["Family", "HookPoint", "Model", "ParamSpec", "bert", "families", "generate", "llama", "t5"]

@@ -51,7 +51,7 @@ import numpy as np
 
 from jpeft import ops
 from jpeft.models.names import CheckpointNames, NameRule, NameTable
-from jpeft.models import blocks, hooks, registry, spec, stack
+from jpeft.models import blocks, families, hooks, spec, stack
 from jpeft.models.model import Family, Model
 
 MODEL_TYPES = ("bert",)
@@ -312,7 +312,7 @@ def forward(params: dict, config: BertConfig, tokens_BxT: jax.Array | None = Non
 
     Example:
         >>> c = BertConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2)
-        >>> p = init_params(c, jax.random.key(0))
+        >>> p = model(c).init(jax.random.key(0))
         >>> forward(p, c, jnp.zeros((2, 3), "int32"), attention_mask_BxT=jnp.array([[1, 1, 0]] * 2))[0].shape
         (2, 3, 8)
     """
@@ -444,7 +444,7 @@ def _unstacked(config: BertConfig) -> BertConfig:
     return dataclasses.replace(config, scan_layers=False)
 
 
-FAMILY = registry.register(Family(
+FAMILY = families.register(Family(
     name="bert", specs=specs, forward=forward, hooks=hook_points,
     names=CheckpointNames(hf=HF_ENCODER_NAMES, hf_model_types=MODEL_TYPES, from_hf_config=BertConfig.from_hf,
                           to_hf_config=BertConfig.to_hf, hf_for_config=hf_names),
@@ -456,8 +456,3 @@ FAMILY = registry.register(Family(
 def model(config: BertConfig) -> Model:
     """The :class:`~jpeft.models.model.Model` value of this config."""
     return Model(FAMILY, config)
-
-
-def init_params(config: BertConfig, key: jax.Array, *, stddev: float = 0.02) -> dict:
-    """Random parameters (normal(0, stddev) matrices and tables, unit LayerNorm scales, zero biases)."""
-    return model(config).init(key, stddev=stddev)

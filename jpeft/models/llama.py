@@ -30,7 +30,7 @@ Example:
     >>> from jpeft.models import llama
     >>> config = llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
     ...                            num_layers=2, num_heads=4, num_kv_heads=2)
-    >>> params = llama.init_params(config, jax.random.key(0))
+    >>> params = llama.model(config).init(jax.random.key(0))
     >>> logits_BxTxV, _ = llama.forward(params, config, jax.numpy.ones((1, 5), "int32"))
     >>> logits_BxTxV.shape
     (1, 5, 32)
@@ -49,7 +49,7 @@ import numpy as np
 
 from jpeft import attention, ops
 from jpeft.models.names import CheckpointNames
-from jpeft.models import blocks, generation, hooks, kv_cache, llama_formats, registry, spec, stack
+from jpeft.models import blocks, families, hooks, kv_cache, llama_formats, spec, stack
 from jpeft.models.model import Family, Model
 
 SUPPORTED_MODEL_TYPES = llama_formats.MODEL_TYPES
@@ -89,7 +89,7 @@ class LlamaConfig:
       attention: the attention implementation (:data:`jpeft.attention.IMPLEMENTATIONS`;
         ``"auto"`` picks by backend and length).
       dtype: compute dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``).
-      param_dtype: dtype name of parameters made by :func:`init_params`.
+      param_dtype: dtype name of parameters made by ``model(config).init``.
 
     Example:
         >>> LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
@@ -356,7 +356,7 @@ def forward(params: dict, config: LlamaConfig, tokens_BxT: jax.Array | None = No
 
     Example:
         >>> c = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2)
-        >>> p = init_params(c, jax.random.key(0))
+        >>> p = model(c).init(jax.random.key(0))
         >>> forward(p, c, jnp.zeros((2, 3), "int32"), attention_mask_BxT=jnp.array([[0, 1, 1]] * 2))[0].shape
         (2, 3, 8)
     """
@@ -431,7 +431,7 @@ def keys_values_of_text(params: dict, config: LlamaConfig, tokens_N) -> tuple[ja
 
     Example:
         >>> c = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=3, num_heads=2)
-        >>> key_LxNxKH, value_LxNxKH = keys_values_of_text(init_params(c, jax.random.key(0)), c, [1, 2, 3, 4])
+        >>> key_LxNxKH, value_LxNxKH = keys_values_of_text(model(c).init(jax.random.key(0)), c, [1, 2, 3, 4])
         >>> key_LxNxKH.shape
         (3, 4, 8)
     """
@@ -459,7 +459,7 @@ def _tied_tables(config: LlamaConfig) -> dict[str, str]:
     return {"embed_tokens/embedding": "lm_head/kernel"} if config.tie_word_embeddings else {}
 
 
-FAMILY = registry.register(Family(
+FAMILY = families.register(Family(
     name="llama", specs=specs, forward=forward, hooks=hook_points, head=lm_head, init_cache=init_cache,
     keys_values_of_text=keys_values_of_text,
     names=CheckpointNames(hf=llama_formats.HF_NAMES, hf_model_types=SUPPORTED_MODEL_TYPES,
@@ -475,20 +475,3 @@ def model(config: LlamaConfig) -> Model:
     """The :class:`~jpeft.models.model.Model` value of this config."""
     return Model(FAMILY, config)
 
-
-def init_params(config: LlamaConfig, key: jax.Array, *, stddev: float = 0.02) -> dict:
-    """Random parameters: normal(0, stddev) matrices, unit norm scales, zero biases (works under eval_shape)."""
-    return model(config).init(key, stddev=stddev)
-
-
-def param_axes(config: LlamaConfig) -> dict:
-    """Logical axis names for every parameter: same tree as :func:`init_params`, tuple leaves."""
-    return model(config).param_axes()
-
-
-def generate(params: dict, config: LlamaConfig, prompt_BxT: jax.Array, prompt_mask_BxT=None, **kwargs) -> jax.Array:
-    """:func:`jpeft.models.generation.generate` for this config's model."""
-    return generation.generate(model(config), params, prompt_BxT, prompt_mask_BxT, **kwargs)
-
-
-stack_layers, unstack_layers = stack.stack_layers, stack.unstack_layers

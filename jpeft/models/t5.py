@@ -65,7 +65,7 @@ import numpy as np
 
 from jpeft import ops
 from jpeft.models.names import CheckpointNames, NameRule, NameTable
-from jpeft.models import blocks, hooks, kv_cache, registry, spec, stack
+from jpeft.models import blocks, families, hooks, kv_cache, spec, stack
 from jpeft.models.model import Family, Model
 
 MODEL_TYPES = ("t5",)
@@ -588,7 +588,7 @@ def _tied_tables(config: T5Config) -> dict[str, str]:
     return {"shared/embedding": "lm_head/kernel"} if config.tie_word_embeddings else {}
 
 
-FAMILY = registry.register(Family(
+FAMILY = families.register(Family(
     name="t5", specs=specs, forward=forward, hooks=hook_points, head=lm_head, init_cache=init_cache,
     names=CheckpointNames(hf=HF_NAMES, hf_model_types=MODEL_TYPES, from_hf_config=T5Config.from_hf,
                           to_hf_config=T5Config.to_hf),

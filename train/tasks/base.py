@@ -27,7 +27,7 @@ from jpeft.methods.base import Method
 
 CONTEXT = ("run", "loaded")
 """Builder arguments the runner fills: ``run`` (the :class:`train.config.RunConfig`) and ``loaded``
-(the :class:`train.model.Loaded` model, parameters and tokenizer)."""
+(the :class:`train.loading.Loaded` model, parameters and tokenizer)."""
 
 
 class Task(Protocol):
@@ -99,11 +99,11 @@ def names() -> list[str]:
 
 
 def get(name: str) -> Registered:
-    """The registration of ``name``; an unknown name is a :class:`registry.SettingsError` listing the known ones."""
+    """The registration of ``name``; an unknown name is a :class:`registry.SettingsMappingError` listing the known ones."""
     if name not in _TASKS:
         close = difflib.get_close_matches(str(name), list(_TASKS), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise registry.SettingsError(f"unknown task {name!r}{hint} (registered: {', '.join(names())})")
+        raise registry.SettingsMappingError(f"unknown task {name!r}{hint} (registered: {', '.join(names())})")
     return _TASKS[name]
 
 

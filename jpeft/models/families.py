@@ -5,7 +5,7 @@ file's ``general.architecture``), so no loader imports a family. jpeft's own
 families register when :mod:`jpeft.models` is imported; a new family registers itself
 the same way::
 
-    registry.register(MY_FAMILY)
+    families.register(MY_FAMILY)
 
 Example:
     >>> family_for_hf("qwen2").name
