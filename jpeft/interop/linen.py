@@ -42,7 +42,7 @@ import jax
 from flax import linen as nn
 from flax.core import meta, unfreeze
 
-from jpeft import ops, tree
+from jpeft import tree
 from jpeft.interop import layers
 from jpeft.interop.core import FlaxModel, InteropError, LayerMethod, LayerRegistry, Weights, build, path_str
 

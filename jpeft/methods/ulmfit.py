@@ -50,7 +50,7 @@ from jpeft import optim, tree
 from jpeft.errors import SettingError
 from jpeft.methods import registry
 from jpeft.methods.base import Method, Training
-from jpeft.methods.selective import Slot, choose, layer_view, selection_method
+from jpeft.methods.selective import Slot, choose, selection_method
 
 
 def layer_group(slot: Slot, num_layers: int, layers_per_group: int) -> int:
