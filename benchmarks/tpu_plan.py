@@ -16,12 +16,14 @@ Run: ``python benchmarks/tpu_plan.py`` (needs ``pip install 'jpeft[tpu]'``; seve
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from train import config, plan  # noqa: E402
+from train.records import write_record  # noqa: E402
 
 LORA = ["lora.rank=16", "lora.alpha=32", "lora.targets=.*/(q|k|v|o|gate|up|down)_proj/kernel"]
 STEP = ["model.dtype=bfloat16", "model.remat=layer_input", "train.loss_chunk=1024"]
@@ -58,6 +60,11 @@ def main() -> None:
     lora = plans["8b_lora_v5e_8"]
     note = "" if lora.seconds > 0 else f" (no estimate: XLA's optimal_seconds came out {lora.seconds:.3f})"
     print(f"plan_8b_lora_v5e_8_est_mfu={lora.mfu:.3f}{note}")
+    write_record("tpu_plan", {
+        "batch": [8, 2048], "settings": [*STEP, *LORA],
+        "rows": {name: {**{k: v for k, v in dataclasses.asdict(p).items() if k != "expected_arguments"},
+                        "peak": p.peak, "fits": p.fits, "mfu": p.mfu if p.seconds > 0 else None}
+                 for name, p in plans.items()}})
 
 
 if __name__ == "__main__":
