@@ -31,7 +31,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 
@@ -142,3 +142,27 @@ def flatten_axes(axes) -> dict[str, tuple]:
     """
     leaves, _ = jax.tree_util.tree_flatten_with_path(axes, is_leaf=lambda x: isinstance(x, tuple))
     return {tree.path_to_str(keypath): tuple(names) for keypath, names in leaves}
+
+
+def inherited_axes(adapter: Any, param_axes: Any) -> dict:
+    """Default adapter axes: a leaf at a parameter's path takes its axes; others are replicated.
+
+    Right for methods whose adapter leaves replace parameters (full fine-tuning,
+    BitFit); a replicated leaf has ``None`` for every dimension.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> adapter = {"dense": {"kernel": jnp.zeros((4, 2))}, "prompt": jnp.zeros((3, 4))}
+        >>> inherited_axes(adapter, {"dense": {"kernel": ("embed", "mlp")}})
+        {'dense': {'kernel': ('embed', 'mlp')}, 'prompt': (None, None)}
+    """
+    weight_axes = flatten_axes(param_axes)
+    out = {}
+    for path, leaf in tree.flatten(adapter).items():
+        ndim = len(leaf.shape)
+        axes = weight_axes.get(path, (None,) * ndim)
+        if len(axes) != ndim:
+            raise ValueError(f"adapter leaf {path!r} has shape {tuple(leaf.shape)} but the parameter at "
+                             f"that path has logical axes {axes} ({len(axes)} dims)")
+        out[path] = axes
+    return tree.unflatten(out)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jpeft.models.stack as stack
+from jpeft import stack
 from jpeft import tree
 
 

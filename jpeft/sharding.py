@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -57,7 +57,10 @@ import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jpeft import ops, tree
-from jpeft.methods.base import Method, flatten_axes, inherited_axes
+from jpeft.layout import flatten_axes, inherited_axes
+
+if TYPE_CHECKING:
+    from jpeft.methods.base import Method
 
 Rules = Mapping[str, "str | tuple[str, ...] | None"]
 
@@ -296,7 +299,7 @@ def shardings_for(tree_: Any, axes: Any, mesh: Mesh, rules: Rules) -> Any:
 
 
 def adapter_axes(method: Method, adapter: Any, param_axes: Any) -> Any:
-    """The adapter's logical axes: ``method.logical_axes``, else :func:`~jpeft.methods.base.inherited_axes`."""
+    """The adapter's logical axes: ``method.logical_axes``, else :func:`~jpeft.layout.inherited_axes`."""
     derive = method.logical_axes or inherited_axes
     return derive(adapter, param_axes)
 

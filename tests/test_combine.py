@@ -148,13 +148,13 @@ def test_stacked_layers_combine_layer_by_layer(setup):
     """Pruning counts one layer's tensor at a time, as PEFT's per-module view does."""
     model, params, adapters, _ = setup
     stacked_model = model.replace(scan_layers=True)
-    stacked = jpeft.models.stack.stack_layers(params, 2)
-    pairs = [(jpeft.lora(**SETTINGS[n], model=stacked_model), jpeft.models.stack.stack_layers(adapters[n][1], 2))
+    stacked = jpeft.stack.stack_layers(params, 2)
+    pairs = [(jpeft.lora(**SETTINGS[n], model=stacked_model), jpeft.stack.stack_layers(adapters[n][1], 2))
              for n in "ab"]
     options = dict(density=0.5, majority_sign_method="frequency", model=None)  # as a case above: compiled once
     method, adapter = combine_adapters(stacked, pairs, [1.0, 0.6], "ties", **options)
     want_method, want_adapter = combine_adapters(params, [adapters["a"], adapters["b"]], [1.0, 0.6], "ties", **options)
-    got = jpeft.models.stack.unstack_layers(adapter, 2)
+    got = jpeft.stack.unstack_layers(adapter, 2)
     for path, leaf in jpeft.tree.flatten(want_adapter).items():
         np.testing.assert_allclose(jpeft.tree.flatten(got)[path], leaf, rtol=1e-6, atol=1e-7, err_msg=path)
 

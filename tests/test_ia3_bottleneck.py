@@ -9,7 +9,8 @@ import pytest
 
 import jpeft
 from jpeft import ops
-from jpeft.models import llama, stack
+from jpeft.models import llama
+from jpeft import stack
 from reference import adam_steps, target_xent
 
 # attention_bias: k/v biases must be scaled by IA3 too.

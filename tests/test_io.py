@@ -15,7 +15,8 @@ from safetensors.numpy import load_file, save_file
 from jpeft import assets
 from jpeft.io import CheckpointError, load_gguf, load_hf, save_hf
 from jpeft.models.llama_formats import unpermute_rope_rows
-from jpeft.models import generate, llama, stack
+from jpeft.models import generate, llama
+from jpeft import stack
 
 TINY = llama.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4,
                          num_kv_heads=2)

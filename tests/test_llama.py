@@ -11,7 +11,8 @@ import transformers
 
 import jpeft
 from jpeft.io import load_hf
-from jpeft.models import generate, llama, stack
+from jpeft.models import generate, llama
+from jpeft import stack
 from reference import greedy_without_cache
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -16,7 +16,8 @@ from jpeft import quant
 from jpeft.errors import SettingError
 from jpeft.methods.ia3 import Ia3Rows
 from jpeft.methods.lora import LoraRows
-from jpeft.models import generation, llama, stack
+from jpeft.models import generation, llama
+from jpeft import stack
 
 CONFIG = llama.LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                            num_kv_heads=2, max_position_embeddings=64, tie_word_embeddings=True, scan_layers=True)

@@ -10,7 +10,8 @@ import pytest
 import jpeft
 from jpeft.methods import prefix as prefix_lib
 from jpeft.methods import prompt as prompt_lib
-from jpeft.models import generate, llama, stack
+from jpeft.models import generate, llama
+from jpeft import stack
 from reference import adam_steps, greedy_without_cache, target_xent
 
 CONFIG = llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=2, num_heads=4,

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import jpeft
-from jpeft.models import llama, stack
+from jpeft.models import llama
+from jpeft import stack
 from reference import target_xent
 
 CONFIG = llama.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_layers=3, num_heads=4,

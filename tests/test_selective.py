@@ -12,7 +12,8 @@ import pytest
 import jpeft
 from jpeft import analysis, tree
 from jpeft.methods import registry
-from jpeft.models import llama, stack
+from jpeft.models import llama
+from jpeft import stack
 from reference import numpy_params
 
 CONFIG = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4,

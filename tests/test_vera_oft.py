@@ -306,7 +306,8 @@ def test_mismatches_are_clear_errors():
 
 _STACKED_EXACT_OFT = """
 import jax, jax.numpy as jnp, numpy as np, jpeft
-from jpeft.models import llama, stack
+from jpeft.models import llama
+from jpeft import stack
 sizes = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
 model, stacked_model = llama.model(llama.LlamaConfig(**sizes)), llama.model(llama.LlamaConfig(**sizes, scan_layers=True))
 params = model.init(jax.random.key(0))

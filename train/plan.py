@@ -37,7 +37,8 @@ import yaml
 from jax.experimental import topologies
 
 from jpeft import attention, lifecycle, quant, sharding
-from jpeft.models import llama, stack
+from jpeft.models import llama
+from jpeft import stack
 from jpeft.quant.quantize import layer_kernels
 from train import config as config_lib
 from train import run, trainer

@@ -22,7 +22,7 @@ from pydantic import AfterValidator
 
 from jpeft import attention
 from jpeft.methods.registry import Says
-from jpeft.models import stack
+from jpeft import stack
 
 Positive = Annotated[int, Gt(0)]
 NonNegative = Annotated[int, Ge(0)]

@@ -35,7 +35,7 @@ import numpy as np
 from jpeft import tree
 from jpeft.errors import CheckpointError
 from jpeft.models import names as names_lib
-import jpeft.models.stack as stack
+from jpeft import stack
 
 
 def listing(items, limit: int = 5) -> str:

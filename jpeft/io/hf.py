@@ -44,7 +44,7 @@ from jpeft import ops, quant, tree
 from jpeft.errors import CheckpointError
 from jpeft.models import names as names_lib
 from jpeft.io.assembler import ParamAssembler
-import jpeft.models.stack as stack
+from jpeft import stack
 from jpeft.models.model import Model
 from jpeft.models.families import family_for_hf
 

@@ -46,11 +46,9 @@ from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-import jax
 import optax
 
-from jpeft import tree
-from jpeft.layout import flatten_axes  # noqa: F401  (re-exported: methods derive their axes with it)
+from jpeft.layout import flatten_axes, inherited_axes  # noqa: F401  (re-exported: methods derive their axes with them)
 from jpeft.errors import SettingError
 
 Axes = tuple[str | None, ...]
@@ -187,30 +185,6 @@ def refuse_rebased(method: Method, what: str) -> None:
                      "W - s*A0@B0 of PiSSA / OLoRA), not with the original parameters; convert it first to the plain "
                      "LoRA of rank 2r that runs on them: jpeft.methods.lora.as_plain_lora(method, params, "
                      "adapter, method.init(key, params)), with the key that made the fresh adapter")
-
-
-def inherited_axes(adapter: Any, param_axes: Any) -> dict:
-    """Default adapter axes: a leaf at a parameter's path takes its axes; others are replicated.
-
-    Right for methods whose adapter leaves replace parameters (full fine-tuning,
-    BitFit); a replicated leaf has ``None`` for every dimension.
-
-    Example:
-        >>> import jax.numpy as jnp
-        >>> adapter = {"dense": {"kernel": jnp.zeros((4, 2))}, "prompt": jnp.zeros((3, 4))}
-        >>> inherited_axes(adapter, {"dense": {"kernel": ("embed", "mlp")}})
-        {'dense': {'kernel': ('embed', 'mlp')}, 'prompt': (None, None)}
-    """
-    weight_axes = flatten_axes(param_axes)
-    out = {}
-    for path, leaf in tree.flatten(adapter).items():
-        ndim = len(leaf.shape)
-        axes = weight_axes.get(path, (None,) * ndim)
-        if len(axes) != ndim:
-            raise ValueError(f"adapter leaf {path!r} has shape {tuple(leaf.shape)} but the parameter at "
-                             f"that path has logical axes {axes} ({len(axes)} dims)")
-        out[path] = axes
-    return tree.unflatten(out)
 
 
 def tile_ids(init_ids, n: int, vocab: int) -> list[int]:

@@ -14,7 +14,7 @@ slices, never the whole stack, and the gradient exists only for them:
 
 * with unrolled layers, ``apply`` puts the trained leaves in place of the originals (pass
   ``jpeft.tree.without(params, adapter)`` as the frozen tree so they are not held twice);
-* with a stack, ``apply`` hands the model a :class:`jpeft.models.stack.Segments`: runs of
+* with a stack, ``apply`` hands the model a :class:`jpeft.stack.Segments`: runs of
   layers that train the same weights, each scanned on its own, reading the frozen stack
   in place. Layers below the lowest trained one cost no backward pass at all, and frozen
   weights cost no weight gradient;
@@ -39,7 +39,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-import jpeft.models.stack as stack
+from jpeft import stack
 from jpeft import ops, tree
 from jpeft.errors import SettingError
 from jpeft.layout import default_layout
@@ -202,7 +202,7 @@ def _with_subtree(params: dict, path: str, value: Any) -> dict:
 
 
 def segments(stacked: Any, rows: Mapping[str, Mapping[int, Any]]) -> stack.Segments:
-    """A stacked subtree as :class:`~jpeft.models.stack.Segments` in which ``rows[path][layer]`` replace its slices.
+    """A stacked subtree as :class:`~jpeft.stack.Segments` in which ``rows[path][layer]`` replace its slices.
 
     Consecutive layers that replace the same weights form one part; each part's replaced
     slices are stacked (a copy of the trained slices only), the rest is read in place.

@@ -2,9 +2,9 @@
 
 A family is one module (``llama``) that registers a :class:`Family`; a :class:`Model`
 binds it to a config and is all that methods, loaders, generation and the trainer use.
-The shared pieces: :mod:`~jpeft.models.spec` (parameter specs and logical axes),
+The shared pieces (stacked layers live in :mod:`jpeft.stack`): :mod:`~jpeft.models.spec` (parameter specs and logical axes),
 :mod:`~jpeft.models.hooks` (where input methods feed a model),
-:mod:`~jpeft.models.stack` (stacked layers), :mod:`~jpeft.models.blocks` (norms, RoPE,
+:mod:`~jpeft.models.blocks` (norms, RoPE,
 attention), :mod:`~jpeft.models.kv_cache` and :mod:`~jpeft.models.generation`.
 
 Example:

@@ -51,7 +51,8 @@ import numpy as np
 
 from jpeft import ops
 from jpeft.models.names import CheckpointNames, NameRule, NameTable
-from jpeft.models import blocks, families, hooks, spec, stack
+from jpeft.models import blocks, families, hooks, spec
+from jpeft import stack
 from jpeft.models.model import Family, Model
 
 MODEL_TYPES = ("bert",)

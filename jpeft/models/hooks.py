@@ -43,7 +43,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from jpeft.models import stack
+from jpeft import stack
 
 HOOKS = "hooks"
 KINDS = ("tokens", "kv", "block")

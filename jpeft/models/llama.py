@@ -49,7 +49,8 @@ import numpy as np
 
 from jpeft import attention, ops
 from jpeft.models.names import CheckpointNames
-from jpeft.models import blocks, families, hooks, kv_cache, llama_formats, spec, stack
+from jpeft.models import blocks, families, hooks, kv_cache, llama_formats, spec
+from jpeft import stack
 from jpeft.models.model import Family, Model
 
 SUPPORTED_MODEL_TYPES = llama_formats.MODEL_TYPES
@@ -85,7 +86,7 @@ class LlamaConfig:
       scan_layers: stack layers and run them with ``jax.lax.scan``.
       remat: what each layer keeps for the backward pass: ``"none"`` (or ``False``), ``"layer_input"``
         (or ``True``: the layer runs again), ``"dots"``, ``"offload"`` (see
-        :func:`jpeft.models.stack.remat_layer`).
+        :func:`jpeft.stack.remat_layer`).
       attention: the attention implementation (:data:`jpeft.attention.IMPLEMENTATIONS`;
         ``"auto"`` picks by backend and length).
       dtype: compute dtype name (``"float32"``, ``"bfloat16"``, ``"float16"``).

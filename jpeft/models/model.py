@@ -42,7 +42,8 @@ from jpeft import tree
 from jpeft.layout import Layout
 from jpeft.models import capabilities
 from jpeft.models import hooks as hooks_lib
-from jpeft.models import spec, stack
+from jpeft.models import spec
+from jpeft import stack
 
 
 class Family(NamedTuple):

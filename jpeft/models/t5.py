@@ -65,7 +65,8 @@ import numpy as np
 
 from jpeft import ops
 from jpeft.models.names import CheckpointNames, NameRule, NameTable
-from jpeft.models import blocks, families, hooks, kv_cache, spec, stack
+from jpeft.models import blocks, families, hooks, kv_cache, spec
+from jpeft import stack
 from jpeft.models.model import Family, Model
 
 MODEL_TYPES = ("t5",)

@@ -43,7 +43,7 @@ import numpy as np
 
 from jpeft import ops, tree
 from jpeft.layout import Layout, default_layout, flatten_axes, layout_of, layouts_for
-import jpeft.models.stack as stack
+from jpeft import stack
 from jpeft.quant import formats, packing
 from jpeft.quant.array import QuantizationError, QuantizedArray, is_quantized, split_blocks
 

@@ -32,7 +32,7 @@ from jpeft.errors import CheckpointError
 from jpeft.io.peft import common
 from jpeft.methods.adalora import AdaloraWeight, _scale, adalora, rank_pattern
 from jpeft.layout import layouts_for
-import jpeft.models.stack as stack
+from jpeft import stack
 
 _TENSORS = ("lora_A", "lora_B", "lora_E")
 _SCHEDULE = ("target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")

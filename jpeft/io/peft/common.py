@@ -28,7 +28,7 @@ from safetensors import SafetensorError, safe_open
 from jpeft import tree
 from jpeft.errors import CheckpointError
 from jpeft.layout import layouts_for
-import jpeft.models.stack as stack
+from jpeft import stack
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

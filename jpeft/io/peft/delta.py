@@ -40,7 +40,7 @@ from jpeft.layout import layouts_for
 from jpeft.methods import delta
 from jpeft.methods.loha import KIND as LOHA_KIND, loha
 from jpeft.methods.lokr import _kind as lokr_kind, lokr
-import jpeft.models.stack as stack
+from jpeft import stack
 
 _UNSUPPORTED = {"modules_to_save": "modules_to_save (fully trained extra modules)"}
 _TRAINING_ONLY = ("rank_dropout", "module_dropout")

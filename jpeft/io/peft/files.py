@@ -39,7 +39,7 @@ from jpeft.io.peft import codecs
 from jpeft.io.peft.common import (CONFIG_FILE, SHARED, WEIGHTS_FILE, hf_names, layer_coverage, listing,
                                   read_config, read_modules, restack, unstacked_leaves)
 from jpeft.methods import heads
-import jpeft.models.stack as stack
+from jpeft import stack
 
 
 # ----------------------------------------------------------------------------- save

@@ -29,7 +29,7 @@ from jpeft import tree
 from jpeft.errors import CheckpointError
 from jpeft.io.peft import common
 from jpeft.methods.ia3 import Ia3Weight, ia3
-import jpeft.models.stack as stack
+from jpeft import stack
 
 _TENSOR = "ia3_l"
 

@@ -34,7 +34,7 @@ from jpeft.io.peft import common
 from jpeft.methods import lora_init
 from jpeft.methods.dora import DoraWeight
 from jpeft.methods.lora import LoraWeight, lora, weight_layouts
-import jpeft.models.stack as stack
+from jpeft import stack
 
 _TENSORS = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
             "base_layer.weight")

@@ -25,7 +25,7 @@ from jpeft import tree
 from jpeft.errors import CheckpointError
 from jpeft.io.peft import common
 from jpeft.methods.oft import OftWeight, blocks, oft
-import jpeft.models.stack as stack
+from jpeft import stack
 
 _SETTINGS = {"block_size": "oft_block_size", "r": "r", "block_share": "block_share",
              "use_cayley_neumann": "use_cayley_neumann", "num_cayley_neumann_terms": "num_cayley_neumann_terms"}

@@ -30,7 +30,7 @@ from jpeft import tree
 from jpeft.errors import CheckpointError
 from jpeft.io.peft import common
 from jpeft.methods.vera import Projections, VeraWeight, vera
-import jpeft.models.stack as stack
+from jpeft import stack
 
 SHARED_A, SHARED_B = "base_model.vera_A", "base_model.vera_B"
 _TENSORS = ("vera_lambda_b", "vera_lambda_d")
