@@ -173,6 +173,22 @@ def step_time_table(records: list[dict]) -> list[str]:
     return lines + _sources([(f"run {i}", r) for i, r in enumerate(found, 1)])
 
 
+def job_step_table(records: list[dict]) -> list[str]:
+    found = [r for r in records if r["name"] == "job_step"]
+    if not found:
+        return []
+    lines = ["| run | jpeft step (s) | torch, usual (s) | torch, answer logits only (s) | jpeft / usual | "
+             "jpeft / answer-only | first-batch losses (jpeft, usual, answer-only) |", "|---|---|---|---|---:|---:|---|"]
+    for i, record in enumerate(found, 1):
+        f = record["figures"]
+        cell = lambda stack: ", ".join(f"{x:.2f}" for x in f["median_s"].get(stack, [])) or "-"
+        ratio = lambda key: f"{f[key]:.2f}" if f.get(key) is not None else "-"
+        losses = ", ".join(f"{f['first_loss'][s]:.6f}" for s in ("jpeft", "torch", "torch_best") if s in f["first_loss"])
+        lines.append(f"| {i} | {cell('jpeft')} | {cell('torch')} | {cell('torch_best')} | "
+                     f"{ratio('jpeft_over_torch_job_step')} | {ratio('jpeft_over_torch_best_job_step')} | {losses} |")
+    return lines + _sources([(f"run {i}", r) for i, r in enumerate(found, 1)])
+
+
 def figures_table(record: dict | None, keys: list[str]) -> list[str]:
     if not record:
         return []
@@ -335,6 +351,14 @@ def results_page(latest: dict, records: list[dict], figures: list[str]) -> str:
     if "step_time_ratio.png" in figures:
         out += ["![jpeft / torch step-time ratios](assets/results/step_time_ratio.png)", ""]
     out += step_time_table(records)
+    job = job_step_table(records)
+    if job:
+        out += ["## The default job's step against PyTorch PEFT", "",
+                "The step of `configs/smollm2_bbc_lora.yaml` (the trainer's own loop, the job's own first batches) "
+                "against Hugging Face PEFT + torch on the same batches and weights: the usual "
+                "`model(input_ids, labels=...)` call, which forms logits at every position, and a tuned one that "
+                "sends only the answer positions through `lm_head`. Each cell holds the rounds' median step "
+                "times; the ratios are the medians of the per-round ratios.", "", *job]
     out += ["## Matmul rates", "", *figures_table(latest.get("matmul_rates"), ["jax_over_torch_matmul_rate"])]
     out += ["## Decoding with many adapters", "",
             *rows_table(latest.get("multi_adapter"), ["decoding", "tokens_per_s", "vs_base"]),

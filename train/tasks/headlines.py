@@ -19,7 +19,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from jpeft import losses
 from jpeft.methods.base import Method
@@ -41,13 +40,9 @@ def answer_xent(params, model, batch: data.TrainBatch, chunk: int | None = None)
     positions_BxA = jnp.maximum(batch.answer_positions_BxA, 0)
     hidden_BxAxD = jnp.take_along_axis(hidden_BxTxD, positions_BxA[:, :, None], axis=1)
     targets_BxA = jnp.take_along_axis(batch.targets_BxT, positions_BxA, axis=1)
-    if chunk is not None:
-        hidden_NxD = hidden_BxAxD.reshape(-1, hidden_BxAxD.shape[-1])
-        return losses.xent_sums(lambda h_NxD: model.head(params, h_NxD), hidden_NxD, targets_BxA.reshape(-1),
-                                valid_BxA.reshape(-1), chunk=chunk)
-    logits_BxAxV = model.head(params, hidden_BxAxD)
-    losses_BxA = optax.softmax_cross_entropy_with_integer_labels(logits_BxAxV, targets_BxA)
-    return jnp.sum(jnp.where(valid_BxA, losses_BxA, 0.0)), jnp.sum(valid_BxA).astype(jnp.float32)
+    hidden_NxD = hidden_BxAxD.reshape(-1, hidden_BxAxD.shape[-1])
+    return losses.xent_sums(lambda h_NxD: model.head(params, h_NxD), hidden_NxD, targets_BxA.reshape(-1),
+                            valid_BxA.reshape(-1), chunk=chunk)
 
 
 def check_tokenizer(tokenizer, model) -> None:

@@ -23,8 +23,8 @@ from typing import Any, NamedTuple, Sequence
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from jpeft import losses
 from jpeft.models.capabilities import EncoderDecoder, offers
 from train import data
 from train.errors import ConfigError
@@ -109,7 +109,8 @@ def target_xent(params: Any, model: Any, batch: Seq2SeqBatch):
     logits_BxTxV, _ = model.forward(params, batch.tokens_BxT, attention_mask_BxT=batch.attention_mask_BxT,
                                     decoder_tokens_BxT=batch.decoder_tokens_BxT,
                                     decoder_mask_BxT=batch.loss_mask_BxT > 0)
-    losses_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, batch.targets_BxT)
+    b, t, v = logits_BxTxV.shape
+    losses_BxT = losses.token_xent(logits_BxTxV.reshape(b * t, v), batch.targets_BxT.reshape(-1)).reshape(b, t)
     return jnp.sum(losses_BxT * batch.loss_mask_BxT), jnp.sum(batch.loss_mask_BxT)
 
 
