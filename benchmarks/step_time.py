@@ -103,11 +103,10 @@ def _matmul_rate(m: int, shapes: list[tuple[int, int]], dtype) -> float:
 def _jpeft_step(args, model, params):
     """``(step, adapter, opt_state, frozen)`` for ``params`` (arrays or ``ShapeDtypeStruct``)."""
     import jax
-    import jax.numpy as jnp
     import optax
 
     import jpeft
-    from jpeft import quant
+    from jpeft import losses, quant
 
     key = jax.random.key(0)
     abstract = isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct)
@@ -130,7 +129,8 @@ def _jpeft_step(args, model, params):
         params = method.apply(frozen, adapter)
         hidden_BxTxD, _ = model.forward(params, tokens_BxT, return_hidden=True)
         logits_BxTxV = model.head(params, hidden_BxTxD[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, tokens_BxT[:, 1:]).mean()
+        b, t, v = logits_BxTxV.shape
+        return losses.token_xent(logits_BxTxV.reshape(b * t, v), tokens_BxT[:, 1:].reshape(-1)).mean()
 
     def step(adapter, opt_state, frozen, tokens_BxT):
         loss, grads = jax.value_and_grad(loss_fn)(adapter, frozen, tokens_BxT)

@@ -73,7 +73,7 @@ def _commit_of_this_run() -> str:
 
 
 def describe_machine() -> dict[str, Any]:
-    """What the figures were measured on: CPU, core count, OS, Python, JAX and its devices."""
+    """What the figures were measured on: CPU, core count, OS, Python, JAX and its devices, and the load."""
     machine = {
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
@@ -85,8 +85,12 @@ def describe_machine() -> dict[str, Any]:
         devices = jax.devices()
         machine["jax"] = jax.__version__
         machine["devices"] = f"{len(devices)} x {devices[0].device_kind}" if devices else "none"
+    if hasattr(os, "getloadavg"):  # how busy the machine was over the last 5 minutes: timings depend on it
+        machine["load_average_5min"] = round(os.getloadavg()[1], 2)
     machine["description"] = (f"{machine['cpu']}, {machine['cpu_count']} cores, {machine['os']}"
-                              + (f", JAX {machine['jax']} on {machine['devices']}" if jax is not None else ""))
+                              + (f", JAX {machine['jax']} on {machine['devices']}" if jax is not None else "")
+                              + (f", load average {machine['load_average_5min']:.1f} over the last 5 minutes"
+                                 if "load_average_5min" in machine else ""))
     return machine
 
 
