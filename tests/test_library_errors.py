@@ -81,3 +81,38 @@ def test_prompt_tuning_refuses_a_non_positive_init_std():
         with pytest.raises(registry.SettingsMappingError, match="must be > 0") as info:
             registry.validate("prompt_tuning", {"init_std": bad})
         assert info.value.setting == "init_std"
+
+
+def test_savers_refuse_a_file_for_a_folder_and_keep_it(tmp_path):
+    import jpeft
+    from jpeft.io.hf import save_hf
+    from jpeft.io.peft import save_peft
+
+    target = tmp_path / "taken"
+    target.write_bytes(b"keep me")
+    method = jpeft.lora(rank=2, targets=r".*q_proj/kernel")
+    adapter = method.init(jax.random.key(0), PARAMS)
+    for save in (lambda f: save_hf(f, LLAMA, PARAMS), lambda f: save_peft(f, LLAMA, method, PARAMS, adapter)):
+        for folder, message in ((target, "that path is a file, not a folder"),
+                                (target / "inner", "is inside .*taken', which is a file")):
+            with pytest.raises(ValueError, match=message):
+                save(folder)
+    assert target.read_bytes() == b"keep me"
+
+
+def test_an_interrupted_write_leaves_the_earlier_file_whole(tmp_path):
+    from jpeft.io.writing import write_whole
+
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(b"the good save")
+
+    def crash_half_way(tmp):
+        tmp.write_bytes(b"half of")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_whole(path, crash_half_way)
+    assert path.read_bytes() == b"the good save"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    write_whole(path, lambda tmp: tmp.write_bytes(b"the new save"))
+    assert path.read_bytes() == b"the new save"

@@ -43,6 +43,7 @@ from safetensors.numpy import save_file
 from jpeft import ops, quant, tree
 from jpeft.errors import CheckpointError
 from jpeft.models import names as names_lib
+from jpeft.io import writing
 from jpeft.io.assembler import ParamAssembler
 from jpeft import stack
 from jpeft.models.model import Model
@@ -197,8 +198,7 @@ def save_hf(folder: str | Path, model: Model, params: Any) -> None:
 
     Wrapped leaves (LoRA, quantized) are materialized; stacked layers are unstacked.
     """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = writing.output_folder(folder, what="the model")
     table = _hf_table(model)
     tensors = {}
     for path, leaf in _per_layer(params).items():
@@ -208,5 +208,6 @@ def save_hf(folder: str | Path, model: Model, params: Any) -> None:
         name, rule = found
         array = names_lib.to_file(np.asarray(ops.as_array(leaf)), rule, model.config)
         tensors[name] = np.ascontiguousarray(array)
-    save_file(tensors, folder / WEIGHTS_FILE, metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps(model.names.to_hf_config(model.config), indent=2))
+    config = json.dumps(model.names.to_hf_config(model.config), indent=2)
+    writing.write_whole(folder / WEIGHTS_FILE, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    writing.write_whole(folder / CONFIG_FILE, lambda path: path.write_text(config))

@@ -34,7 +34,7 @@ from safetensors.numpy import save_file
 
 from jpeft import tree
 from jpeft.errors import CheckpointError
-from jpeft.io import names as names_lib
+from jpeft.io import names as names_lib, writing
 from jpeft.io.peft import codecs
 from jpeft.io.peft.common import (CONFIG_FILE, SHARED, WEIGHTS_FILE, hf_names, layer_coverage, listing,
                                   read_config, read_modules, restack, unstacked_leaves)
@@ -65,10 +65,9 @@ def save_peft(folder: str | os.PathLike, model, method, params: Any, adapter: An
               "base_model_name_or_path": base_model_name_or_path, **config, "inference_mode": True}
     files = {(key if key in codec.shared_keys else f"{codec.prefix}{key}"): np.ascontiguousarray(np.asarray(v, np.float32))
              for key, v in tensors.items()}
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(files, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    folder = writing.output_folder(folder, what="a PEFT adapter")
+    writing.write_whole(folder / WEIGHTS_FILE, lambda path: save_file(files, str(path), metadata={"format": "pt"}))
+    writing.write_whole(folder / CONFIG_FILE, lambda path: path.write_text(json.dumps(config, indent=2)))
 
 
 def task_type(model) -> str:
