@@ -181,3 +181,24 @@ def test_adapter_for_another_model_is_rejected():
 
 
 # --- Hugging Face PEFT as the reference -------------------------------------------------------
+
+
+def test_lora_linear_gradients_equal_the_plain_formula():
+    """The low-rank term's own backward pass (no transposed activations) gives autodiff's gradients."""
+    from jpeft.methods.lora_weight import LoraWeight
+
+    keys = jax.random.split(jax.random.key(0), 5)
+    x_BxTxI = jax.random.normal(keys[0], (2, 5, 6))
+    w_IxO, a_IxR, b_RxO = (jax.random.normal(k, s) for k, s in zip(keys[1:4], ((6, 7), (6, 3), (3, 7))))
+    dy_BxTxO = jax.random.normal(keys[4], (2, 5, 7))
+
+    def ours(x, a, b):
+        return jnp.sum(LoraWeight(w_IxO, a, b, scale=2.5).linear(x) * dy_BxTxO)
+
+    def plain(x, a, b):
+        return jnp.sum((x @ w_IxO + 2.5 * (x @ a) @ b) * dy_BxTxO)
+
+    got = jax.grad(ours, argnums=(0, 1, 2))(x_BxTxI, a_IxR, b_RxO)
+    want = jax.grad(plain, argnums=(0, 1, 2))(x_BxTxI, a_IxR, b_RxO)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -24,6 +25,34 @@ from jpeft import ops
 
 def _letters(n: int, start: int = 0) -> str:
     return "abcdefghijklmnopqrstuvw"[start:start + n]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _low_rank(x_NxI, a_IxR, b_RxO, scale: float) -> jax.Array:
+    """``s * (x @ A) @ B`` over any leading axes of ``x``, whose backward pass contracts them in place.
+
+    The derivative JAX derives for ``A`` multiplies the transposed input ``x^T (dy B^T)``, for
+    which XLA's CPU matmul copies ``x`` transposed (an activation-sized copy per adapted
+    weight); here it is ``((dy B^T)^T x)^T``: only rank-sized arrays are transposed.
+    """
+    return ((x_NxI @ a_IxR) * scale) @ b_RxO
+
+
+def _low_rank_fwd(x_NxI, a_IxR, b_RxO, scale):
+    h_NxR = (x_NxI @ a_IxR) * scale
+    return h_NxR @ b_RxO, (x_NxI, a_IxR, b_RxO, h_NxR)
+
+
+def _low_rank_bwd(scale, residuals, dy_NxO):
+    x_NxI, a_IxR, b_RxO, h_NxR = residuals
+    dh_NxR = jnp.einsum("...o,ro->...r", dy_NxO, b_RxO) * scale
+    db_RxO = jnp.einsum("...r,...o->ro", h_NxR, dy_NxO)
+    da_IxR = jnp.einsum("...r,...i->ri", dh_NxR, x_NxI).T
+    dx_NxI = jnp.einsum("...r,ir->...i", dh_NxR, a_IxR)
+    return dx_NxI, da_IxR, db_RxO
+
+
+_low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 @jax.tree_util.register_dataclass
@@ -66,7 +95,10 @@ class LoraWeight(ops.OverBase):
         the backward pass then scales ``(.., r)`` values instead of the ``(.., out)`` gradient.
         """
         if subscripts is None:
-            return ((x @ self.a.astype(x.dtype)) * self.scale) @ self.b.astype(x.dtype)
+            a, b = self.a.astype(x.dtype), self.b.astype(x.dtype)
+            if a.ndim == 2 and b.ndim == 2:
+                return _low_rank(x, a, b, self.scale)
+            return ((x @ a) * self.scale) @ b
         x_sub, w_in, w_out, out = ops.split_subscripts(subscripts, self.inputs)
         r = ops.free_letter(subscripts)
         kept = "".join(c for c in x_sub if c not in w_in)
