@@ -351,6 +351,15 @@ def results_page(latest: dict, records: list[dict], figures: list[str]) -> str:
     if "step_time_ratio.png" in figures:
         out += ["![jpeft / torch step-time ratios](assets/results/step_time_ratio.png)", ""]
     out += step_time_table(records)
+    profile = latest.get("step_profile")
+    if profile:
+        out += ["### What the step copies besides its matmuls", "",
+                "Read from the compiled step of the table above (`python benchmarks/step_profile.py`, deterministic): "
+                "MB written by the residual stacks a scanned step fills with zeros before its loop, by the slices "
+                "its loop copies out of stacked weights and residuals (all layers), and by layout copies; the "
+                "compiled temporary memory.", "",
+                *rows_table(profile, ["method", "layers", "remat", "zero_filled_mb", "slice_copies_mb",
+                                      "layout_copies_mb", "temp_mb"])]
     job = job_step_table(records)
     if job:
         out += ["## The default job's step against PyTorch PEFT", "",
