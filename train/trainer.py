@@ -107,9 +107,12 @@ def make_train_step(method, model, optimizer, shardings: dict | None = None, *, 
     loss_fn = make_loss_fn(method, model, sums)
 
     opt_on_host = shardings is not None and offload.on_host(shardings["opt_state"])
+    # Activations keep the batch's row split through every layer (jpeft.sharding.activation_rows).
+    rows = None if shardings is None else getattr(shardings["batch"], "tokens_BxT", None)
 
     def step(adapter, opt_state, frozen, batch, rng):
-        loss, grads = jax.value_and_grad(loss_fn)(adapter, frozen, batch, rng)
+        with sharding.activation_rows(rows):
+            loss, grads = jax.value_and_grad(loss_fn)(adapter, frozen, batch, rng)
         if opt_on_host:  # the state stays in host memory and is updated there (Placement(offload_optimizer=True))
             new_adapter, new_opt_state = offload.update_in_host_memory(optimizer, grads, opt_state, adapter,
                                                                        shardings["opt_state"], shardings["adapter"])
