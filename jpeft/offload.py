@@ -82,7 +82,7 @@ def _with_kind(shardings: Any, kind: str) -> Any:
 
 
 def update_streamed(optimizer, grads: Any, opt_state: Any, params: Any, state_shardings: Any,
-                    keep: jax.Array) -> tuple[Any, Any]:
+                    keep: jax.Array, leafwise: bool = True) -> tuple[Any, Any]:
     """Inside a jitted step: ``(new params, new optimizer state in host memory)``, the state streamed through HBM.
 
     The update runs one parameter leaf at a time: that leaf's state (Adam's two moments)
@@ -98,7 +98,9 @@ def update_streamed(optimizer, grads: Any, opt_state: Any, params: Any, state_sh
     that is not per parameter (a step count) is updated alike by every leaf's call; the
     last one's is kept. ``keep`` (decided before the update, e.g. from the loss and
     gradient norm) chooses leaf by leaf between the new and the old parameters and state:
-    where it is False both come back unchanged.
+    where it is False both come back unchanged. ``leafwise=False`` (an optimizer whose update
+    mixes leaves, such as a method's own transformation) updates every leaf in one call: the
+    whole state comes into HBM for it.
     """
     import optax
     from optax import tree_utils
@@ -111,6 +113,12 @@ def update_streamed(optimizer, grads: Any, opt_state: Any, params: Any, state_sh
     state_kinds = jax.tree.leaves(state_shardings, is_leaf=lambda x: isinstance(x, Sharding))
     norm = optim.global_norm(grads)
     choose = lambda new, old: jax.numpy.where(keep, new, old)
+    if not leafwise:
+        on_device = jax.device_put(opt_state, _with_kind(state_shardings, DEVICE))
+        updates, new_state = optimizer.update(grads, on_device, params)
+        new_params = jax.tree.map(choose, optax.apply_updates(params, updates), params)
+        return new_params, jax.device_put(jax.tree.map(choose, new_state, on_device),
+                                          _with_kind(state_shardings, HOST))
     new_leaves, new_states, previous = [], [], None
     for i in range(len(leaves)):
         only = lambda x, j, i=i: x if j == i else None

@@ -52,8 +52,8 @@ def test_offloaded_state_trains_the_same():
 
 
 @needs_host
-@pytest.mark.parametrize("keep", [True, False])
-def test_streamed_update_equals_the_whole_update(keep):
+@pytest.mark.parametrize("keep,leafwise", [(True, True), (False, True), (True, False)])
+def test_streamed_update_equals_the_whole_update(keep, leafwise):
     """Leaf by leaf, with the whole gradient's norm clipping (active here), as one optax update; or nothing."""
     rng = np.random.default_rng(0)
     params = {"w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32), "b": {"c": jnp.ones(5)}}
@@ -67,7 +67,8 @@ def test_streamed_update_equals_the_whole_update(keep):
     shardings = offload.to_host(jax.tree.map(lambda _: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
                                              state))
     host_state = jax.device_put(state, shardings)
-    step = jax.jit(lambda g, s, p: offload.update_streamed(optimizer, g, s, p, shardings, jnp.asarray(keep)),
+    step = jax.jit(lambda g, s, p: offload.update_streamed(optimizer, g, s, p, shardings, jnp.asarray(keep),
+                                                           leafwise=leafwise),
                    out_shardings=(None, shardings))
     got, got_state = step(grads, host_state, params)
     assert {leaf.sharding.memory_kind for leaf in jax.tree.leaves(got_state)} == {"pinned_host"}

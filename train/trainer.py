@@ -120,8 +120,10 @@ def make_train_step(method, model, optimizer, shardings: dict | None = None, *, 
             # new weights until every new one is checked would cost a second copy of them). With a finite gradient
             # norm every squared gradient is finite, and so is Adam's state; a weight the update makes overflow
             # marks the step not finite below but is not undone.
+            # A method's own optimizer transformation may mix leaves: it gets the whole state at once.
             adapter, opt_state = offload.update_streamed(optimizer, grads, opt_state, adapter,
-                                                         shardings["opt_state"], finite)
+                                                         shardings["opt_state"], finite,
+                                                         leafwise=method.training.optimizer is None)
             for leaf in jax.tree.leaves(adapter):
                 finite = finite & jnp.all(jnp.isfinite(leaf))
         else:
