@@ -8,8 +8,10 @@ projections, AdamW, bfloat16 compute; each layer keeps only its input for the ba
 (``model.remat=layer_input``), blockwise attention (what ``attention: auto`` is on TPU), the
 loss projected 1024 rows at a time (``train.loss_chunk=1024``). Peak = arguments + outputs not
 aliased to donated arguments + temporaries. The MFU is an estimate: compiled FLOPs over XLA's
-estimated step time (``optimal_seconds``) times the chip's peak bf16 FLOP/s; it is computed for the
-8B LoRA step only (three more compiles: :func:`train.plan.step_cost`), the other rows show memory.
+estimated step time (``optimal_seconds``, read as :func:`train.plan.step_cost` says) times the chip's
+peak bf16 FLOP/s; beside it a roofline estimate (not XLA's): FLOPs over the longer of FLOPs at peak
+and the cost analysis's bytes accessed at HBM bandwidth. Both are computed for the 8B LoRA step only
+(two more compiles), the other rows show memory.
 
 Run: ``python benchmarks/tpu_plan.py`` (needs ``pip install 'jpeft[tpu]'``; several minutes of compiling).
 """
@@ -58,12 +60,20 @@ def main() -> None:
     print(f"plan_8b_full_v5e_8_offload_peak_gib={gib(plans['8b_full_v5e_8_offload'])} "
           f"(without offload: {gib(plans['8b_full_v5e_8'])}, fits: {plans['8b_full_v5e_8'].fits})")
     lora = plans["8b_lora_v5e_8"]
-    note = "" if lora.seconds > 0 else f" (no estimate: XLA's optimal_seconds came out {lora.seconds:.3f})"
-    print(f"plan_8b_lora_v5e_8_est_mfu={lora.mfu:.3f}{note}")
+    if lora.seconds > 0:
+        print(f"plan_8b_lora_v5e_8_est_mfu={lora.mfu:.3f} (XLA's estimate: {lora.flops / 1e12:.1f} TFLOP per chip in "
+              f"{lora.seconds:.3f} s)")
+    else:
+        print(f"plan_8b_lora_v5e_8_est_mfu=none ({lora.cost_note})")
+    print(f"plan_8b_lora_v5e_8_roofline_mfu={lora.roofline_mfu:.3f} (roofline estimate, not XLA's: "
+          f"{lora.flops / 1e12:.1f} TFLOP and {lora.bytes_accessed / 1e9:.0f} GB accessed per chip at "
+          f"{lora.peak_flops / 1e12:.0f} TFLOP/s and {lora.hbm_bandwidth / 1e9:.0f} GB/s: "
+          f"{lora.roofline_seconds:.3f} s)")
     write_record("tpu_plan", {
         "batch": [8, 2048], "settings": [*STEP, *LORA],
         "rows": {name: {**{k: v for k, v in dataclasses.asdict(p).items() if k != "expected_arguments"},
-                        "peak": p.peak, "fits": p.fits, "mfu": p.mfu if p.seconds > 0 else None}
+                        "peak": p.peak, "fits": p.fits, "mfu": p.mfu if p.seconds > 0 else None,
+                        "roofline_mfu": p.roofline_mfu if p.flops else None}
                  for name, p in plans.items()}})
 
 

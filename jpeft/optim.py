@@ -21,6 +21,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import jax
@@ -131,13 +133,36 @@ def carry_over(old_state: Any, new_state: Any) -> Any:
     return jax.tree_util.tree_map_with_path(pick, new_state)
 
 
+_GIVEN_NORM: contextvars.ContextVar = contextvars.ContextVar("jpeft_given_global_norm", default=None)
+
+
+def global_norm(tree_: Any) -> jax.Array:
+    """The square root of the sum of every leaf's squares (real-valued leaves)."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree_)))
+
+
+@contextlib.contextmanager
+def given_global_norm(norm: jax.Array):
+    """Within the block, :func:`clip_by_global_norm` clips by ``norm`` instead of its updates' own norm.
+
+    For an update applied to one part of the gradients at a time (the optimizer state
+    streamed leaf by leaf, :func:`jpeft.offload.update_streamed`): ``norm`` is the whole
+    gradient's, computed once.
+    """
+    token = _GIVEN_NORM.set(norm)
+    try:
+        yield
+    finally:
+        _GIVEN_NORM.reset(token)
+
+
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     """``optax.clip_by_global_norm`` for real-valued gradients, computable in host memory too.
 
     optax squares ``x.real`` and ``x.imag``; the zeros that ``x.imag`` makes for a real array
-    live in device memory, so its update cannot run where the optimizer state is offloaded
-    (:func:`jpeft.offload.update_in_host_memory`). Same result: gradients whose global norm
-    exceeds ``max_norm`` are scaled down to it.
+    live in device memory, so its update cannot run where only host memory is. Same result: gradients whose global norm
+    exceeds ``max_norm`` are scaled down to it. Within :func:`given_global_norm` it clips by
+    that norm (an update applied to one leaf at a time, :func:`jpeft.offload.update_streamed`).
 
     Example:
         >>> clip = clip_by_global_norm(1.0)
@@ -147,7 +172,9 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
     def update(updates, state, params=None):
         del params
-        norm = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(updates)))
+        norm = _GIVEN_NORM.get()
+        if norm is None:
+            norm = global_norm(updates)
         within = norm < max_norm
         clipped = jax.tree.map(lambda t: jnp.where(within, t, (t / norm.astype(t.dtype)) * max_norm), updates)
         return clipped, state

@@ -47,6 +47,8 @@ Example (the pattern a trainer follows; it runs on any number of devices):
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -351,3 +353,50 @@ def bytes_per_device(tree_: Any) -> dict[jax.Device, int]:
         for shard in leaf.addressable_shards:
             counts[shard.device] = counts.get(shard.device, 0) + shard.data.nbytes
     return counts
+
+
+# ----------------------------------------------------------------------------- activations
+
+_ROWS: contextvars.ContextVar = contextvars.ContextVar("jpeft_activation_rows", default=None)
+
+
+@contextlib.contextmanager
+def activation_rows(batch_sharding: NamedSharding | None):
+    """Within the block, :func:`constrain_rows` splits activations' rows as ``batch_sharding`` splits a batch's.
+
+    A step traced inside it (``with activation_rows(tokens_sharding): jax.grad(loss)(...)``)
+    keeps every layer's activations split by rows over the mesh axes of the batch's first
+    dimension. Without it XLA's sharding propagation may follow the weights instead: under
+    FSDP it splits activations along the model dimension (as it splits the weights) and
+    gathers the whole batch on every chip. ``None`` (or a sharding whose first dimension is
+    not split) turns the constraint off. Values are unchanged either way.
+    """
+    token = _ROWS.set(batch_sharding)
+    try:
+        yield
+    finally:
+        _ROWS.reset(token)
+
+
+def constrain_rows(x: jax.Array, axis: int = 0) -> jax.Array:
+    """``x`` with dimension ``axis`` split like the batch rows of :func:`activation_rows` (else unchanged).
+
+    Other dimensions are left to the compiler (``PartitionSpec.UNCONSTRAINED``); a dimension
+    the rows' mesh axes do not divide is left alone.
+
+    Example:
+        >>> constrain_rows(jax.numpy.ones((2, 3))).shape  # no activation_rows around: unchanged
+        (2, 3)
+    """
+    batch = _ROWS.get()
+    if batch is None or not isinstance(batch, NamedSharding) or not len(batch.spec) or batch.spec[0] is None:
+        return x
+    rows = batch.spec[0]
+    size = math.prod(batch.mesh.shape[a] for a in ((rows,) if isinstance(rows, str) else rows))
+    axis = axis % x.ndim
+    if size == 1 or x.shape[axis] % size:
+        return x
+    spec = [PartitionSpec.UNCONSTRAINED] * x.ndim
+    spec[axis] = rows
+    return jax.lax.with_sharding_constraint(x, NamedSharding(batch.mesh, PartitionSpec(*spec)))
+

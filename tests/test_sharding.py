@@ -129,6 +129,34 @@ def test_lora_specs_match_golden_file():
     assert actual == golden["specs"]
 
 
+@pytest.mark.parametrize("layout", ["fsdp", "fsdp_x_tensor"])
+def test_activations_split_by_rows_keep_loss_and_grads(setup, layout):
+    """sharding.activation_rows (what the trainer's step traces under) changes where activations live, not values."""
+    params, adapter, batch, ref_loss, ref_grads = setup
+    shape, table, _ = MESHES[layout]
+    mesh, rules = sharding.make_mesh(shape), sharding.load_rules(table)
+    axes = llama.model(CONFIG).param_axes()
+    params_sh = sharding.shardings_for(params, axes, mesh, rules)
+    adapter_sh = sharding.adapter_shardings(METHOD, adapter, axes, mesh, rules)
+    batch_sh = placement.batch_shardings(batch, mesh, rules)
+    plain = make_loss(CONFIG, METHOD)
+
+    def loss_fn(adapter, frozen, batch):
+        with sharding.activation_rows(batch_sh["tokens_BxT"]):
+            return plain(adapter, frozen, batch)
+
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), in_shardings=(adapter_sh, params_sh, batch_sh),
+                      out_shardings=((NamedSharding(mesh, PartitionSpec()), None), adapter_sh))
+    args = (jax.device_put(adapter, adapter_sh), jax.device_put(params, params_sh), jax.device_put(batch, batch_sh))
+    text = grad_fn.lower(*args).as_text()
+    assert text.count("sharding_constraint") >= 3  # the embeddings, and each layer's input and output (scanned)
+    (loss, _), grads = grad_fn(*args)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    assert_trees_close(grads, ref_grads)
+    # Outside the block nothing is constrained.
+    assert sharding.constrain_rows(jnp.ones((8, 3))).sharding == jnp.ones((8, 3)).sharding
+
+
 def test_init_in_place_and_sharded_train_step_match_one_device(setup):
     _, _, batch, _, _ = setup
     mesh, rules = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}), sharding.load_rules("default")

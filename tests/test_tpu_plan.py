@@ -82,3 +82,24 @@ def test_splash_attention_compiles_for_tpu_on_a_sharded_mesh(cfg):
     p = plan.plan_step(cfg=splash, shape=TINY, topology="v5e-4", mesh="fsdp=2,tensor=2", batch=4, seq=256,
                        cost_layers=False)
     assert p.compiled and p.fits
+
+
+def test_cost_takes_out_the_unpriced_calls_and_refuses_loops():
+    """XLA's TPU cost model prices each ConcatBitcast custom call at -1 s: counted in the HLO and taken out."""
+
+    class Compiled:
+        def __init__(self, seconds, text):
+            self.seconds, self.text = seconds, text
+
+        def cost_analysis(self):
+            return {"flops": 4e12, "optimal_seconds": self.seconds, "bytes accessed": 1e9}
+
+        def as_text(self):
+            return self.text
+
+    call = 'custom-call(x), custom_call_target="ConcatBitcast"\n'
+    assert plan._cost(Compiled(-2.75, 3 * call)) == (4e12, 0.25, 1e9, "")
+    assert "loop" in plan._cost(Compiled(0.5, "%w = while(%t)"))[3]
+    assert "came out -3.000" in plan._cost(Compiled(-3.0, call))[3]
+    p = plan.Plan("x", 4, {}, "none", 1, peak_flops=200e12, hbm_bandwidth=800e9, flops=4e12, bytes_accessed=8e9)
+    assert p.roofline_seconds == 0.02 and p.roofline_mfu == 1.0  # compute-bound: 20 ms of FLOPs, 10 ms of bytes

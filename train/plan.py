@@ -10,8 +10,9 @@ step :func:`train.trainer.make_train_step` builds (the one ``python -m train`` r
 lowered on a mesh of abstract TPU devices (``jax.experimental.topologies``) and compiled
 with ``libtpu`` (``pip install 'jpeft[tpu]'``). The compiler's memory analysis gives the
 per-chip figures; its cost analysis gives the FLOPs and its own time estimate
-(``optimal_seconds``), from which an MFU estimate follows. Every figure is the compiler's,
-for one chip; speed is an estimate, never a measurement.
+(``optimal_seconds``), from which an MFU estimate follows, and the bytes its ops access, from
+which a roofline bound follows (:func:`step_cost` says how they are read). Every figure is the
+compiler's, for one chip; speed is an estimate, never a measurement.
 
 Example (needs libtpu):
     >>> plan = plan_step(shape="llama-3.2-1b", topology="v5e-4", batch=4, seq=256)  # doctest: +SKIP
@@ -51,20 +52,29 @@ SHAPES_FILE = Path(__file__).resolve().parent.parent / "configs" / "shapes" / "p
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """A TPU generation: how libtpu names its topologies, its HBM as the compiler counts it, peak bf16 FLOP/s."""
+    """A TPU generation: how libtpu names its topologies, its HBM as the compiler counts it, peak bf16 FLOP/s,
+    HBM bandwidth (bytes/s)."""
     prefix: str
     hbm_bytes: int
     peak_flops: float
+    hbm_bandwidth: float
 
 
-# HBM: what the TPU compiler reports as available (its "exceeds available HBM" message); peak: the vendor's
-# dense bf16 figure per chip.
+# HBM: what the TPU compiler reports as available (its "exceeds available HBM" message); peak and bandwidth:
+# the vendor's dense bf16 figure and HBM bandwidth per chip.
 CHIPS = {
-    "v5e": Chip("v5e", int(15.75 * GIB), 197e12),
-    "v6e": Chip("v6e", int(31.25 * GIB), 918e12),
-    "v4": Chip("v4", int(30.75 * GIB), 275e12),
-    "v5p": Chip("v5p", int(95.74 * GIB), 459e12),
+    "v5e": Chip("v5e", int(15.75 * GIB), 197e12, 819e9),
+    "v6e": Chip("v6e", int(31.25 * GIB), 918e12, 1640e9),
+    "v4": Chip("v4", int(30.75 * GIB), 275e12, 1228e9),
+    "v5p": Chip("v5p", int(95.74 * GIB), 459e12, 2765e9),
 }
+# The cost forms of the step are compiled without windowed einsums (an all-gather or reduce-scatter overlapped
+# with its matmul in a loop): XLA's cost analysis counts such a loop's body once and prices it -1 s.
+COST_OPTIONS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+# Custom calls XLA's TPU cost model prices at -1 s each (seen in its optimal_seconds): a concatenation done as a
+# bitcast, no arithmetic and no traffic. The planner counts them in the compiled HLO and takes them out.
+UNPRICED_CALLS = ("ConcatBitcast",)
 # slice name -> (libtpu topology, chips per host)
 TOPOLOGIES = {
     "v5e-1": ("v5e:1x1", (1, 1, 1)), "v5e-4": ("v5e:2x2", (2, 2, 1)), "v5e-8": ("v5e:2x4", (2, 2, 1)),
@@ -201,6 +211,7 @@ class Plan:
     remat: str
     hbm: int
     peak_flops: float
+    hbm_bandwidth: float = 0.0
     compiled: bool = False
     arguments: int = 0
     outputs: int = 0
@@ -208,7 +219,9 @@ class Plan:
     temporaries: int = 0
     host: int = 0
     flops: float = 0.0
-    seconds: float = 0.0
+    seconds: float = 0.0  # XLA's estimate (> 0), or 0 when there is none
+    bytes_accessed: float = 0.0
+    cost_note: str = ""  # why there is no XLA estimate
     needed: int = 0  # from the compiler's refusal
     error: str = ""
     expected_arguments: dict = dataclasses.field(default_factory=dict)
@@ -227,10 +240,23 @@ class Plan:
         """Compiled FLOPs per chip over (XLA's estimated seconds x the chip's peak FLOP/s): an estimate."""
         return self.flops / (self.seconds * self.peak_flops) if self.seconds > 0 else float("nan")
 
+    @property
+    def roofline_seconds(self) -> float:
+        """The roofline bound: the longer of FLOPs at peak and accessed bytes at HBM bandwidth (not XLA's)."""
+        if not self.flops or not self.hbm_bandwidth:
+            return float("nan")
+        return max(self.flops / self.peak_flops, self.bytes_accessed / self.hbm_bandwidth)
+
+    @property
+    def roofline_mfu(self) -> float:
+        """FLOPs at peak over :attr:`roofline_seconds`: an upper bound on MFU from the roofline, not XLA's."""
+        return self.flops / (self.roofline_seconds * self.peak_flops) if self.flops else float("nan")
+
     def row(self) -> str:
         mesh = "x".join(f"{k}{v}" for k, v in self.mesh.items() if v > 1) or "1"
-        cost = (f"{self.flops / 1e12:8.1f} {self.seconds:7.3f} {self.mfu:6.2f}" if self.seconds
-                else f"{'-':>8s} {'-':>7s} {'-':>6s}")
+        est = f"{self.seconds:7.3f} {self.mfu:6.2f}" if self.seconds > 0 else f"{'-':>7s} {'-':>6s}"
+        cost = (f"{self.flops / 1e12:8.1f} {est} {self.roofline_mfu:7.2f}" if self.flops
+                else f"{'-':>8s} {'-':>7s} {'-':>6s} {'-':>7s}")
         if not self.compiled:
             need = f"needs {self.needed / GIB:.2f} GiB" if self.needed else self.error[:80]
             return f"{self.label:34s} {mesh:14s} {self.remat:11s} {'-':>7s} {'-':>7s} {'-':>7s} {'-':>6s} " \
@@ -242,10 +268,11 @@ class Plan:
 
 
 HEADER = (f"{'step':34s} {'mesh':14s} {'remat':11s} {'args':>7s} {'temp':>7s} {'out':>7s} {'host':>6s} "
-          f"{'peak':>7s} {'fits':>4s}  {'TFLOP':>8s} {'est s':>7s} {'estMFU':>6s}")
+          f"{'peak':>7s} {'fits':>4s}  {'TFLOP':>8s} {'est s':>7s} {'estMFU':>6s} {'roofMFU':>7s}")
 UNITS = ("per chip; memory in GiB (args: arguments, temp: temporaries, out: outputs not aliased to donated "
          "arguments, host: pinned_host arguments; peak = args + out + temp); TFLOP: compiled FLOPs; est s: XLA's "
-         "estimated step time (optimal_seconds); estMFU: TFLOP / (est s x peak bf16 FLOP/s): an estimate")
+         "estimated step time (optimal_seconds); estMFU: TFLOP / (est s x peak bf16 FLOP/s): an estimate; roofMFU: "
+         "roofline estimate, not XLA's: TFLOP / (max(TFLOP / peak, bytes accessed / HBM bandwidth) x peak)")
 
 
 def _needed_bytes(message: str) -> int:
@@ -283,7 +310,7 @@ def plan_step(*, cfg=None, shape: str | dict = "llama-3.2-1b", topology: str = "
     opt_state = jax.eval_shape(optimizer.init, adapter)
     rng = jax.eval_shape(lambda: jax.random.key(0))
     plan = Plan(label or f"{shape if isinstance(shape, str) else 'model'} {cfg.method}", len(devices), sizes,
-                stack_name(cfg.model.remat), chip.hbm_bytes, chip.peak_flops)
+                stack_name(cfg.model.remat), chip.hbm_bytes, chip.peak_flops, chip.hbm_bandwidth)
     plan.expected_arguments = {"frozen": shard_bytes(frozen, place.frozen),
                                "adapter": shard_bytes(adapter, place.adapter),
                                "opt_state": shard_bytes(opt_state, place.opt_state),
@@ -304,26 +331,44 @@ def plan_step(*, cfg=None, shape: str | dict = "llama-3.2-1b", topology: str = "
     plan.aliased, plan.temporaries = memory.alias_size_in_bytes, memory.temp_size_in_bytes
     plan.host = memory.host_argument_size_in_bytes
     if cost_layers:
-        plan.flops, plan.seconds = step_cost(cfg, model, mesh_, batch_)
+        plan.flops, seconds, plan.bytes_accessed, plan.cost_note = step_cost(cfg, model, mesh_, batch_)
+        plan.seconds = seconds if not plan.cost_note else 0.0
     return plan
 
 
-def _cost(compiled) -> tuple[float, float]:
+def _cost(compiled) -> tuple[float, float, float, str]:
+    """``(FLOPs, XLA's estimated seconds, bytes accessed, why the estimate is unusable or "")`` of a loop-free program.
+
+    XLA's TPU cost model prices each :data:`UNPRICED_CALLS` custom call at -1 s; they are
+    counted in the compiled HLO and their -1 s taken out (priced 0).
+    """
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost.get("flops", 0.0)), float(cost.get("optimal_seconds", 0.0))
+    text = compiled.as_text()
+    unpriced = sum(text.count(f'custom_call_target="{name}"') for name in UNPRICED_CALLS)
+    seconds = float(cost.get("optimal_seconds", 0.0)) + unpriced
+    note = ""
+    if " while(" in text:
+        note = "the cost form has a loop, whose body XLA's cost analysis counts once"
+    elif not seconds > 0:
+        note = (f"XLA's optimal_seconds came out {seconds - unpriced:.3f} ({unpriced} {'/'.join(UNPRICED_CALLS)} "
+                f"custom calls at -1 s each taken out: {seconds:.3f})")
+    return float(cost.get("flops", 0.0)), seconds, float(cost.get("bytes accessed", 0.0)), note
 
 
-def step_cost(cfg, model, mesh, batch) -> tuple[float, float]:
-    """``(FLOPs, XLA's estimated seconds)`` per chip of the whole step, from the same step with 1 and 2 layers.
+def step_cost(cfg, model, mesh, batch) -> tuple[float, float, float, str]:
+    """``(FLOPs, XLA's estimated seconds, bytes accessed, note)`` per chip of the whole step, from 1 and 2 layers.
 
-    XLA's cost analysis does not multiply a loop body by its trip count, and its time
-    estimate of a program with a loop is not usable (negative), so the cost is read from
-    loop-free forms of the step: one and two unrolled layers, extended linearly
-    (``cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1))``: every layer of a stack is the same
-    computation), with the dense attention and the loss unchunked (the blockwise attention and
-    the chunked loss are loops over the same products; their recomputation in the backward
-    pass is not counted).
+    XLA's cost analysis counts the body of a loop once and prices a loop it cannot see
+    through at -1 s, so the cost is read from loop-free forms of the step: one and two
+    unrolled layers, extended linearly (``cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1))``:
+    every layer of a stack is the same computation), with the dense attention and the loss
+    unchunked (the blockwise attention and the chunked loss are loops over the same
+    products; their recomputation in the backward pass is not counted), compiled without
+    windowed einsums (:data:`COST_OPTIONS`: XLA overlaps a weight's all-gather with its
+    matmul in a loop). XLA's TPU cost model prices some custom calls at -1 s each
+    (:data:`UNPRICED_CALLS`); they are taken out. ``note`` says why there is no usable
+    estimate, else it is empty; the FLOPs and bytes stand either way.
     """
     costs = []
     for layers in (1, 2):
@@ -335,10 +380,11 @@ def step_cost(cfg, model, mesh, batch) -> tuple[float, float]:
         opt_state = jax.eval_shape(optimizer.init, adapter)
         rng = jax.eval_shape(lambda: jax.random.key(0))
         with jax.set_mesh(mesh):
-            costs.append(_cost(step.lower(adapter, opt_state, frozen, batch, rng).compile()))
-    (f1, s1), (f2, s2) = costs
+            costs.append(_cost(step.lower(adapter, opt_state, frozen, batch, rng).compile(
+                compiler_options=COST_OPTIONS)))
+    (f1, s1, b1, n1), (f2, s2, b2, n2) = costs
     n = model.num_layers
-    return f1 + (n - 1) * (f2 - f1), s1 + (n - 1) * (s2 - s1)
+    return f1 + (n - 1) * (f2 - f1), s1 + (n - 1) * (s2 - s1), b1 + (n - 1) * (b2 - b1), n1 or n2
 
 
 def stack_name(remat) -> str:
@@ -362,9 +408,9 @@ def sweep(cfg, *, shape, topology, batch, seq, answer=None) -> list[Plan]:
 
 
 def best(plans: list[Plan]) -> Plan | None:
-    """The fitting plan with the shortest estimated step, or None."""
+    """The fitting plan with the shortest estimated step (XLA's; plans without one last), or None."""
     fitting = [p for p in plans if p.fits]
-    return min(fitting, key=lambda p: p.seconds) if fitting else None
+    return min(fitting, key=lambda p: p.seconds if p.seconds > 0 else float("inf")) if fitting else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -393,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_step(cfg=cfg, shape=args.shape, topology=args.topology, mesh=args.mesh, batch=args.batch,
                          seq=args.seq, answer=args.answer)
         print(plan.row())
+        if plan.cost_note:
+            print(f"no XLA time estimate: {plan.cost_note}")
         if not plan.fits:
             print(f"does not fit: needs {plan.peak / GIB:.2f} GiB per chip, the chip has {plan.hbm / GIB:.2f} GiB")
         return 0 if plan.fits else 1

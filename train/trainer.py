@@ -107,24 +107,32 @@ def make_train_step(method, model, optimizer, shardings: dict | None = None, *, 
     loss_fn = make_loss_fn(method, model, sums)
 
     opt_on_host = shardings is not None and offload.on_host(shardings["opt_state"])
+    # Activations keep the batch's row split through every layer (jpeft.sharding.activation_rows).
+    rows = None if shardings is None else getattr(shardings["batch"], "tokens_BxT", None)
 
     def step(adapter, opt_state, frozen, batch, rng):
-        loss, grads = jax.value_and_grad(loss_fn)(adapter, frozen, batch, rng)
-        if opt_on_host:  # the state stays in host memory and is updated there (Placement(offload_optimizer=True))
-            new_adapter, new_opt_state = offload.update_in_host_memory(optimizer, grads, opt_state, adapter,
-                                                                       shardings["opt_state"], shardings["adapter"])
+        with sharding.activation_rows(rows):
+            loss, grads = jax.value_and_grad(loss_fn)(adapter, frozen, batch, rng)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if opt_on_host:  # the state lives in host memory and streams through HBM (Placement(offload_optimizer=True))
+            # Kept or dropped leaf by leaf as it streams, so on the loss and gradients alone (holding the old and
+            # new weights until every new one is checked would cost a second copy of them). With a finite gradient
+            # norm every squared gradient is finite, and so is Adam's state; a weight the update makes overflow
+            # marks the step not finite below but is not undone.
+            # A method's own optimizer transformation may mix leaves: it gets the whole state at once.
+            adapter, opt_state = offload.update_streamed(optimizer, grads, opt_state, adapter,
+                                                         shardings["opt_state"], finite,
+                                                         leafwise=method.training.optimizer is None)
+            for leaf in jax.tree.leaves(adapter):
+                finite = finite & jnp.all(jnp.isfinite(leaf))
         else:
             updates, new_opt_state = optimizer.update(grads, opt_state, adapter)
             new_adapter = optax.apply_updates(adapter, updates)
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        for leaf in jax.tree.leaves(new_adapter):  # elementwise: a norm of huge finite values overflows
-            finite = finite & jnp.all(jnp.isfinite(leaf))
-        keep = lambda new, old: jnp.where(finite, new, old)
-        adapter = jax.tree.map(keep, new_adapter, adapter)
-        if opt_on_host:
-            opt_state = offload.keep_in_host_memory(finite, new_opt_state, opt_state, shardings["opt_state"])
-        else:
+            for leaf in jax.tree.leaves(new_adapter):  # elementwise: a norm of huge finite values overflows
+                finite = finite & jnp.all(jnp.isfinite(leaf))
+            keep = lambda new, old: jnp.where(finite, new, old)
+            adapter = jax.tree.map(keep, new_adapter, adapter)
             opt_state = jax.tree.map(keep, new_opt_state, opt_state)
         return adapter, opt_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import attention, ops
+from jpeft import attention, ops, sharding
 from jpeft.models.names import CheckpointNames
 from jpeft.models import blocks, families, hooks, kv_cache, llama_formats, spec
 from jpeft import stack
@@ -286,6 +286,7 @@ def _mlp(p: dict, x_BxTxD: jax.Array) -> jax.Array:
 
 def _decoder_layer(p: dict, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, layer_cache, index, use_prefix,
                    structure=None):
+    x_BxTxD = sharding.constrain_rows(x_BxTxD)  # rows split like the batch (no-op outside activation_rows)
     h_BxTxD = blocks.rms_norm(x_BxTxD, p["input_layernorm"]["scale"], c.rms_norm_eps)
     prefix = hooks.get(p, "prefix") if use_prefix else None
     attn_BxTxD, new_cache = _attention(p["self_attn"], c, h_BxTxD, rope, allowed_BxTxS, layer_cache, index, prefix,
@@ -297,7 +298,7 @@ def _decoder_layer(p: dict, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, layer_
     mlp_BxTxD = _mlp(p["mlp"], h_BxTxD)
     if hooks.get(p, "mlp_output") is not None:  # e.g. a bottleneck adapter
         mlp_BxTxD = hooks.get(p, "mlp_output")(mlp_BxTxD)
-    return x_BxTxD + mlp_BxTxD, new_cache
+    return sharding.constrain_rows(x_BxTxD + mlp_BxTxD), new_cache
 
 
 def _run_layers(params, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, cache, use_prefix, structure=None):
@@ -324,7 +325,7 @@ def _run_layers(params, c: LlamaConfig, x_BxTxD, rope, allowed_BxTxS, cache, use
 
 def embed_tokens(params: dict, config: LlamaConfig, tokens_BxT: jax.Array) -> jax.Array:
     """Token embeddings ``(B, T, D)`` in the compute dtype."""
-    return ops.embed(tokens_BxT, params["embed_tokens"]["embedding"], config.compute_dtype)
+    return sharding.constrain_rows(ops.embed(tokens_BxT, params["embed_tokens"]["embedding"], config.compute_dtype))
 
 
 def lm_head(params: dict, config: LlamaConfig, hidden_BxTxD: jax.Array) -> jax.Array:
