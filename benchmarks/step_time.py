@@ -13,6 +13,10 @@ matmul at the step's own shapes, timed in the same process, gives the machine's 
 
     python benchmarks/step_time.py [--methods lora,full] [--rounds 2] [--batch 4] [--seq 128]
         [--rank 8] [--targets q,k,v,o] [--dtype float32] [--quantize nf4] [--layers scan|unrolled]
+        [--remat none|dots|layer_input]
+
+jpeft's step is the trainer's: scanned layers with the trainer's ``model.remat`` unless
+``--layers`` / ``--remat`` say otherwise; its loss is :func:`jpeft.losses.token_xent`.
 
 With ``--quantize nf4`` (or int4) jpeft's frozen projections are 4-bit (QLoRA); torch has
 no CPU 4-bit path, so that row is jpeft's alone and its ratio is against jpeft's LoRA step.
@@ -52,6 +56,8 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--layers", default="scan", choices=("scan", "unrolled"),
                         help="jpeft's layers: one scanned body (the trainer's default) or unrolled")
+    parser.add_argument("--remat", default=None, choices=(None, "none", "dots", "layer_input"),
+                        help="what each jpeft layer keeps for the backward pass (default: the trainer's model.remat)")
     parser.add_argument("--quantize", default=None, choices=(None, "nf4", "int4", "int8"),
                         help="also time QLoRA: jpeft's frozen projections in this format")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per process")
@@ -60,6 +66,13 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--method", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def _remat(args) -> str:
+    """``--remat``, else the trainer's default ``model.remat`` (the step ``python -m train`` runs)."""
+    from train.sections import ModelConfig
+
+    return args.remat or ModelConfig().remat
 
 
 def _tokens(args):
@@ -167,7 +180,8 @@ def jpeft_worker(args) -> dict:
     from jpeft.models import llama
     from shapes import smollm2_135m
 
-    config = smollm2_135m(scan_layers=args.layers == "scan", dtype=args.dtype, param_dtype=args.dtype)
+    config = smollm2_135m(scan_layers=args.layers == "scan", dtype=args.dtype, param_dtype=args.dtype,
+                          remat=_remat(args))
     model = llama.model(config)
     params = jax.jit(model.init)(jax.random.key(0))
     step, adapter, opt_state, frozen = _jpeft_step(args, model, params)
@@ -250,7 +264,7 @@ def main(argv=None) -> None:
     if args.quantize:
         methods.append("qlora")
     stacks = [s for s in args.stacks.split(",") if s]
-    print(f"SmolLM2-135M shapes ({args.layers} layers in jpeft), batch {args.batch} x seq {args.seq}, {args.dtype}, "
+    print(f"SmolLM2-135M shapes ({args.layers} layers in jpeft, remat {_remat(args)}), batch {args.batch} x seq {args.seq}, {args.dtype}, "
           f"LoRA r={args.rank} on "
           f"{args.targets}; median of {args.steps} steps after {args.warmup}; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
@@ -264,7 +278,7 @@ def main(argv=None) -> None:
                 results.setdefault((stack, method), []).append(result)
                 print(f"round {round_index + 1}: {stack:<6}{method:<6}median step {result['median']:.3f} s "
                       f"(load {os.getloadavg()[0]:.1f})", flush=True)
-    summary, figures = {}, {"layers": args.layers, "batch": args.batch, "seq": args.seq}
+    summary, figures = {}, {"layers": args.layers, "remat": _remat(args), "batch": args.batch, "seq": args.seq}
     print(f"\n{'method':<8}{'jpeft s':>18}{'torch s':>18}{'ratio':>8}{'floor s':>9}{'over floor':>11}")
     for method in methods:
         ours, theirs = results.get(("jpeft", method), []), results.get(("torch", method), [])

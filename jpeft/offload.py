@@ -29,7 +29,11 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import optax
 from jax.sharding import Sharding
+from optax import tree_utils
+
+from jpeft import optim
 
 HOST = "pinned_host"
 DEVICE = "device"
@@ -102,11 +106,6 @@ def update_streamed(optimizer, grads: Any, opt_state: Any, params: Any, state_sh
     mixes leaves, such as a method's own transformation) updates every leaf in one call: the
     whole state comes into HBM for it.
     """
-    import optax
-    from optax import tree_utils
-
-    from jpeft import optim
-
     is_none = lambda x: x is None
     leaves, treedef = jax.tree.flatten(params)
     index = jax.tree.unflatten(treedef, range(len(leaves)))
