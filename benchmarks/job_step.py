@@ -32,7 +32,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,8 +39,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's jpeft and train, not installed ones
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from train.records import write_record  # noqa: E402
+from workers import run_worker  # noqa: E402
 
 MARK = "JOB_STEP_RESULT "
 CONFIG = ROOT / "configs" / "smollm2_bbc_lora.yaml"
@@ -186,14 +187,7 @@ def torch_worker(args, folder: Path, best: bool) -> dict:
 
 
 def _run_worker(stack: str, folder: Path, argv: list[str]) -> dict:
-    command = [sys.executable, __file__, *argv, "--worker", stack, "--folder", str(folder)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"the {stack} worker failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    result = json.loads(lines[-1][len(MARK):])
-    result["median"] = statistics.median(result["times"])
-    return result
+    return run_worker(__file__, [*argv, "--worker", stack, "--folder", str(folder)], MARK, stack)
 
 
 def main(argv=None) -> None:

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +40,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's jpeft, not an installed one
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from train.records import write_record  # noqa: E402
+from workers import run_worker  # noqa: E402
 
 MARK = "STEP_TIME_RESULT "
 
@@ -240,14 +240,7 @@ def torch_worker(args) -> dict:
 
 
 def _run_worker(stack: str, method: str, argv: list[str]) -> dict:
-    command = [sys.executable, __file__, *argv, "--worker", stack, "--method", method]
-    done = subprocess.run(command, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"the {stack} {method} worker failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    result = json.loads(lines[-1][len(MARK):])
-    result["median"] = statistics.median(result["times"])
-    return result
+    return run_worker(__file__, [*argv, "--worker", stack, "--method", method], MARK, f"{stack} {method}")
 
 
 def main(argv=None) -> None:
