@@ -368,3 +368,32 @@ def test_full_finetuning_adapter_inherits_param_axes():
     adapter_sh = sharding.adapter_shardings(method, adapter, axes, mesh, sharding.load_rules("default"))
     assert adapter_sh["layers"]["self_attn"]["q_proj"]["kernel"].spec == PartitionSpec(None, "fsdp", "tensor")
     assert adapter_sh["layers"]["input_layernorm"]["scale"].spec == PartitionSpec(None, None)
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_every_family_keeps_activation_rows_split(family):
+    """BERT's and T5's layer loops constrain rows like llama's: same values, constraints in the program."""
+    from jpeft.models import bert, t5
+
+    if family == "bert":
+        model = bert.model(bert.BertConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2,
+                                           num_heads=2, scan_layers=True))
+        extra = {}
+    else:
+        model = t5.model(t5.T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                                     scan_layers=True))
+        extra = {"decoder_tokens_BxT": jnp.ones((8, 5), jnp.int32)}
+    params = model.init(jax.random.key(0))
+    tokens_BxT = jax.random.randint(jax.random.key(1), (8, 5), 1, 64)
+    out = lambda params, tokens: model.forward(params, tokens, **extra)[0]
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    rows = NamedSharding(mesh, PartitionSpec("fsdp"))
+
+    def constrained(params, tokens):
+        with sharding.activation_rows(rows):
+            return out(params, tokens)
+
+    lowered = jax.jit(constrained).lower(params, jax.device_put(tokens_BxT, rows))
+    assert lowered.as_text().count("sharding_constraint") >= 2  # each layer's input and output
+    np.testing.assert_allclose(lowered.compile()(params, jax.device_put(tokens_BxT, rows)), out(params, tokens_BxT),
+                               rtol=1e-5, atol=1e-6)

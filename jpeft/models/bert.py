@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import ops
+from jpeft import ops, sharding
 from jpeft.models.names import CheckpointNames, NameRule, NameTable
 from jpeft.models import blocks, families, hooks, spec
 from jpeft import stack
@@ -285,8 +285,12 @@ def _layer(p: dict, x_BxTxD, *, c: BertConfig, allowed_BxTxS, use_prefix: bool):
 
 
 def _run_layers(params: dict, c: BertConfig, x_BxTxD, allowed_BxTxS, use_prefix: bool):
-    layer_fn = functools.partial(_layer, c=c, allowed_BxTxS=allowed_BxTxS, use_prefix=use_prefix)
-    layer_fn = stack.remat_layer(layer_fn, c.remat)
+    layer = stack.remat_layer(functools.partial(_layer, c=c, allowed_BxTxS=allowed_BxTxS, use_prefix=use_prefix),
+                              c.remat)
+
+    def layer_fn(p, x_BxTxD):  # rows split like the batch's (no-op outside sharding.activation_rows)
+        return sharding.constrain_rows(layer(p, sharding.constrain_rows(x_BxTxD)))
+
     if c.scan_layers:
         x_BxTxD, _ = stack.scan(lambda x, p, _: (layer_fn(p, x), None), x_BxTxD, params["layers"])
         return x_BxTxD

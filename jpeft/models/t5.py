@@ -63,7 +63,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpeft import ops
+from jpeft import ops, sharding
 from jpeft.models.names import CheckpointNames, NameRule, NameTable
 from jpeft.models import blocks, families, hooks, kv_cache, spec
 from jpeft import stack
@@ -370,8 +370,17 @@ def _decoder_layer(p, x_BxTxD, layer_cache, cross_kv, *, c, bias, allowed, cross
 
 
 def _run(part: dict, c: T5Config, n: int, layer_fn, x, xs=None):
-    """Every layer of a stack, unrolled or scanned; ``xs`` per-layer inputs (a tree keyed like the layers)."""
-    layer_fn = stack.remat_layer(layer_fn, c.remat)
+    """Every layer of a stack, unrolled or scanned; ``xs`` per-layer inputs (a tree keyed like the layers).
+
+    Each layer's input and output rows are split like the batch's (``sharding.constrain_rows``:
+    a no-op outside ``sharding.activation_rows``).
+    """
+    layer = stack.remat_layer(layer_fn, c.remat)
+
+    def layer_fn(p, x, *inputs):
+        out = layer(p, sharding.constrain_rows(x), *inputs)
+        return (sharding.constrain_rows(out[0]), out[1]) if inputs else sharding.constrain_rows(out)
+
     if c.scan_layers:
         def body(x, p, inputs):
             return layer_fn(p, x, *inputs) if inputs is not None else (layer_fn(p, x), None)
