@@ -11,7 +11,8 @@ aliased to donated arguments + temporaries. The MFU is an estimate: compiled FLO
 estimated step time (``optimal_seconds``, read as :func:`train.plan.step_cost` says) times the chip's
 peak bf16 FLOP/s; beside it a roofline estimate (not XLA's): FLOPs over the longer of FLOPs at peak
 and the cost analysis's bytes accessed at HBM bandwidth. Both are computed for the 8B LoRA step only
-(two more compiles), the other rows show memory.
+(two more compiles each), once with the blockwise attention (priced as the dense form) and once with
+the Pallas splash kernel (``model.attention=splash``); the other rows show memory.
 
 Run: ``python benchmarks/tpu_plan.py`` (needs ``pip install 'jpeft[tpu]'``; several minutes of compiling).
 """
@@ -49,6 +50,8 @@ def main() -> None:
                               label="8B full, Adam in HBM"),
         "8b_lora_v5e_8": dict(cfg=cfg(*LORA), shape="llama-3.1-8b", topology="v5e-8", label="8B LoRA (bf16 base)",
                               cost_layers=True),
+        "8b_lora_splash_v5e_8": dict(cfg=cfg(*LORA, "model.attention=splash"), shape="llama-3.1-8b",
+                                     topology="v5e-8", label="8B LoRA (bf16 base), splash", cost_layers=True),
     }
     plans = {}
     for name, kwargs in runs.items():
@@ -69,6 +72,10 @@ def main() -> None:
           f"{lora.flops / 1e12:.1f} TFLOP and {lora.bytes_accessed / 1e9:.0f} GB accessed per chip at "
           f"{lora.peak_flops / 1e12:.0f} TFLOP/s and {lora.hbm_bandwidth / 1e9:.0f} GB/s: "
           f"{lora.roofline_seconds:.3f} s)")
+    splash = plans["8b_lora_splash_v5e_8"]
+    if splash.seconds > 0:
+        print(f"plan_8b_lora_v5e_8_splash_est_mfu={splash.mfu:.3f} (XLA's estimate with the splash kernel, whose "
+              f"products it does not count: {splash.flops / 1e12:.1f} TFLOP per chip in {splash.seconds:.3f} s)")
     write_record("tpu_plan", {
         "batch": [8, 2048], "settings": [*STEP, *LORA],
         "rows": {name: {**{k: v for k, v in dataclasses.asdict(p).items() if k != "expected_arguments"},

@@ -4,9 +4,9 @@ Used by :func:`jpeft.attention.attend` with ``implementation="splash"`` when the
 :class:`~jpeft.attention.MaskStructure` (causal with the keys' offset, padding as segment
 ids) and the lengths are multiples of the kernel's 128-wide tiles; otherwise the blockwise
 form runs. Grouped-query heads run as one multi-query kernel per key/value head. Under a
-mesh context (``jax.set_mesh``), the batch is split over every mesh axis but ``tensor``
-and the key/value heads over ``tensor``, with ``shard_map``: a Pallas kernel is not
-partitioned by XLA.
+mesh context (``jax.set_mesh``, or the mesh the trainer's step traces under), the batch is
+split over every mesh axis but ``tensor`` and the key/value heads over ``tensor``, with
+``shard_map``: a Pallas kernel is not partitioned by XLA.
 
 Padding: a padded query attends only to padded keys (segment 0) and a real one only to
 real keys, so the real positions' outputs equal the dense form's; padded positions differ

@@ -77,7 +77,10 @@ def test_unknown_names_are_clear():
 
 
 def test_splash_attention_compiles_for_tpu_on_a_sharded_mesh(cfg):
-    """The Pallas kernel, not partitioned by XLA, runs per shard (shard_map over rows and key/value heads)."""
+    """The Pallas kernel, not partitioned by XLA, runs per shard (shard_map over rows and key/value heads).
+
+    The planner compiles the trainer's step as ``python -m train`` runs it, with no mesh set
+    around it: the step traces under its own mesh."""
     splash = config.apply_overrides(cfg, ["model.attention=splash"])
     p = plan.plan_step(cfg=splash, shape=TINY, topology="v5e-4", mesh="fsdp=2,tensor=2", batch=4, seq=256,
                        cost_layers=False)
@@ -103,3 +106,15 @@ def test_cost_takes_out_the_unpriced_calls_and_refuses_loops():
     assert "came out -3.000" in plan._cost(Compiled(-3.0, call))[3]
     p = plan.Plan("x", 4, {}, "none", 1, peak_flops=200e12, hbm_bandwidth=800e9, flops=4e12, bytes_accessed=8e9)
     assert p.roofline_seconds == 0.02 and p.roofline_mfu == 1.0  # compute-bound: 20 ms of FLOPs, 10 ms of bytes
+
+
+def test_micro_batches_keep_the_arguments_and_hold_fewer_activations(cfg):
+    """Gradient accumulation: the same arguments, one micro-batch's activations alive at a time."""
+    whole = plan.plan_step(cfg=cfg, shape=TINY, topology="v5e-4", batch=8, seq=256, cost_layers=False)
+    in_parts = config.apply_overrides(cfg, ["train.batch_size=8", "train.micro_batches=2"])
+    parts = plan.plan_step(cfg=in_parts, shape=TINY, topology="v5e-4", batch=8, seq=256, cost_layers=False)
+    assert parts.compiled and parts.micro_batches == 2
+    assert abs(parts.arguments - whole.arguments) <= LAYOUT_SLACK
+    assert parts.temporaries < whole.temporaries, (parts.temporaries, whole.temporaries)
+    with pytest.raises(plan.PlanError, match="micro-batches"):
+        plan.plan_step(cfg=in_parts, shape=TINY, topology="v5e-4", batch=5, seq=128, cost_layers=False)

@@ -282,6 +282,11 @@ def _check_whole(config: RunConfig) -> None:
             f"bad value for 'train.warmup_steps': {config.train.warmup_steps} must be < train.steps"
             f" ({config.train.steps}); lower it too, e.g. train.warmup_steps=0"
         )
+    if config.train.batch_size % config.train.micro_batches:
+        raise ConfigError(
+            f"bad value for 'train.micro_batches': {config.train.micro_batches} must divide train.batch_size"
+            f" ({config.train.batch_size}); e.g. train.micro_batches=1 (no accumulation)"
+        )
     if config.data.val_fraction + config.data.test_fraction >= 1.0:
         raise ConfigError("'data.val_fraction' + 'data.test_fraction' must be < 1 to leave training articles")
     if config.data.dir is not None and not os.path.isdir(config.data.dir):

@@ -212,6 +212,7 @@ class Plan:
     hbm: int
     peak_flops: float
     hbm_bandwidth: float = 0.0
+    micro_batches: int = 1
     compiled: bool = False
     arguments: int = 0
     outputs: int = 0
@@ -259,18 +260,20 @@ class Plan:
                 else f"{'-':>8s} {'-':>7s} {'-':>6s} {'-':>7s}")
         if not self.compiled:
             need = f"needs {self.needed / GIB:.2f} GiB" if self.needed else self.error[:80]
-            return f"{self.label:34s} {mesh:14s} {self.remat:11s} {'-':>7s} {'-':>7s} {'-':>7s} {'-':>6s} " \
+            return f"{self.label:34s} {mesh:14s} {self.remat:11s} {self.micro_batches:2d} {'-':>7s} {'-':>7s} " \
+                   f"{'-':>7s} {'-':>6s} " \
                    f"{self.peak / GIB:7.2f} {'no':>4s}  {need}"
-        return (f"{self.label:34s} {mesh:14s} {self.remat:11s} {self.arguments / GIB:7.2f} "
+        return (f"{self.label:34s} {mesh:14s} {self.remat:11s} {self.micro_batches:2d} {self.arguments / GIB:7.2f} "
                 f"{self.temporaries / GIB:7.2f} "
                 f"{(self.outputs - self.aliased) / GIB:7.2f} {self.host / GIB:6.2f} {self.peak / GIB:7.2f} "
                 f"{'yes' if self.fits else 'no':>4s}  {cost}")
 
 
-HEADER = (f"{'step':34s} {'mesh':14s} {'remat':11s} {'args':>7s} {'temp':>7s} {'out':>7s} {'host':>6s} "
+HEADER = (f"{'step':34s} {'mesh':14s} {'remat':11s} {'mb':>2s} {'args':>7s} {'temp':>7s} {'out':>7s} {'host':>6s} "
           f"{'peak':>7s} {'fits':>4s}  {'TFLOP':>8s} {'est s':>7s} {'estMFU':>6s} {'roofMFU':>7s}")
-UNITS = ("per chip; memory in GiB (args: arguments, temp: temporaries, out: outputs not aliased to donated "
-         "arguments, host: pinned_host arguments; peak = args + out + temp); TFLOP: compiled FLOPs; est s: XLA's "
+UNITS = ("per chip; mb: micro-batches (gradient accumulation); memory in GiB (args: arguments, temp: "
+         "temporaries, out: outputs not aliased to donated arguments, host: pinned_host arguments; peak = args + out "
+         "+ temp); TFLOP: compiled FLOPs; est s: XLA's "
          "estimated step time (optimal_seconds); estMFU: TFLOP / (est s x peak bf16 FLOP/s): an estimate; roofMFU: "
          "roofline estimate, not XLA's: TFLOP / (max(TFLOP / peak, bytes accessed / HBM bandwidth) x peak)")
 
@@ -295,6 +298,9 @@ def plan_step(*, cfg=None, shape: str | dict = "llama-3.2-1b", topology: str = "
     bfloat16 compute). ``cost_layers``: also compile the 1- and 2-layer steps for FLOPs and time (:func:`step_cost`).
     """
     cfg = config_lib.from_dict({}) if cfg is None else cfg
+    if batch % cfg.train.micro_batches:
+        raise PlanError(f"a batch of {batch} rows does not split into train.micro_batches={cfg.train.micro_batches} "
+                        "micro-batches; pick a count that divides --batch")
     devices, chip = tpu_devices(topology)
     sizes = parse_mesh(mesh, len(devices))
 
@@ -306,19 +312,20 @@ def plan_step(*, cfg=None, shape: str | dict = "llama-3.2-1b", topology: str = "
     batch_ = abstract_batch(batch, seq, answer)
     shardings = place.step_shardings(batch_)
     step = trainer.make_train_step(method, model, optimizer, shardings,
-                                   sums=functools.partial(answer_xent, chunk=cfg.train.loss_chunk))
+                                   sums=functools.partial(answer_xent, chunk=cfg.train.loss_chunk),
+                                   micro_batches=cfg.train.micro_batches)
     opt_state = jax.eval_shape(optimizer.init, adapter)
     rng = jax.eval_shape(lambda: jax.random.key(0))
     plan = Plan(label or f"{shape if isinstance(shape, str) else 'model'} {cfg.method}", len(devices), sizes,
-                stack_name(cfg.model.remat), chip.hbm_bytes, chip.peak_flops, chip.hbm_bandwidth)
+                stack_name(cfg.model.remat), chip.hbm_bytes, chip.peak_flops, chip.hbm_bandwidth,
+                micro_batches=cfg.train.micro_batches)
     plan.expected_arguments = {"frozen": shard_bytes(frozen, place.frozen),
                                "adapter": shard_bytes(adapter, place.adapter),
                                "opt_state": shard_bytes(opt_state, place.opt_state),
                                "batch": shard_bytes(batch_, shardings["batch"]),
                                "rng": shard_bytes(rng, shardings["rng"])}
     try:
-        with jax.set_mesh(mesh_):  # kernels that are not partitioned by XLA (splash) shard_map over it
-            compiled = step.lower(adapter, opt_state, frozen, batch_, rng).compile()
+        compiled = step.lower(adapter, opt_state, frozen, batch_, rng).compile()
     except Exception as err:  # the TPU compiler refuses a step that does not fit (RESOURCE_EXHAUSTED)
         message = str(err)
         if "exceeds" not in message and "RESOURCE_EXHAUSTED" not in message:
@@ -362,26 +369,30 @@ def step_cost(cfg, model, mesh, batch) -> tuple[float, float, float, str]:
     XLA's cost analysis counts the body of a loop once and prices a loop it cannot see
     through at -1 s, so the cost is read from loop-free forms of the step: one and two
     unrolled layers, extended linearly (``cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1))``:
-    every layer of a stack is the same computation), with the dense attention and the loss
-    unchunked (the blockwise attention and the chunked loss are loops over the same
-    products; their recomputation in the backward pass is not counted), compiled without
+    every layer of a stack is the same computation), with the loss unchunked and the
+    attention dense (the blockwise attention and the chunked loss are loops over the same
+    products; their recomputation in the backward pass is not counted), or, for a run with
+    ``model.attention=splash``, the splash kernel itself: XLA's cost model counts the
+    kernel's bytes but not its arithmetic (a Pallas kernel is opaque to it), so the FLOPs
+    and the time leave the attention's products out. Compiled without
     windowed einsums (:data:`COST_OPTIONS`: XLA overlaps a weight's all-gather with its
     matmul in a loop). XLA's TPU cost model prices some custom calls at -1 s each
     (:data:`UNPRICED_CALLS`); they are taken out. ``note`` says why there is no usable
     estimate, else it is empty; the FLOPs and bytes stand either way.
     """
+    # The splash kernel is one custom call (no loop): kept. Blockwise attention is a loop: the dense form stands in.
+    cost_attention = "splash" if model.config.attention == "splash" else "xla"
     costs = []
     for layers in (1, 2):
-        small = model.replace(num_layers=layers, scan_layers=False, attention="xla")
+        small = model.replace(num_layers=layers, scan_layers=False, attention=cost_attention)
         method, frozen, adapter, optimizer = abstract_parts(cfg, small)
         place = trainer.Placement(mesh, cfg.sharding.rules, method, small, frozen, adapter, optimizer,
                                   cfg.train.offload_optimizer)
-        step = trainer.make_train_step(method, small, optimizer, place.step_shardings(batch), sums=answer_xent)
+        step = trainer.make_train_step(method, small, optimizer, place.step_shardings(batch), sums=answer_xent,
+                                       micro_batches=cfg.train.micro_batches, unroll_micro_batches=True)
         opt_state = jax.eval_shape(optimizer.init, adapter)
         rng = jax.eval_shape(lambda: jax.random.key(0))
-        with jax.set_mesh(mesh):
-            costs.append(_cost(step.lower(adapter, opt_state, frozen, batch, rng).compile(
-                compiler_options=COST_OPTIONS)))
+        costs.append(_cost(step.lower(adapter, opt_state, frozen, batch, rng).compile(compiler_options=COST_OPTIONS)))
     (f1, s1, b1, n1), (f2, s2, b2, n2) = costs
     n = model.num_layers
     return f1 + (n - 1) * (f2 - f1), s1 + (n - 1) * (s2 - s1), b1 + (n - 1) * (b2 - b1), n1 or n2
@@ -392,18 +403,25 @@ def stack_name(remat) -> str:
     return stack.check_remat(remat)
 
 
-def sweep(cfg, *, shape, topology, batch, seq, answer=None) -> list[Plan]:
-    """Every mesh shape (fsdp x tensor over the slice) x remat policy; the caller picks the best that fits."""
+def sweep(cfg, *, shape, topology, batch, seq, answer=None, micro_batches=(1, 2, 4)) -> list[Plan]:
+    """Every mesh shape (fsdp x tensor over the slice) x remat policy x micro-batch count; the caller picks the best.
+
+    A micro-batch count is tried where each micro-batch still gives every row shard
+    (``data x fsdp``) whole rows: ``batch % (count x rows shards) == 0``.
+    """
     devices, _ = tpu_devices(topology)
     n = len(devices)
     meshes = [f"fsdp={n // t},tensor={t}" for t in (1, 2, 4) if n % t == 0 and n // t >= 1]
     plans = []
     for mesh in meshes:
-        for remat in REMAT_SWEEP:
-            run_cfg = config_lib.apply_overrides(cfg, [f"model.remat={remat}"])
-            plans.append(plan_step(cfg=run_cfg, shape=shape, topology=topology, mesh=mesh, batch=batch, seq=seq,
-                                   answer=answer))
-            print(plans[-1].row(), flush=True)
+        row_shards = n // parse_mesh(mesh, n)["tensor"]
+        for count in (c for c in micro_batches if batch % (c * row_shards) == 0):
+            for remat in REMAT_SWEEP:
+                run_cfg = config_lib.apply_overrides(cfg, [f"model.remat={remat}", f"train.batch_size={batch}",
+                                                           f"train.micro_batches={count}"])
+                plans.append(plan_step(cfg=run_cfg, shape=shape, topology=topology, mesh=mesh, batch=batch,
+                                       seq=seq, answer=answer))
+                print(plans[-1].row(), flush=True)
     return plans
 
 
@@ -424,7 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="global batch (rows)")
     parser.add_argument("--seq", type=int, default=2048, help="tokens per row")
     parser.add_argument("--answer", type=int, default=None, help="loss positions per row (default: every token)")
-    parser.add_argument("--sweep", action="store_true", help="try mesh shapes x remat policies; report the best")
+    parser.add_argument("--sweep", action="store_true",
+                        help="try mesh shapes x remat policies x micro-batches; report the best")
+    parser.add_argument("--micro", default="1,2,4",
+                        help="micro-batch counts the sweep tries (gradient accumulation, train.micro_batches)")
     args = parser.parse_args(argv)
     try:
         cfg = (config_lib.load_config(args.config, args.set) if args.config
@@ -432,8 +453,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.shape}, {cfg.method}, {args.topology}, batch {args.batch} x {args.seq}; {UNITS}")
         print(HEADER)
         if args.sweep:
+            counts = tuple(int(c) for c in args.micro.split(","))
             found = best(sweep(cfg, shape=args.shape, topology=args.topology, batch=args.batch, seq=args.seq,
-                               answer=args.answer))
+                               answer=args.answer, micro_batches=counts))
             print("best estimate that fits:", found.row() if found else "none fits")
             return 0 if found else 1
         plan = plan_step(cfg=cfg, shape=args.shape, topology=args.topology, mesh=args.mesh, batch=args.batch,

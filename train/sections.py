@@ -82,6 +82,7 @@ class TrainConfig:
 
     steps: Positive = 100
     batch_size: Positive = 8
+    micro_batches: Positive = 1  # gradient accumulation: the batch in this many parts, one update (divides batch_size)
     lr: Annotated[float, Gt(0)] = 1e-3
     schedule: Schedule = "cosine"
     warmup_steps: NonNegative = 10

@@ -14,6 +14,8 @@ transformation, its penalty, its stages): the trainer knows no method by name.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import time
 from typing import Any, Callable, Iterator
 
@@ -95,24 +97,89 @@ def make_loss_fn(method, model, sums: Callable) -> Callable:
     return lifecycle.loss(method, make_params_loss(model, sums))
 
 
-def make_train_step(method, model, optimizer, shardings: dict | None = None, *, sums: Callable) -> Callable:
+def micro_batches_of(batch: Any, count: int) -> Any:
+    """``batch`` (every leaf ``(B, ...)``) as ``count`` micro-batches ``(count, B // count, ...)``, rows interleaved.
+
+    Micro-batch ``i`` holds rows ``i, i + count, i + 2 count, ...``: where the rows are split
+    over devices in contiguous blocks, every device holds its share of every micro-batch.
+
+    Example:
+        >>> micro_batches_of(jnp.arange(6), 2).tolist()
+        [[0, 2, 4], [1, 3, 5]]
+    """
+    def split(x):
+        if x.shape[0] % count:
+            raise ValueError(f"a batch of {x.shape[0]} rows does not split into {count} micro-batches; make "
+                             "train.batch_size a multiple of train.micro_batches")
+        return jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_loss_and_grad(method, model, sums: Callable, micro_batches: int = 1, unroll: bool = False) -> Callable:
+    """``(adapter, frozen, batch, rng) -> (loss, grads)``, the batch taken whole or in ``micro_batches`` parts.
+
+    In parts, the activations of one micro-batch at a time are alive, and the result is the
+    whole batch's: the loss sums and counts of every part are added before the division
+    (the mean over all the batch's loss positions, as taken whole), the gradient likewise,
+    and the method's penalty is added once. Each part gets its own dropout key
+    (``fold_in(rng, i)``). ``unroll``: the parts as straight-line code instead of a loop
+    (for XLA's cost analysis, which counts a loop's body once).
+    """
+    if micro_batches == 1:
+        return jax.value_and_grad(make_loss_fn(method, model, sums))
+    penalty = method.training.penalty
+
+    def part_sums(adapter, frozen, part, rng):
+        total, count = sums(method.apply(frozen, adapter, rng=rng), model, part)
+        return total, count
+
+    part_grad = jax.value_and_grad(part_sums, has_aux=True)
+
+    def loss_and_grad(adapter, frozen, batch, rng):
+        def add_part(carry, inputs):
+            grads, total, count = carry
+            part, i = inputs
+            (part_total, part_count), part_grads = part_grad(adapter, frozen, part, jax.random.fold_in(rng, i))
+            return (jax.tree.map(jnp.add, grads, part_grads), total + part_total, count + part_count), None
+
+        start = (jax.tree.map(jnp.zeros_like, adapter), jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        parts = (micro_batches_of(batch, micro_batches), jnp.arange(micro_batches))
+        (grads, total, count), _ = jax.lax.scan(add_part, start, parts, unroll=micro_batches if unroll else 1)
+        count = jnp.maximum(count, 1.0)
+        loss, grads = total / count, jax.tree.map(lambda g: g / count.astype(g.dtype), grads)
+        if penalty is not None:
+            value, penalty_grads = jax.value_and_grad(penalty)(adapter)
+            loss, grads = loss + value, jax.tree.map(jnp.add, grads, penalty_grads)
+        return loss, grads
+
+    return loss_and_grad
+
+
+def make_train_step(method, model, optimizer, shardings: dict | None = None, *, sums: Callable,
+                    micro_batches: int = 1, unroll_micro_batches: bool = False) -> Callable:
     """Jitted ``step(adapter, opt_state, frozen, batch, rng) -> (adapter, opt_state, stats)``.
 
     A step whose loss, gradients or updated adapter are not finite changes nothing: it
     returns the adapter and optimizer state it was given, and ``stats["finite"]`` is False
     (the loop decides whether to go on). ``shardings``: ``{"adapter", "opt_state", "frozen",
     "batch", "rng"}`` sharding trees (see :class:`Placement`) fix where every input and
-    output lives.
+    output lives. ``micro_batches``: the gradient accumulated over that many parts of the
+    batch, one optimizer update (:func:`make_loss_and_grad`).
     """
-    loss_fn = make_loss_fn(method, model, sums)
+    loss_and_grad = make_loss_and_grad(method, model, sums, micro_batches, unroll_micro_batches)
 
     opt_on_host = shardings is not None and offload.on_host(shardings["opt_state"])
     # Activations keep the batch's row split through every layer (jpeft.sharding.activation_rows).
     rows = None if shardings is None else getattr(shardings["batch"], "tokens_BxT", None)
 
+    # Traced with the mesh in context: kernels XLA cannot partition (Pallas splash attention) shard_map over it.
+    in_mesh = contextlib.nullcontext if rows is None else functools.partial(jax.sharding.use_abstract_mesh,
+                                                                           rows.mesh.abstract_mesh)
+
     def step(adapter, opt_state, frozen, batch, rng):
-        with sharding.activation_rows(rows):
-            loss, grads = jax.value_and_grad(loss_fn)(adapter, frozen, batch, rng)
+        with sharding.activation_rows(rows), in_mesh():
+            loss, grads = loss_and_grad(adapter, frozen, batch, rng)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if opt_on_host:  # the state lives in host memory and streams through HBM (Placement(offload_optimizer=True))
@@ -291,7 +358,8 @@ def train_loop(
                 bar.write(f"step {step}: stage {stage.describe()}, {trainable:,} trainable parameters")
         batch = next(batches)
         if step_fn is None:
-            step_fn = make_train_step(current, model, optimizer, place.step_shardings(batch), sums=sums)
+            step_fn = make_train_step(current, model, optimizer, place.step_shardings(batch), sums=sums,
+                                      micro_batches=cfg.micro_batches)
         start = time.perf_counter()
         adapter, opt_state, stats = step_fn(adapter, opt_state, frozen, place.batch(batch),
                                             jax.random.fold_in(key, step))
