@@ -12,7 +12,9 @@ estimated step time (``optimal_seconds``, read as :func:`train.plan.step_cost` s
 peak bf16 FLOP/s; beside it a roofline estimate (not XLA's): FLOPs over the longer of FLOPs at peak
 and the cost analysis's bytes accessed at HBM bandwidth. Both are computed for the 8B LoRA step only
 (two more compiles each), once with the blockwise attention (priced as the dense form) and once with
-the Pallas splash kernel (``model.attention=splash``); the other rows show memory.
+the Pallas splash kernel (``model.attention=splash``), and for LoRA on ``q_proj`` alone with the splash
+kernel (what the low-rank products of the other six projections cost); the other rows show memory,
+among them 70B QLoRA with the base's layer matrices in host memory (``train.offload_frozen``).
 
 Run: ``python benchmarks/tpu_plan.py`` (needs ``pip install 'jpeft[tpu]'``; several minutes of compiling).
 """
@@ -52,33 +54,46 @@ def main() -> None:
                               cost_layers=True),
         "8b_lora_splash_v5e_8": dict(cfg=cfg(*LORA, "model.attention=splash"), shape="llama-3.1-8b",
                                      topology="v5e-8", label="8B LoRA (bf16 base), splash", cost_layers=True),
+        # The same step with LoRA on q_proj alone: what the low-rank products of the other six cost.
+        "8b_lora_q_splash_v5e_8": dict(cfg=cfg(*LORA, "lora.targets=.*/q_proj/kernel", "model.attention=splash"),
+                                       shape="llama-3.1-8b", topology="v5e-8",
+                                       label="8B LoRA q_proj only, splash", cost_layers=True),
+        "70b_qlora_v5e_8_base_on_host": dict(cfg=cfg(*LORA, "model.quantize=nf4", "train.offload_frozen=true"),
+                                             shape="llama-3.1-70b", topology="v5e-8",
+                                             label="70B QLoRA, base on host"),
     }
     plans = {}
     for name, kwargs in runs.items():
         plans[name] = plan.plan_step(batch=8, seq=2048, **{"cost_layers": False, **kwargs})
         print(plans[name].row(), flush=True)
     gib = lambda p: f"{p.peak / plan.GIB:.2f}"
+    lora = plans["8b_lora_v5e_8"]
+    # Figures beside the four lines the step is held to (which come last).
+    print(f"plan_8b_lora_v5e_8_roofline_mfu={lora.roofline_mfu:.3f} (roofline estimate, not XLA's: "
+          f"{lora.flops / 1e12:.1f} TFLOP and {lora.bytes_accessed / 1e9:.0f} GB accessed per chip at "
+          f"{lora.peak_flops / 1e12:.0f} TFLOP/s and {lora.hbm_bandwidth / 1e9:.0f} GB/s: "
+          f"{lora.roofline_seconds:.3f} s)")
+    for name, what in (("8b_lora_splash_v5e_8", "seven projections"), ("8b_lora_q_splash_v5e_8", "q_proj only")):
+        p = plans[name]
+        if p.seconds > 0:
+            print(f"plan_{name}_est_mfu={p.mfu:.3f} (XLA's estimate, LoRA on {what}, with the splash kernel, whose "
+                  f"products it does not count: {p.flops / 1e12:.1f} TFLOP per chip in {p.seconds:.3f} s)")
+    on_host = plans["70b_qlora_v5e_8_base_on_host"]
+    print(f"plan_70b_qlora_v5e_8_base_on_host_peak_gib={gib(on_host)} (host: {on_host.host / plan.GIB:.2f} GiB of "
+          f"layer matrices)")
     print(f"plan_8b_qlora_v5e_4_peak_gib={gib(plans['8b_qlora_v5e_4'])}")
     print(f"plan_70b_qlora_v5e_8_peak_gib={gib(plans['70b_qlora_v5e_8'])}")
     print(f"plan_8b_full_v5e_8_offload_peak_gib={gib(plans['8b_full_v5e_8_offload'])} "
           f"(without offload: {gib(plans['8b_full_v5e_8'])}, fits: {plans['8b_full_v5e_8'].fits})")
-    lora = plans["8b_lora_v5e_8"]
     if lora.seconds > 0:
         print(f"plan_8b_lora_v5e_8_est_mfu={lora.mfu:.3f} (XLA's estimate: {lora.flops / 1e12:.1f} TFLOP per chip in "
               f"{lora.seconds:.3f} s)")
     else:
         print(f"plan_8b_lora_v5e_8_est_mfu=none ({lora.cost_note})")
-    print(f"plan_8b_lora_v5e_8_roofline_mfu={lora.roofline_mfu:.3f} (roofline estimate, not XLA's: "
-          f"{lora.flops / 1e12:.1f} TFLOP and {lora.bytes_accessed / 1e9:.0f} GB accessed per chip at "
-          f"{lora.peak_flops / 1e12:.0f} TFLOP/s and {lora.hbm_bandwidth / 1e9:.0f} GB/s: "
-          f"{lora.roofline_seconds:.3f} s)")
-    splash = plans["8b_lora_splash_v5e_8"]
-    if splash.seconds > 0:
-        print(f"plan_8b_lora_v5e_8_splash_est_mfu={splash.mfu:.3f} (XLA's estimate with the splash kernel, whose "
-              f"products it does not count: {splash.flops / 1e12:.1f} TFLOP per chip in {splash.seconds:.3f} s)")
     write_record("tpu_plan", {
         "batch": [8, 2048], "settings": [*STEP, *LORA],
-        "rows": {name: {**{k: v for k, v in dataclasses.asdict(p).items() if k != "expected_arguments"},
+        "rows": {name: {**{k: v for k, v in dataclasses.asdict(p).items()
+                           if k not in ("expected_arguments", "expected_host")},
                         "peak": p.peak, "fits": p.fits, "mfu": p.mfu if p.seconds > 0 else None,
                         "roofline_mfu": p.roofline_mfu if p.flops else None}
                  for name, p in plans.items()}})

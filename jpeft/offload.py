@@ -33,7 +33,7 @@ import optax
 from jax.sharding import Sharding
 from optax import tree_utils
 
-from jpeft import optim
+from jpeft import optim, stack, tree
 
 HOST = "pinned_host"
 DEVICE = "device"
@@ -61,8 +61,10 @@ def _shardings(tree: Any) -> list[Sharding]:
     return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, Sharding))
 
 
-def to_host(shardings: Any) -> Any:
+def to_host(shardings: Any, what: str = "the optimizer state", setting: str = "offload_optimizer") -> Any:
     """``shardings`` moved to the ``pinned_host`` memory kind (same devices and layout).
+
+    ``what`` and ``setting`` name the arrays and the setting that asked for it, for the error.
 
     Raises:
         HostMemoryError: when a device has no host memory kind (the message names the device).
@@ -71,8 +73,8 @@ def to_host(shardings: Any) -> Any:
         device = next(iter(sharding.device_set))
         if not host_memory_available(device):
             raise HostMemoryError(
-                f"{device.platform} device {device} has no {HOST!r} memory kind, so the optimizer state cannot "
-                f"live in host memory here; run without offloading (offload_optimizer: false) or on TPU/GPU")
+                f"{device.platform} device {device} has no {HOST!r} memory kind, so {what} cannot "
+                f"live in host memory here; run without offloading ({setting}: false) or on TPU/GPU")
     return jax.tree.map(lambda s: s.with_memory_kind(HOST), shardings, is_leaf=lambda x: isinstance(x, Sharding))
 
 
@@ -140,3 +142,54 @@ def update_streamed(optimizer, grads: Any, opt_state: Any, params: Any, state_sh
     # Each position from the call that updated it (per-parameter leaves), else from the last call.
     merged = [next((s[k] for s in reversed(new_states) if s[k] is not None), None) for k in range(len(state_kinds))]
     return jax.tree.unflatten(treedef, new_leaves), jax.tree.unflatten(state_def, merged)
+
+
+# ----------------------------------------------------------------------------- a frozen base in host memory
+
+
+def to_device(tree: Any) -> Any:
+    """Inside a jitted function: ``tree``'s arrays in device memory (a copy from host memory where they are there)."""
+    return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device) if isinstance(x, jax.Array) else x,
+                        tree)
+
+
+def layer_matrices_to_host(shardings: Any, params: Any, what: str = "the frozen base",
+                           setting: str = "offload_frozen") -> Any:
+    """``shardings`` of ``params`` with the layers' matrices in host memory (``pinned_host``), the rest unchanged.
+
+    A layer's matrix: a leaf under ``layers`` (stacked: three or more dimensions) or
+    ``layers_{i}`` (two or more), the bulk of a model's weights (4-bit codes included).
+    Embeddings, heads, norms and per-layer vectors (norm scales, 4-bit scales) stay in device
+    memory: they are used whole or are small, and the TPU compiler cannot slice a single
+    layer's row out of a stacked vector in host memory. Run the step under
+    :func:`layers_from_host`.
+
+    Raises:
+        HostMemoryError: when a device has no host memory kind.
+    """
+    def place(keypath, leaf, sharding):
+        path = tree.path_to_str(keypath)
+        stacked = stack.in_stack(path)
+        if not (stacked or stack.stacked_path(path)[1] is not None) or len(leaf.shape) < (3 if stacked else 2):
+            return sharding
+        return to_host(sharding, what, setting)
+
+    return jax.tree_util.tree_map_with_path(place, params, shardings)
+
+
+def layers_from_host():
+    """Within the block, every layer's parameters come to device memory as the layer runs (forward and backward).
+
+    The frozen base's layer matrices kept in host memory (:func:`layer_matrices_to_host`,
+    ``train.offload_frozen``) then take one layer's weights of HBM at a time: each layer copies
+    its own in (:func:`jpeft.stack.fetching_layers`, inside the layer's rematerialized region,
+    so the backward pass copies them in again rather than keeping every layer's).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> with layers_from_host():
+        ...     f = stack.remat_layer(lambda p, x: p["w"] * x, "layer_input")
+        >>> float(jax.jit(f)({"w": jnp.float32(3.0)}, 2.0))
+        6.0
+    """
+    return stack.fetching_layers(to_device)

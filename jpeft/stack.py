@@ -18,11 +18,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jpeft import tree
 
@@ -204,6 +207,45 @@ def scan(fn, carry: Any, layers: Any, xs: Any = None) -> tuple[Any, Any]:
 # ----------------------------------------------------------------------------- remat policies
 
 REMAT_POLICIES = ("none", "layer_input", "dots", "offload")
+FETCHED = "jpeft_fetched_layer_params"  # the checkpoint name of a layer's fetched parameters
+_FETCH: contextvars.ContextVar = contextvars.ContextVar("jpeft_layer_fetch", default=None)
+
+
+@contextlib.contextmanager
+def fetching_layers(fetch):
+    """Within the block, each layer made by :func:`remat_layer` passes its parameters through ``fetch`` first.
+
+    ``fetch(params) -> params`` runs inside the layer's rematerialized region, so the backward
+    pass fetches again rather than keeping the fetched copy of every layer (with policy
+    ``"none"`` everything else is kept). :func:`jpeft.offload.layers_from_host` uses it to bring a
+    frozen base kept in host memory into device memory one layer at a time.
+
+    Example:
+        >>> with fetching_layers(lambda p: {"w": p["w"] * 2}):
+        ...     f = remat_layer(lambda p, x: p["w"] * x, "dots")
+        >>> float(f({"w": jnp.float32(3.0)}, 1.0))
+        6.0
+    """
+    token = _FETCH.set(fetch)
+    try:
+        yield
+    finally:
+        _FETCH.reset(token)
+
+
+def _all_but_fetched(prim, *_, **params) -> bool:
+    """Remat policy ``"none"`` with fetched layers: keep every intermediate but the fetched parameters."""
+    if prim.name == "name":
+        return params.get("name") != FETCHED
+    return prim.name != "device_put"  # the copy a fetch makes (the name marks its output, not the copy)
+
+
+def _fetched_first(fn, fetch):
+    def layer(params, *args, **kwargs):
+        params = jax.tree.map(lambda x: checkpoint_name(x, FETCHED) if isinstance(x, jax.Array) else x, fetch(params))
+        return fn(params, *args, **kwargs)
+
+    return layer
 
 
 def remat_layer(fn, policy: bool | str | None):
@@ -221,6 +263,11 @@ def remat_layer(fn, policy: bool | str | None):
         (2, 2)
     """
     name = check_remat(policy)
+    fetch = _FETCH.get()
+    if fetch is not None:  # the layer's parameters are fetched in the layer, and again in its backward pass
+        fn = _fetched_first(fn, fetch)
+        if name == "none":
+            return jax.checkpoint(fn, policy=_all_but_fetched)
     if name == "none":
         return fn
     if name == "layer_input":

@@ -1,5 +1,7 @@
 """The optimizer state in host memory (pinned_host) between steps: the same training as on the device."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import optax
 import pytest
 
 import jpeft
-from jpeft import offload, sharding
+from jpeft import offload, sharding, stack
 from jpeft.models import llama
 from train import trainer
 from train.data import TrainBatch
@@ -25,18 +27,26 @@ needs_host = pytest.mark.skipif(not offload.host_memory_available(jax.devices()[
                                 reason="this jaxlib's CPU client has no pinned_host memory")
 
 
-def train(offload_optimizer: bool, steps: int = 3):
+def train(offload_optimizer: bool, steps: int = 3, offload_frozen: bool = False, model=MODEL, params=PARAMS):
     method = jpeft.lora(rank=2, targets=r".*_proj/kernel")
     optimizer = optax.adamw(1e-2)
-    adapter = method.init(jax.random.key(1), PARAMS)
+    adapter = method.init(jax.random.key(1), params)
     mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    place = trainer.Placement(mesh, "default", method, MODEL, PARAMS, adapter, optimizer, offload_optimizer)
-    frozen, adapter = place.put(PARAMS, place.frozen), place.put(adapter, place.adapter)
+    place = trainer.Placement(mesh, "default", method, model, params, adapter, optimizer, offload_optimizer,
+                              offload_frozen)
+    frozen, adapter = place.put(params, place.frozen), place.put(adapter, place.adapter)
     opt_state = jax.jit(optimizer.init, out_shardings=place.opt_state)(adapter)
-    step = trainer.make_train_step(method, MODEL, optimizer, place.step_shardings(BATCH), sums=answer_xent)
+    step = trainer.make_train_step(method, model, optimizer, place.step_shardings(BATCH), sums=answer_xent)
     batch = place.put(BATCH, place.batch_shardings(BATCH))
     for i in range(steps):
         adapter, opt_state, stats = step(adapter, opt_state, frozen, batch, jax.random.key(i))
+    if offload_frozen:
+        kinds = {path: leaf.sharding.memory_kind for path, leaf in jpeft.tree.flatten(frozen).items()}
+        assert {k for p, k in kinds.items() if p.endswith("_proj/kernel")} == {"pinned_host"}
+        assert {k for p, k in kinds.items() if not p.endswith("_proj/kernel")} == {"device"}  # norms, embedding
+        eval_loss = trainer.make_eval_loss(method, model, answer_xent, frozen_on_host=True)
+        want = trainer.make_eval_loss(method, model, answer_xent)(adapter, params, BATCH)
+        np.testing.assert_allclose(eval_loss(adapter, frozen, batch), want, rtol=1e-6)
     return adapter, opt_state
 
 
@@ -49,6 +59,33 @@ def test_offloaded_state_trains_the_same():
     # The state streams leaf by leaf: the same arithmetic, fused differently (Adam's 1/sqrt(nu) magnifies the
     # last bit of near-zero entries).
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), got, want)
+
+
+@needs_host
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scanned", "unrolled"])
+@pytest.mark.parametrize("remat", ["none", "layer_input"])
+def test_frozen_base_in_host_memory_trains_the_same(scan_layers, remat):
+    """Each layer's weights come to the device as the layer runs (and again in its backward pass)."""
+    model = llama.model(dataclasses.replace(CONFIG, scan_layers=scan_layers, remat=remat))
+    params = PARAMS if scan_layers else stack.unstack_layers(PARAMS)
+    want, _ = train(False, model=model, params=params)
+    got, _ = train(False, offload_frozen=True, model=model, params=params)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7), got, want)
+
+
+@pytest.mark.parametrize("policy", ["none", "layer_input", "dots"])
+def test_no_layer_keeps_its_fetched_weights_for_the_backward_pass(policy, capsys):
+    """The backward pass fetches a layer's weights again: its copy on the device is not a saved residual."""
+    x, w = jnp.ones((3, 4)), {"w": jnp.eye(4)}
+    body = lambda p, x: jnp.sin(x @ p["w"]) @ p["w"]
+    with offload.layers_from_host():
+        fetching = stack.remat_layer(body, policy)
+    fetched_outside = stack.remat_layer(body, policy)  # the copy made before the layer: kept
+    for layer in (fetching, lambda p, x: fetched_outside(offload.to_device(p), x)):
+        jax.ad_checkpoint.print_saved_residuals(lambda w: layer(w, x).sum(), w)
+    with_fetch, without = capsys.readouterr().out.split("from a constant")[1:]
+    assert "device_put" not in with_fetch and "argument w" in with_fetch
+    assert "output of device_put" in without
 
 
 @needs_host

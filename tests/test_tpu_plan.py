@@ -49,6 +49,17 @@ def test_optimizer_state_offloaded_to_host(cfg):
     assert abs(p.arguments - on_device) <= LAYOUT_SLACK
 
 
+def test_frozen_base_layers_offloaded_to_host(cfg):
+    """The layers' matrices live in host memory (each layer brings its own in); the rest stays in HBM."""
+    off = config.apply_overrides(cfg, ["train.offload_frozen=true"])
+    p = plan.plan_step(cfg=off, shape=TINY, topology="v5e-4", batch=4, seq=128, cost_layers=False)
+    layer_matrices = 2 * (2 * 512 * 512 + 2 * 512 * 256 + 3 * 512 * 1024) * 2 // 4  # bf16, a quarter per chip
+    assert p.expected_host == layer_matrices
+    assert abs(p.host - p.expected_host) <= LAYOUT_SLACK
+    assert abs(p.arguments - (sum(p.expected_arguments.values()) - p.expected_host)) <= LAYOUT_SLACK
+    assert p.fits
+
+
 @pytest.mark.slow
 def test_cost_from_one_and_two_layers(cfg):
     """FLOPs per chip grow with the layers as a LoRA step's matmuls do (forward, and dx in the backward pass)."""

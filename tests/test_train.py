@@ -232,11 +232,12 @@ def test_tiny_run_end_to_end(tmp_path, tiny_hf_folder, bbc_dir, method, lr):
 
 
 def test_bfloat16_model_computes_in_bfloat16_and_trains_a_float32_adapter(tmp_path, tiny_hf_folder, bbc_dir):
+    """Also with the gradient accumulated over two micro-batches (train.micro_batches)."""
     from jpeft.checkpoint import restore_adapter
     from train import loading, run
 
     cfg = config_lib.apply_overrides(_tiny_run_config(tmp_path, tiny_hf_folder, bbc_dir, "lora", lr=3e-2),
-                                  ["model.dtype=bfloat16", "eval.test_articles=0"])
+                                  ["model.dtype=bfloat16", "eval.test_articles=0", "train.micro_batches=2"])
     loaded = loading.load(cfg.model)
     assert loaded.config.compute_dtype == jax.numpy.bfloat16
     assert {x.dtype for x in jax.tree.leaves(loaded.params)} == {jax.numpy.dtype("bfloat16")}

@@ -37,7 +37,7 @@ import numpy as np
 import yaml
 from jax.experimental import topologies
 
-from jpeft import attention, lifecycle, quant, sharding
+from jpeft import attention, lifecycle, offload, quant, sharding
 from jpeft.models import llama
 from jpeft import stack
 from jpeft.quant.quantize import layer_kernels
@@ -195,10 +195,13 @@ def _itemsize(dtype) -> int:
     return dtype.itemsize  # a typed PRNG key's dtype counts its key data (8 bytes for threefry)
 
 
-def shard_bytes(tree: Any, shardings: Any) -> int:
-    """Bytes of one device's shard of every array of ``tree`` under ``shardings`` (shapes only)."""
-    sizes = jax.tree.map(lambda x, s: int(np.prod(s.shard_shape(x.shape))) * _itemsize(x.dtype),
-                         tree, shardings)
+def shard_bytes(tree: Any, shardings: Any, memory_kind: str | None = None) -> int:
+    """Bytes of one device's shard of every array of ``tree`` under ``shardings`` (shapes only).
+
+    ``memory_kind``: only the arrays whose sharding names that memory kind (e.g. ``"pinned_host"``).
+    """
+    sizes = jax.tree.map(lambda x, s: int(np.prod(s.shard_shape(x.shape))) * _itemsize(x.dtype)
+                         if memory_kind is None or s.memory_kind == memory_kind else 0, tree, shardings)
     return sum(jax.tree.leaves(sizes))
 
 
@@ -226,6 +229,7 @@ class Plan:
     needed: int = 0  # from the compiler's refusal
     error: str = ""
     expected_arguments: dict = dataclasses.field(default_factory=dict)
+    expected_host: int = 0  # of those, the bytes whose shardings name host memory
 
     @property
     def peak(self) -> int:
@@ -308,7 +312,7 @@ def plan_step(*, cfg=None, shape: str | dict = "llama-3.2-1b", topology: str = "
     model = model_of_shape(shape, cfg, param_dtype)
     method, frozen, adapter, optimizer = abstract_parts(cfg, model)
     place = trainer.Placement(mesh_, cfg.sharding.rules, method, model, frozen, adapter, optimizer,
-                              cfg.train.offload_optimizer)
+                              cfg.train.offload_optimizer, cfg.train.offload_frozen)
     batch_ = abstract_batch(batch, seq, answer)
     shardings = place.step_shardings(batch_)
     step = trainer.make_train_step(method, model, optimizer, shardings,
@@ -324,6 +328,8 @@ def plan_step(*, cfg=None, shape: str | dict = "llama-3.2-1b", topology: str = "
                                "opt_state": shard_bytes(opt_state, place.opt_state),
                                "batch": shard_bytes(batch_, shardings["batch"]),
                                "rng": shard_bytes(rng, shardings["rng"])}
+    plan.expected_host = (shard_bytes(frozen, place.frozen, offload.HOST)
+                          + shard_bytes(opt_state, place.opt_state, offload.HOST))
     try:
         compiled = step.lower(adapter, opt_state, frozen, batch_, rng).compile()
     except Exception as err:  # the TPU compiler refuses a step that does not fit (RESOURCE_EXHAUSTED)
@@ -387,7 +393,7 @@ def step_cost(cfg, model, mesh, batch) -> tuple[float, float, float, str]:
         small = model.replace(num_layers=layers, scan_layers=False, attention=cost_attention)
         method, frozen, adapter, optimizer = abstract_parts(cfg, small)
         place = trainer.Placement(mesh, cfg.sharding.rules, method, small, frozen, adapter, optimizer,
-                                  cfg.train.offload_optimizer)
+                                  cfg.train.offload_optimizer, cfg.train.offload_frozen)
         step = trainer.make_train_step(method, small, optimizer, place.step_shardings(batch), sums=answer_xent,
                                        micro_batches=cfg.train.micro_batches, unroll_micro_batches=True)
         opt_state = jax.eval_shape(optimizer.init, adapter)

@@ -94,6 +94,7 @@ class TrainConfig:
     max_bad_steps: NonNegative = 0  # steps with a non-finite loss skipped before stopping
     loss_chunk: Positive | None = None  # answer rows projected onto the vocabulary at a time
     offload_optimizer: bool = False  # optimizer state in host memory between steps (memory kinds)
+    offload_frozen: bool = False  # the frozen base in host memory; each layer's weights come in as it runs
 
 
 @dataclass(frozen=True)

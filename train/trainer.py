@@ -170,6 +170,7 @@ def make_train_step(method, model, optimizer, shardings: dict | None = None, *, 
     loss_and_grad = make_loss_and_grad(method, model, sums, micro_batches, unroll_micro_batches)
 
     opt_on_host = shardings is not None and offload.on_host(shardings["opt_state"])
+    frozen_on_host = shardings is not None and offload.on_host(shardings["frozen"])
     # Activations keep the batch's row split through every layer (jpeft.sharding.activation_rows).
     rows = None if shardings is None else getattr(shardings["batch"], "tokens_BxT", None)
 
@@ -178,7 +179,8 @@ def make_train_step(method, model, optimizer, shardings: dict | None = None, *, 
                                                                            rows.mesh.abstract_mesh)
 
     def step(adapter, opt_state, frozen, batch, rng):
-        with sharding.activation_rows(rows), in_mesh():
+        # With the base's layer matrices in host memory, each layer brings its own in (offload.layers_from_host).
+        with sharding.activation_rows(rows), in_mesh(), frozen_in_use(frozen_on_host):
             loss, grads = loss_and_grad(adapter, frozen, batch, rng)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -211,17 +213,27 @@ def make_train_step(method, model, optimizer, shardings: dict | None = None, *, 
         donate_argnames=("adapter", "opt_state"))
 
 
+def frozen_in_use(on_host: bool):
+    """The context a step traces in: with the frozen base in host memory, each layer brings its weights in."""
+    return offload.layers_from_host() if on_host else contextlib.nullcontext()
+
+
 class Placement:
     """Shardings of the frozen parameters, adapter, optimizer state and batches on a mesh.
 
     Built from shapes alone with :mod:`jpeft.sharding` (model logical axes + rules);
-    ``batch`` feeds each process only its rows of a global batch.
+    ``batch`` feeds each process only its rows of a global batch. ``offload_optimizer`` and
+    ``offload_frozen`` keep the optimizer state and the frozen base in host memory
+    (``pinned_host``) between steps (:mod:`jpeft.offload`).
     """
 
-    def __init__(self, mesh, rules, method, model, frozen, adapter, optimizer, offload_optimizer: bool = False):
+    def __init__(self, mesh, rules, method, model, frozen, adapter, optimizer, offload_optimizer: bool = False,
+                 offload_frozen: bool = False):
         self.mesh, self.rules = mesh, placement.rules_from_setting(rules)
         axes = model.param_axes()
         self.frozen = sharding.shardings_for(frozen, axes, mesh, self.rules)
+        if offload_frozen:  # the layers' matrices; each layer brings its own in as it runs
+            self.frozen = offload.layer_matrices_to_host(self.frozen, frozen)
         self.adapter = sharding.adapter_shardings(method, adapter, axes, mesh, self.rules)
         abstract_opt = jax.eval_shape(optimizer.init, adapter)
         self.opt_state = sharding.optimizer_shardings(optimizer, abstract_opt, self.adapter, mesh)
@@ -249,11 +261,15 @@ class Placement:
                 "batch": self.batch_shardings(batch), "rng": self.replicated}
 
 
-def make_eval_loss(method, model, sums: Callable) -> Callable:
-    """Jitted ``eval_loss(adapter, frozen, batch) -> (loss sum, token count)`` (no dropout)."""
+def make_eval_loss(method, model, sums: Callable, frozen_on_host: bool = False) -> Callable:
+    """Jitted ``eval_loss(adapter, frozen, batch) -> (loss sum, token count)`` (no dropout).
+
+    ``frozen_on_host``: the frozen base lives in host memory (``Placement(offload_frozen=True)``).
+    """
 
     def eval_loss(adapter, frozen, batch: TrainBatch):
-        return sums(method.apply(frozen, adapter), model, batch)
+        with frozen_in_use(frozen_on_host):
+            return sums(method.apply(frozen, adapter), model, batch)
 
     return jax.jit(eval_loss)
 
@@ -309,7 +325,8 @@ def train_loop(
     if resumed is not None:
         adapter = resumed.adapter
         frozen = lifecycle.frozen_part(frozen, adapter)  # a later stage's adapter replaces more of the base
-    place = Placement(mesh, rules, current, model, frozen, adapter, optimizer, cfg.offload_optimizer)
+    place = Placement(mesh, rules, current, model, frozen, adapter, optimizer, cfg.offload_optimizer,
+                      cfg.offload_frozen)
     frozen = place.put(frozen, place.frozen)
     first, key = 1, jax.random.key(cfg.seed)
     if resumed is None:
@@ -327,7 +344,7 @@ def train_loop(
         raise ValueError("resuming needs batches as a function of the start batch, not an iterator")
 
     step_fn = None
-    eval_loss = make_eval_loss(current, model, sums)
+    eval_loss = make_eval_loss(current, model, sums, cfg.offload_frozen)
 
     def validate(step: int) -> float:
         start = time.perf_counter()
@@ -347,10 +364,10 @@ def train_loop(
             adapter, frozen = lifecycle.enter_stage(current, stage, frozen, adapter, jax.random.key(cfg.seed))
             opt_state = optim.carry_over(opt_state, optimizer.init(adapter))
             current, place = stage, Placement(mesh, rules, stage, model, frozen, adapter, optimizer,
-                                              cfg.offload_optimizer)
+                                              cfg.offload_optimizer, cfg.offload_frozen)
             frozen, adapter = place.put(frozen, place.frozen), place.put(adapter, place.adapter)
             opt_state = place.put(opt_state, place.opt_state)
-            step_fn, eval_loss = None, make_eval_loss(current, model, sums)
+            step_fn, eval_loss = None, make_eval_loss(current, model, sums, cfg.offload_frozen)
             trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapter))
             log({"kind": "stage", "step": step, "stage": lifecycle.stage_number(method, step),
                  "trainable": trainable})
