@@ -1,6 +1,6 @@
 """The docs' results pages, tables and plots, generated from the records under ``results/``.
 
-    python scripts/results.py            # reads results/, writes docs/results.md,
+    python scripts/results.py            # reads results/, writes docs/results.md, docs/results/tpu_plan.md,
                                          # docs/results/rows/<family>.md and docs/assets/results/*.png
 
 Every benchmark (``python benchmarks/<name>.py``) and every training job (``python -m train``)
@@ -60,8 +60,8 @@ def provenance(record: dict) -> str:
     return text
 
 
-def _sources(items: list[tuple[str, dict]]) -> list[str]:
-    lines = ["", "Measured with:", ""]
+def _sources(items: list[tuple[str, dict]], verb: str = "Measured") -> list[str]:
+    lines = ["", f"{verb} with:", ""]
     lines += [f"- {label}: {provenance(record)}" for label, record in items]
     return lines + [""]
 
@@ -206,6 +206,25 @@ def rows_table(record: dict | None, columns: list[str]) -> list[str]:
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
     return lines + _sources([("the table", record)])
+
+
+def tpu_plan_table(record: dict | None) -> list[str]:
+    """The TPU planner's rows (``benchmarks/tpu_plan.py``): per-chip memory in GiB, FLOPs, XLA's estimate."""
+    if not record:
+        return []
+    gib = lambda b: f"{b / 2**30:.2f}"
+    lines = ["| step | mesh | remat | args | temp | host | peak | fits | TFLOP | est s | est MFU | roofline MFU |",
+             "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for row in record["figures"]["rows"].values():
+        mesh = " x ".join(f"{k} {v}" for k, v in row["mesh"].items() if v > 1) or "1"
+        cost = (["-"] * 4 if not row["flops"] else
+                [f"{row['flops'] / 1e12:.1f}", f"{row['seconds']:.3f}" if row["seconds"] else "-",
+                 f"{row['mfu']:.3f}" if row["mfu"] else "-", f"{row['roofline_mfu']:.3f}"])
+        memory = ([gib(row["arguments"]), gib(row["temporaries"]), gib(row["host"])] if row["compiled"]
+                  else ["-", "-", "-"])
+        lines.append("| " + " | ".join([row["label"], mesh, row["remat"], *memory, gib(row["peak"]),
+                                        "yes" if row["fits"] else "no", *cost]) + " |")
+    return lines + _sources([("the table", record)], verb="Compiled")
 
 
 def _fmt(value) -> str:
@@ -387,6 +406,7 @@ def generate(records_dir: str, docs_dir: str, *, figures: bool = True) -> dict[s
     pages = {"results.md": results_page(latest, records, figure_names(latest, records))}
     for family in FAMILIES:
         pages[f"results/rows/{family}.md"] = family_snippet(family, latest, records)
+    pages["results/tpu_plan.md"] = "\n".join(tpu_plan_table(latest.get("tpu_plan"))) + "\n"
     for rel, text in pages.items():
         path = docs / rel
         path.parent.mkdir(parents=True, exist_ok=True)

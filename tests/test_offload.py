@@ -126,6 +126,8 @@ def test_a_device_without_host_memory_is_a_clear_error():
     sharding_ = type("OneDevice", (), {"device_set": {NoHost()}})()
     with pytest.raises(offload.HostMemoryError, match="offload_optimizer: false"):
         offload.to_host(sharding_)
+    with pytest.raises(offload.HostMemoryError, match="the frozen base cannot .*offload_frozen: false"):
+        offload.layer_matrices_to_host({"layers": {"w": sharding_}}, {"layers": {"w": jnp.ones((2, 3, 3))}})
 
 
 def test_clip_equals_optax():
