@@ -108,21 +108,39 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS, *, implementation: st
 def dense(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS, scale: float) -> jax.Array:
     """The reference form: all scores at once, float32 softmax.
 
-    The heads are moved in front of the positions once, before both products (the layout a
-    batched matmul reads), so the forward and backward passes copy fewer layouts than
-    products written over the ``(B, T, N, H)`` layout would.
+    Two layouts of the same products, chosen by the platform the step is compiled for
+    (``jax.lax.platform_dependent``, not the host's backend: the TPU planner compiles on a
+    CPU host). On CPU the heads move in front of the positions once, before both products
+    (the layout its batched matmul reads): fewer layout copies in the forward and backward
+    passes. Elsewhere the products are written over the ``(B, T, N, H)`` layout and the
+    compiler lays them out: XLA's TPU cost model prices the head-major form's transposes, and
+    its estimated step grows with them.
     """
+    products = functools.partial(_dense_products, scale=scale)
+    return jax.lax.platform_dependent(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS,
+                                      cpu=functools.partial(products, heads_first=True),
+                                      default=functools.partial(products, heads_first=False))
+
+
+def _dense_products(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, allowed_BxTxS, *, scale: float, heads_first: bool):
     b, t, n, h = q_BxTxNxH.shape
     k = k_BxSxKxH.shape[2]
-    q_BxKxGxTxH = q_BxTxNxH.reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4)
-    k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
-    scores_BxKxGxTxS = jnp.einsum(
-        "bkgth,bksh->bkgts", q_BxKxGxTxH, k_BxKxSxH, preferred_element_type=jnp.float32
-    ) * scale
+    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
+    if heads_first:
+        q_BxKxGxTxH = q_BxTxKxGxH.transpose(0, 2, 3, 1, 4)
+        k_BxKxSxH, v_BxKxSxH = k_BxSxKxH.transpose(0, 2, 1, 3), v_BxSxKxH.transpose(0, 2, 1, 3)
+        scores_BxKxGxTxS = jnp.einsum("bkgth,bksh->bkgts", q_BxKxGxTxH, k_BxKxSxH,
+                                      preferred_element_type=jnp.float32) * scale
+    else:
+        scores_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH,
+                                      preferred_element_type=jnp.float32) * scale
     scores_BxKxGxTxS = jnp.where(allowed_BxTxS[:, None, None], scores_BxKxGxTxS, _MASKED)
     probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
-    out_BxKxGxTxH = jnp.einsum("bkgts,bksh->bkgth", probs_BxKxGxTxS, v_BxKxSxH)
-    return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+    if heads_first:
+        out_BxKxGxTxH = jnp.einsum("bkgts,bksh->bkgth", probs_BxKxGxTxS, v_BxKxSxH)
+        return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, v_BxSxKxH)
+    return out_BxTxKxGxH.reshape(b, t, n, h)
 
 
 # ----------------------------------------------------------------------------- blockwise
