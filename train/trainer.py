@@ -15,7 +15,6 @@ transformation, its penalty, its stages): the trainer knows no method by name.
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from typing import Any, Callable, Iterator
 
@@ -130,9 +129,8 @@ def make_loss_and_grad(method, model, sums: Callable, micro_batches: int = 1, un
         return jax.value_and_grad(make_loss_fn(method, model, sums))
     penalty = method.training.penalty
 
-    def part_sums(adapter, frozen, part, rng):
-        total, count = sums(method.apply(frozen, adapter, rng=rng), model, part)
-        return total, count
+    def part_sums(adapter, frozen, part, rng):  # (loss sum, count): the count carries no gradient
+        return sums(method.apply(frozen, adapter, rng=rng), model, part)
 
     part_grad = jax.value_and_grad(part_sums, has_aux=True)
 
@@ -174,13 +172,9 @@ def make_train_step(method, model, optimizer, shardings: dict | None = None, *, 
     # Activations keep the batch's row split through every layer (jpeft.sharding.activation_rows).
     rows = None if shardings is None else getattr(shardings["batch"], "tokens_BxT", None)
 
-    # Traced with the mesh in context: kernels XLA cannot partition (Pallas splash attention) shard_map over it.
-    in_mesh = contextlib.nullcontext if rows is None else functools.partial(jax.sharding.use_abstract_mesh,
-                                                                           rows.mesh.abstract_mesh)
-
     def step(adapter, opt_state, frozen, batch, rng):
         # With the base's layer matrices in host memory, each layer brings its own in (offload.layers_from_host).
-        with sharding.activation_rows(rows), in_mesh(), frozen_in_use(frozen_on_host):
+        with sharding.activation_rows(rows), on_mesh_of(rows), frozen_in_use(frozen_on_host):
             loss, grads = loss_and_grad(adapter, frozen, batch, rng)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -211,6 +205,13 @@ def make_train_step(method, model, optimizer, shardings: dict | None = None, *, 
         step, in_shardings=shardings,
         out_shardings=(shardings["adapter"], shardings["opt_state"], shardings["rng"]),
         donate_argnames=("adapter", "opt_state"))
+
+
+def on_mesh_of(batch_sharding):
+    """The context a step traces in: its mesh, over which kernels XLA cannot partition (Pallas splash) shard_map."""
+    if batch_sharding is None:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(batch_sharding.mesh.abstract_mesh)
 
 
 def frozen_in_use(on_host: bool):
